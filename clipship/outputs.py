@@ -1,0 +1,55 @@
+"""Writing result folders atomically, and the library versions recorded in every artefact.
+
+Every command builds its output in a temporary folder beside the target and renames it into
+place only when everything succeeded, so a failure never leaves a half-written folder behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+
+from clipship.errors import OutputExistsError
+
+
+def check_target(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} already exists (pass --force to replace it)")
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary folder; on success it replaces ``out`` in one rename."""
+    out = Path(out)
+    check_target(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            check_target(out, force)
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in ("clipship", "torch", "transformers", "safetensors", "huggingface_hub"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions

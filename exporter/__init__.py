@@ -1,0 +1,1 @@
+"""The exporter stage (see README)."""

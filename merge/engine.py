@@ -1,0 +1,309 @@
+"""The streaming merge: read one tensor of every model, merge it, write it, move on.
+
+Memory stays at a few tensors whatever the pool size: models are lazy checkpoints, methods see
+one tensor at a time (plus statistics from streaming pre-passes), and the output goes straight to
+its offset in the safetensors file. Weight files are hashed in a background thread for the
+recipe while the merge runs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clipship.errors import MethodError, PoolMismatchError, RecipeError
+from clipship.merge.registry import Method, TensorInputs, get_method
+from clipship.outputs import atomic_folder, check_target, library_versions
+from clipship.pool import Model, ModelPool, open_pool
+from clipship.safetensors_io import ShardedWriter, parse_size
+
+RECIPE_NAME = "clipship_recipe.json"
+RECIPE_FORMAT = "clipship-recipe/1"
+# Files of the pretrained folder that make the output a loadable CLIPModel (and processor).
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "added_tokens.json")
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    method: str
+    parameters: dict[str, Any]
+    files: list[str]
+    tensors: int
+    seconds: float
+    statistics: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out),
+            "method": self.method,
+            "parameters": self.parameters,
+            "files": self.files,
+            "tensors": self.tensors,
+            "seconds": round(self.seconds, 3),
+            "statistics": self.statistics,
+        }
+
+
+class _Progress:
+    """A rich progress bar per pass over the tensors, or nothing when quiet."""
+
+    def __init__(self, quiet: bool):
+        self.bar = None
+        if not quiet:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+            self.bar = Progress(
+                "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), console=Console(stderr=True), transient=False,
+            )
+
+    def __enter__(self) -> _Progress:
+        if self.bar:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar:
+            self.bar.stop()
+
+    def track(self, items: list[str], label: str) -> Iterator[str]:
+        if self.bar is None:
+            yield from items
+            return
+        task = self.bar.add_task(label, total=len(items))
+        for item in items:
+            yield item
+            self.bar.advance(task)
+
+
+def merge(
+    pretrained: str,
+    models: dict[str, str],
+    method: str,
+    out: Path | str,
+    params: dict[str, Any] | None = None,
+    *,
+    seed: int = 0,
+    vision_only: bool = False,
+    force: bool = False,
+    allow_pickle: bool = False,
+    max_shard_size: str | int = "5GB",
+    quiet: bool = True,
+    expected_hashes: dict[str, dict[str, str]] | None = None,
+) -> MergeResult:
+    """Merge task encoders into ``out`` (a CLIPModel folder, or CLIPVisionModel with ``vision_only``).
+
+    >>> merge("openai/clip-vit-base-patch32",
+    ...       {"mnist": "tanganke/clip-vit-base-patch32_mnist",
+    ...        "svhn": "tanganke/clip-vit-base-patch32_svhn"},
+    ...       "ties", "merged/", {"scaling_factor": 0.3})  # doctest: +SKIP
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    check_target(out, force)
+    spec = get_method(method)
+    values = spec.resolve(params or {})
+    shard_bytes = parse_size(max_shard_size)
+    pool = open_pool(pretrained, models, allow_pickle=allow_pickle)
+    try:
+        if len(pool.models) < spec.min_models:
+            raise MethodError(f"{spec.name} needs at least {spec.min_models} fine-tuned model(s)")
+        if spec.check_pool:
+            problem = spec.check_pool(values, len(pool.models))
+            if problem:
+                raise MethodError(f"{spec.name}: {problem}")
+        if not vision_only and not pool.pretrained.has_text_tower:
+            raise PoolMismatchError(
+                f"{pretrained} is a vision-only model, so the output cannot be a full CLIPModel "
+                "(pass --vision-only)"
+            )
+        with atomic_folder(out, force) as tmp, ThreadPoolExecutor(1) as hasher, _Progress(quiet) as bar:
+            hashes = {m.name: hasher.submit(m.file_hashes) for m in pool.all}
+            files, stats = _merge_weights(pool, spec, values, seed, vision_only, tmp, shard_bytes, bar)
+            _copy_metadata(pool.pretrained, tmp, vision_only)
+            recipe = _recipe(pool, spec, values, seed, vision_only, shard_bytes, hashes, stats)
+            if expected_hashes is not None:
+                _check_hashes(recipe, expected_hashes)
+            (tmp / RECIPE_NAME).write_text(json.dumps(recipe, indent=2) + "\n")
+        return MergeResult(out, spec.name, values, [*files, RECIPE_NAME], len(pool.tensor_names),
+                           time.perf_counter() - started, stats)
+    finally:
+        pool.close()
+
+
+def merge_from_recipe(recipe_path: Path | str, out: Path | str, **kwargs: Any) -> MergeResult:
+    """Rerun the merge a ``clipship_recipe.json`` describes; the weights come out byte-identical."""
+    recipe = read_recipe(Path(recipe_path))
+    sources = {m["name"]: m for m in recipe["models"]}
+    return merge(
+        _pinned(recipe["pretrained"]),
+        {name: _pinned(m) for name, m in sources.items()},
+        recipe["method"],
+        out,
+        recipe["parameters"],
+        seed=recipe["seed"],
+        vision_only=recipe["vision_only"],
+        max_shard_size=recipe["max_shard_bytes"],
+        expected_hashes={m["name"]: m["files"] for m in [recipe["pretrained"], *recipe["models"]]},
+        **kwargs,
+    )
+
+
+def read_recipe(path: Path) -> dict[str, Any]:
+    try:
+        recipe = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: no such recipe file") from None
+    except json.JSONDecodeError:
+        raise RecipeError(f"{path}: not valid JSON") from None
+    if not isinstance(recipe, dict) or recipe.get("format") != RECIPE_FORMAT:
+        raise RecipeError(f"{path}: not a clipship recipe (expected format {RECIPE_FORMAT})")
+    missing = [k for k in ("method", "parameters", "seed", "vision_only", "max_shard_bytes",
+                           "pretrained", "models") if k not in recipe]
+    if missing:
+        raise RecipeError(f"{path}: recipe lacks {missing[0]!r}")
+    return recipe
+
+
+def _pinned(source: dict[str, Any]) -> str:
+    if source.get("repo_id"):
+        rev = source.get("revision")
+        return f"{source['repo_id']}@{rev}" if rev else source["repo_id"]
+    return source.get("path") or source["source"]
+
+
+def _check_hashes(recipe: dict[str, Any], expected: dict[str, dict[str, str]]) -> None:
+    for entry in [recipe["pretrained"], *recipe["models"]]:
+        want = expected.get(entry["name"])
+        if want is not None and want != entry["files"]:
+            raise RecipeError(
+                f"{entry['name']} ({entry['source']}) changed since the recipe was written "
+                "(weight file sha256 differs)"
+            )
+
+
+def _merge_weights(
+    pool: ModelPool,
+    spec: Method,
+    values: dict[str, Any],
+    seed: int,
+    vision_only: bool,
+    folder: Path,
+    shard_bytes: int,
+    bar: _Progress,
+) -> tuple[list[str], dict[str, Any]]:
+    pre = pool.pretrained
+    vision = pool.tensor_names
+    floats = pool.float_names()
+    layout = {n: (pre.info(n).dtype, pre.info(n).shape) for n in vision}
+    extra: list[str] = []
+    if not vision_only:
+        stored_vision = set(pre.vision_keys.values())
+        extra = sorted(n for n in pre.checkpoint.tensors if n not in stored_vision)
+        for n in extra:
+            info = pre.checkpoint.tensors[n]
+            layout[n] = (info.dtype, info.shape)
+
+    def stream(label: str) -> Iterator[TensorInputs]:
+        for name in bar.track(floats, label):
+            yield _inputs(pool, name, seed)
+
+    stats: dict[str, Any] = {}
+    if spec.prepass:
+        numel = sum(pre.info(n).numel for n in floats)
+        stats = spec.prepass(stream, numel=numel, tasks=pool.names, **values)
+    writer = ShardedWriter(folder, layout, shard_bytes)
+    try:
+        for x in stream(f"merging ({spec.name})"):
+            merged = spec.merge(x, **values, **stats)
+            writer.write(x.name, merged.reshape(x.pretrained.shape).to(pre.info(x.name).dtype_torch))
+        for name in vision:
+            if name not in floats:
+                writer.write(name, _same_everywhere(pool, name))
+        for name in extra:
+            writer.write(name, pre.checkpoint.read(name))
+        files = writer.close()
+    finally:
+        writer.abort()
+    return files, stats
+
+
+def _inputs(pool: ModelPool, name: str, seed: int) -> TensorInputs:
+    return TensorInputs(
+        name,
+        pool.pretrained.read(name).to(torch.float32),
+        [m.read(name).to(torch.float32) for m in pool.models],
+        pool.names,
+        seed,
+    )
+
+
+def _same_everywhere(pool: ModelPool, name: str) -> torch.Tensor:
+    """A non-float tensor (e.g. position ids) is copied, and must not differ between models."""
+    value = pool.pretrained.read(name)
+    for model in pool.models:
+        if not torch.equal(model.read(name), value):
+            raise PoolMismatchError(f"non-float tensor {name} differs between {model.name} and _pretrained_")
+    return value
+
+
+def _copy_metadata(pretrained: Model, folder: Path, vision_only: bool) -> None:
+    config = json.loads((pretrained.folder / "config.json").read_text())
+    if vision_only and "vision_config" in config:
+        vision = dict(config["vision_config"])
+        vision.update(architectures=["CLIPVisionModel"], model_type="clip_vision_model")
+        for key in ("dtype", "transformers_version"):
+            if key in config:
+                vision.setdefault(key, config[key])
+        config = vision
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    names = PROCESSOR_FILES if vision_only else PROCESSOR_FILES + TOKENIZER_FILES
+    for name in names:
+        if (pretrained.folder / name).is_file():
+            shutil.copyfile(pretrained.folder / name, folder / name)
+
+
+def _source_entry(model: Model, hashes: Future) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": model.name, "source": model.source}
+    if model.repo_id:
+        entry.update(repo_id=model.repo_id, revision=model.revision)
+    else:
+        entry.update(path=str(model.folder.resolve()), revision=None)
+    entry["files"] = hashes.result()
+    return entry
+
+
+def _recipe(
+    pool: ModelPool,
+    spec: Method,
+    values: dict[str, Any],
+    seed: int,
+    vision_only: bool,
+    shard_bytes: int,
+    hashes: dict[str, Future],
+    stats: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "format": RECIPE_FORMAT,
+        "method": spec.name,
+        "parameters": values,
+        "seed": seed,
+        "vision_only": vision_only,
+        "max_shard_bytes": shard_bytes,
+        "pretrained": _source_entry(pool.pretrained, hashes[pool.pretrained.name]),
+        "models": [_source_entry(m, hashes[m.name]) for m in pool.models],
+        "statistics": stats,
+        "versions": library_versions(),
+    }

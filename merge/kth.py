@@ -1,0 +1,79 @@
+"""Exact k-th smallest value of a vector that is only ever seen in pieces.
+
+TIES trims each task vector at the k-th smallest |τ| over *all* its tensors flattened together.
+Rather than concatenating the vector (N copies of a model), we select on the float32 bit
+patterns: map each float to a 32-bit key whose integer order is the float order, count keys by
+their high 16 bits in one pass, then count the low 16 bits inside the one bucket that holds the
+k-th key in a second pass. The result is the exact element ``torch.kthvalue`` would return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+
+_BINS = 1 << 16
+
+
+def order_keys(x: torch.Tensor) -> torch.Tensor:
+    """int64 keys in [0, 2**32) with the same order as the float32 values (-0.0 == 0.0)."""
+    bits = (x.reshape(-1).to(torch.float32) + 0.0).view(torch.int32).to(torch.int64)
+    return torch.where(bits < 0, -1 - bits, bits + (1 << 31))
+
+
+def key_to_float(key: int) -> float:
+    bits = key - (1 << 31) if key >= (1 << 31) else -1 - key
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
+
+
+def _locate(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """Bucket holding the k-th (1-based) item and k's rank inside that bucket."""
+    below = torch.cumsum(hist, 0)
+    bucket = int(torch.searchsorted(below, torch.tensor(k, dtype=below.dtype)))
+    before = int(below[bucket - 1]) if bucket else 0
+    return bucket, k - before
+
+
+def kth_smallest_many(
+    chunks: Callable[[], Iterable[Sequence[torch.Tensor]]], ks: Sequence[int]
+) -> list[float]:
+    """For several vectors at once, the ``ks[i]``-th smallest value (1-based) of vector i.
+
+    ``chunks()`` is called twice and must yield the same pieces each time: a sequence with one
+    piece per vector (pieces of one vector, concatenated in any order, make that vector).
+    """
+    n = len(ks)
+    if n == 0:
+        return []
+    high = torch.zeros(n, _BINS, dtype=torch.int64)
+    for parts in chunks():
+        for i, part in enumerate(parts):
+            high[i] += torch.bincount(order_keys(part) >> 16, minlength=_BINS)
+    total = int(high[0].sum())
+    for i, k in enumerate(ks):
+        if int(high[i].sum()) != total or not 1 <= k <= total:
+            raise ValueError(f"k={k} is out of range for a vector of {int(high[i].sum())} values")
+    located = [_locate(high[i], k) for i, k in enumerate(ks)]
+    low = torch.zeros(n, _BINS, dtype=torch.int64)
+    for parts in chunks():
+        for i, part in enumerate(parts):
+            keys = order_keys(part)
+            inside = keys[(keys >> 16) == located[i][0]]
+            if inside.numel():
+                low[i] += torch.bincount(inside & (_BINS - 1), minlength=_BINS)
+    out = []
+    for i, (bucket, rank) in enumerate(located):
+        low_bits, _ = _locate(low[i], rank)
+        out.append(key_to_float((bucket << 16) | low_bits))
+    return out
+
+
+def kth_smallest(chunks: Callable[[], Iterable[torch.Tensor]], k: int) -> float:
+    """The k-th smallest value (1-based) over all pieces, equal to ``torch.kthvalue`` of their concatenation.
+
+    >>> x = torch.tensor([3.0, -1.0, 2.0, 2.0])
+    >>> kth_smallest(lambda: [x[:2], x[2:]], 3) == float(torch.kthvalue(x, 3).values)
+    True
+    """
+    return kth_smallest_many(lambda: ([piece] for piece in chunks()), [k])[0]

@@ -1,0 +1,112 @@
+"""DARE: drop each task-vector entry with probability p, rescale the rest by 1/(1−p), then merge
+with a base method (task_arithmetic, ties or simple_average).
+
+FusionBench draws every mask from one global RNG in model-then-parameter order, so its result
+depends on that order and is not reproducible unless seeded. Here every (seed, task, tensor)
+gets its own generator, so the merge is deterministic and independent of processing order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+from clipship.merge.methods.task_arithmetic import SCALING_FACTOR, sum_task_vectors, task_arithmetic
+from clipship.merge.methods.ties import TIES_PARAMS, ties, ties_prepass
+from clipship.merge.registry import Method, Param, Stream, TensorInputs
+
+
+def mask_generator(seed: int, task: str, tensor: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}\0{task}\0{tensor}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def random_drop(
+    task_vector: torch.Tensor, p: float, rescale: bool, generator: torch.Generator
+) -> torch.Tensor:
+    """Zero each entry with probability p (kept where uniform > p); kept entries / (1 − p)."""
+    keep = torch.rand(task_vector.shape, generator=generator) > p
+    dropped = task_vector * keep
+    return dropped / (1 - p) if rescale else dropped
+
+
+def is_linear_weight(name: str, tensor: torch.Tensor) -> bool:
+    """An ``nn.Linear`` weight of the CLIP vision tower (attention projections and MLP)."""
+    return tensor.dim() == 2 and name.endswith(".weight") and ".embeddings." not in name
+
+
+def dropped(
+    inputs: TensorInputs, sparsity_ratio: float, rescale: bool, only_on_linear_weights: bool
+) -> TensorInputs:
+    if only_on_linear_weights and not is_linear_weight(inputs.name, inputs.pretrained):
+        return inputs
+    vectors = [
+        random_drop(tau, sparsity_ratio, rescale, mask_generator(inputs.seed, task, inputs.name))
+        for task, tau in zip(inputs.tasks, inputs.task_vectors)
+    ]
+    return TensorInputs(
+        inputs.name, inputs.pretrained, inputs.finetuned, inputs.tasks, inputs.seed, vectors
+    )
+
+
+def dare(
+    inputs: TensorInputs,
+    base: str,
+    sparsity_ratio: float,
+    rescale: bool,
+    only_on_linear_weights: bool,
+    scaling_factor: float,
+    merge_func: str,
+    **stats: object,
+) -> torch.Tensor:
+    x = dropped(inputs, sparsity_ratio, rescale, only_on_linear_weights)
+    if base == "task_arithmetic":
+        return task_arithmetic(x, scaling_factor)
+    if base == "simple_average":
+        return x.pretrained + sum_task_vectors(x.task_vectors) / len(x.task_vectors)
+    return ties(x, scaling_factor, merge_func, **stats)  # type: ignore[arg-type]
+
+
+def dare_prepass(
+    stream: Stream,
+    numel: int,
+    tasks: list[str],
+    base: str,
+    sparsity_ratio: float,
+    rescale: bool,
+    only_on_linear_weights: bool,
+    threshold: float,
+    **_: object,
+) -> dict:
+    if base != "ties":
+        return {}
+
+    def dropped_stream(label: str):
+        for x in stream(label):
+            yield dropped(x, sparsity_ratio, rescale, only_on_linear_weights)
+
+    return ties_prepass(dropped_stream, numel, tasks, threshold)
+
+
+def _check_p(p: float) -> str | None:
+    return None if math.isfinite(p) and 0 <= p < 1 else "must be in [0, 1)"
+
+
+METHOD = Method(
+    name="dare",
+    summary="Random drop-and-rescale of task vectors, then a base merge.",
+    paper="https://arxiv.org/abs/2311.03099",
+    params=(
+        Param("base", str, "task_arithmetic", "the merge applied after dropping",
+              choices=("task_arithmetic", "ties", "simple_average")),
+        Param("sparsity_ratio", float, 0.5, "p, the probability of dropping an entry", check=_check_p),
+        Param("rescale", bool, True, "divide kept entries by 1 − p"),
+        Param("only_on_linear_weights", bool, False, "drop only in nn.Linear weights"),
+        SCALING_FACTOR,
+        *TIES_PARAMS[1:],
+    ),
+    merge=dare,
+    prepass=dare_prepass,
+)

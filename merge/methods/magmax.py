@@ -1,0 +1,31 @@
+"""MagMax: per entry, the task-vector value of largest magnitude; θ = θ_pre + λ·τ_max.
+
+On equal magnitudes the later task in pool order wins (FusionBench's rule).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from clipship.merge.methods.task_arithmetic import SCALING_FACTOR
+from clipship.merge.registry import Method, Param, TensorInputs
+
+
+def max_magnitude(task_vectors: list[torch.Tensor]) -> torch.Tensor:
+    best = task_vectors[0].clone()
+    for tau in task_vectors[1:]:
+        best = torch.where(tau.abs() >= best.abs(), tau, best)
+    return best
+
+
+def magmax(inputs: TensorInputs, scaling_factor: float) -> torch.Tensor:
+    return inputs.pretrained + max_magnitude(inputs.task_vectors) * scaling_factor
+
+
+METHOD = Method(
+    name="magmax",
+    summary="Keep, per entry, the task-vector value of largest magnitude.",
+    paper="https://arxiv.org/abs/2407.06322",
+    params=(Param("scaling_factor", float, 1.0, SCALING_FACTOR.help, check=SCALING_FACTOR.check),),
+    merge=magmax,
+)

@@ -1,0 +1,30 @@
+"""Task arithmetic: θ_pre + λ·Σ_t τ_t, with τ_t = θ_t − θ_pre."""
+
+from __future__ import annotations
+
+import torch
+
+from clipship.merge.registry import Method, Param, TensorInputs, finite
+
+
+def sum_task_vectors(task_vectors: list[torch.Tensor]) -> torch.Tensor:
+    """τ_1 + τ_2 + … in pool order (FusionBench's accumulation order)."""
+    total = task_vectors[0].clone()
+    for tau in task_vectors[1:]:
+        total += tau
+    return total
+
+
+def task_arithmetic(inputs: TensorInputs, scaling_factor: float) -> torch.Tensor:
+    return inputs.pretrained + sum_task_vectors(inputs.task_vectors) * scaling_factor
+
+
+SCALING_FACTOR = Param("scaling_factor", float, 0.3, "λ, the task-vector scale (--lambda)", check=finite)
+
+METHOD = Method(
+    name="task_arithmetic",
+    summary="Pretrained weights plus λ times the sum of the task vectors.",
+    paper="https://arxiv.org/abs/2212.04089",
+    params=(SCALING_FACTOR,),
+    merge=task_arithmetic,
+)

@@ -1,0 +1,140 @@
+"""The table of merge methods: name → parameters, defaults, paper, and the functions that merge.
+
+Each file in ``clipship/merge/methods/`` defines one ``METHOD = Method(...)``; they are collected
+here by name, so adding a method is adding a file. A method sees one tensor at a time
+(``TensorInputs``) and may declare a ``prepass`` over the whole pool for a global statistic.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import pkgutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from clipship.errors import MethodError
+
+
+@dataclass
+class TensorInputs:
+    """One tensor of every pool member, in float32: what a method merges."""
+
+    name: str
+    pretrained: torch.Tensor
+    finetuned: list[torch.Tensor]
+    tasks: list[str]
+    seed: int = 0
+    task_vectors: list[torch.Tensor] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.task_vectors:
+            self.task_vectors = [ft - self.pretrained for ft in self.finetuned]
+
+
+# A pass over the pool: called with a label for the progress bar, yields every float tensor.
+Stream = Callable[[str], Iterator[TensorInputs]]
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    kind: type  # float, int, str, bool, or list (of floats)
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+    check: Callable[[Any], str | None] | None = None  # returns an error message
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    paper: str
+    params: tuple[Param, ...]
+    merge: Callable[..., torch.Tensor]  # merge(inputs, **params, **stats) -> merged tensor
+    prepass: Callable[..., dict] | None = None  # prepass(stream, numel, tasks, **params) -> stats
+    min_models: int = 1
+    check_pool: Callable[[dict, int], str | None] | None = None  # (values, n_models) -> problem
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        known = ", ".join(p.name for p in self.params) or "none"
+        raise MethodError(f"{self.name} has no parameter {name!r} (parameters: {known})")
+
+    def resolve(self, given: dict[str, Any]) -> dict[str, Any]:
+        """Defaults filled in, every value parsed and checked."""
+        values = {p.name: p.default for p in self.params}
+        for name, raw in given.items():
+            values[name] = parse_value(self.param(name), raw)
+        for p in self.params:
+            problem = p.check(values[p.name]) if p.check and values[p.name] is not None else None
+            if problem:
+                raise MethodError(f"{self.name}: {p.name}={values[p.name]!r} {problem}")
+        return values
+
+
+def finite(value: float) -> str | None:
+    return None if math.isfinite(value) else "is not a finite number"
+
+
+def parse_value(param: Param, raw: Any) -> Any:
+    where = f"parameter {param.name}"
+    try:
+        if param.kind is list:
+            items = raw if isinstance(raw, (list, tuple)) else str(raw).split(",")
+            value: Any = [float(x) for x in items]
+            if not all(math.isfinite(v) for v in value):
+                raise MethodError(f"{where}={raw!r} is not a list of finite numbers")
+            return value
+        if param.kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if param.kind is float:
+            value = float(raw)
+            if not math.isfinite(value):
+                raise MethodError(f"{where}={raw!r} is not a finite number")
+            return value
+        if param.kind is int:
+            if isinstance(raw, float) and not raw.is_integer():
+                raise ValueError
+            return int(str(raw)) if not isinstance(raw, (int, float)) else int(raw)
+        value = str(raw)
+        if param.choices and value not in param.choices:
+            raise MethodError(f"{where}={value!r}: choose one of {', '.join(param.choices)}")
+        return value
+    except (ValueError, TypeError):
+        raise MethodError(f"{where}={raw!r} is not a valid {param.kind.__name__}") from None
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def methods() -> dict[str, Method]:
+    """Every registered method by name (discovered from ``clipship.merge.methods``)."""
+    if not _METHODS:
+        package = importlib.import_module("clipship.merge.methods")
+        for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+            module = importlib.import_module(f"{package.__name__}.{info.name}")
+            method = getattr(module, "METHOD", None)
+            if method is not None:
+                _METHODS[method.name] = method
+    return dict(_METHODS)
+
+
+def get_method(name: str) -> Method:
+    table = methods()
+    if name not in table:
+        raise MethodError(f"unknown merge method {name!r} (known: {', '.join(sorted(table))})")
+    return table[name]
