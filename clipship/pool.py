@@ -33,8 +33,15 @@ PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 HUB_PATTERNS = ["*.json", "*.txt", "model.safetensors", "model-*-of-*.safetensors"]
 PICKLE_PATTERNS = ["pytorch_model.bin", "pytorch_model-*-of-*.bin"]
 # Vision settings that must agree across a pool (checked before the tensors, for a clear message).
-ARCH_KEYS = ("hidden_size", "patch_size", "image_size", "num_hidden_layers", "num_attention_heads",
-             "intermediate_size", "num_channels")
+ARCH_KEYS = (
+    "hidden_size",
+    "patch_size",
+    "image_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "num_channels",
+)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -95,7 +102,9 @@ class Model:
         """Read a vision tensor by its canonical name and check it is finite."""
         tensor = self.checkpoint.read(self.vision_keys[name])
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise NonFiniteWeightsError(f"{self.name} ({self.source}): tensor {name} has NaN or Inf values")
+            raise NonFiniteWeightsError(
+                f"{self.name} ({self.source}): tensor {name} has NaN or Inf values"
+            )
         return tensor
 
     def file_hashes(self) -> dict[str, str]:
@@ -148,7 +157,9 @@ class ModelPool:
                 missing = sorted(ref_names - names)
                 extra = sorted(names - ref_names)
                 what = f"lacks {missing[0]}" if missing else f"has an extra tensor {extra[0]}"
-                raise PoolMismatchError(f"{model.name} ({model.source}) {what} (differs from {ref.name})")
+                raise PoolMismatchError(
+                    f"{model.name} ({model.source}) {what} (differs from {ref.name})"
+                )
             for name in self.tensor_names:
                 a, b = ref.info(name), model.info(name)
                 if a.shape != b.shape:
@@ -157,7 +168,9 @@ class ModelPool:
                         f"{list(a.shape)} in {ref.name}"
                     )
                 if a.dtype != b.dtype:
-                    raise PoolMismatchError(f"{name} is {b.dtype} in {model.name}, {a.dtype} in {ref.name}")
+                    raise PoolMismatchError(
+                        f"{name} is {b.dtype} in {model.name}, {a.dtype} in {ref.name}"
+                    )
 
     def close(self) -> None:
         for model in self.all:
@@ -215,8 +228,8 @@ def open_checkpoint(folder: Path, source: str, allow_pickle: bool) -> Checkpoint
     if pickled.is_file():
         if not allow_pickle:
             raise CheckpointError(
-                f"{source}: only a pickle checkpoint (pytorch_model.bin); pickles can run code when "
-                "loaded, pass --allow-pickle to load it with torch.load(weights_only=True)"
+                f"{source}: only a pickle checkpoint (pytorch_model.bin); pickles can run code "
+                "when loaded, pass --allow-pickle to load it with torch.load(weights_only=True)"
             )
         try:
             state = torch.load(pickled, map_location="cpu", weights_only=True, mmap=True)
@@ -224,7 +237,9 @@ def open_checkpoint(folder: Path, source: str, allow_pickle: bool) -> Checkpoint
             raise CheckpointError(f"{pickled}: cannot load with weights_only=True ({e})") from None
         return PickleCheckpoint(pickled, dict(state))
     if (folder / "pytorch_model.bin.index.json").is_file():
-        raise CheckpointError(f"{source}: sharded pickle checkpoints are not supported; convert to safetensors")
+        raise CheckpointError(
+            f"{source}: sharded pickle checkpoints are not supported; convert to safetensors"
+        )
     raise CheckpointError(f"{source}: no model.safetensors in {folder}")
 
 
@@ -238,7 +253,11 @@ def vision_key_map(names: list[str], source: str) -> dict[str, str]:
     prefixed = {n: n for n in names if n.startswith(VISION_PREFIX)}
     if prefixed:
         return prefixed
-    bare = {VISION_PREFIX + n: n for n in names if n.startswith(("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm."))}
+    bare = {
+        VISION_PREFIX + n: n
+        for n in names
+        if n.startswith(("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm."))
+    }
     if not bare:
         raise CheckpointError(f"{source}: no CLIP vision tower tensors found")
     return bare
@@ -325,5 +344,9 @@ def open_pool(
 def count_params(model: Model, vision_only: bool = False) -> dict:
     """FusionBench's ``model_info`` keys from the headers alone (float tensors are parameters)."""
     names = model.vision_keys.values() if vision_only else model.checkpoint.tensors
-    n = sum(math.prod(model.checkpoint.tensors[k].shape) for k in names if model.checkpoint.tensors[k].is_float)
+    n = sum(
+        math.prod(model.checkpoint.tensors[k].shape)
+        for k in names
+        if model.checkpoint.tensors[k].is_float
+    )
     return {"trainable_params": n, "all_params": n, "trainable_percentage": 1.0 if n else 0.0}

@@ -95,7 +95,11 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            dtype, shape, (begin, end) = (
+                entry["dtype"],
+                tuple(entry["shape"]),
+                entry["data_offsets"],
+            )
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}") from None
         if dtype not in DTYPES:
@@ -224,7 +228,9 @@ class ShardedWriter:
         if len(shards) == 1:
             filenames = [WEIGHTS_NAME]
         else:
-            filenames = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, 1 + len(shards))]
+            filenames = [
+                f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, 1 + len(shards))
+            ]
         self._where: dict[str, tuple[int, int, int]] = {}  # name -> (fd, offset, nbytes)
         self._pending = set(names)
         self._fds: list[int] = []
@@ -256,7 +262,9 @@ class ShardedWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         dtype, shape = self._layout[name]
         if DTYPE_NAMES.get(tensor.dtype) != dtype or tuple(tensor.shape) != tuple(shape):
-            raise ValueError(f"{name}: expected {dtype}{list(shape)}, got {tensor.dtype}{list(tensor.shape)}")
+            raise ValueError(
+                f"{name}: expected {dtype}{list(shape)}, got {tensor.dtype}{list(tensor.shape)}"
+            )
         fd, offset, nbytes = self._where[name]
         data = memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
         done = 0
@@ -277,7 +285,9 @@ class ShardedWriter:
                 "metadata": {"total_size": self.total_size},
                 "weight_map": {n: f for f, members in self.files.items() for n in members},
             }
-            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            (self.folder / INDEX_NAME).write_text(
+                json.dumps(index, indent=2, sort_keys=True) + "\n"
+            )
             return [*self.files, INDEX_NAME]
         return list(self.files)
 

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from clipship.merge.registry import Method, TensorInputs, get_method
 
 from clipship.errors import MethodError, PoolMismatchError, RecipeError
-from clipship.merge.registry import Method, TensorInputs, get_method
 from clipship.outputs import atomic_folder, check_target, library_versions
 from clipship.pool import Model, ModelPool, open_pool
 from clipship.safetensors_io import ShardedWriter, parse_size
@@ -29,8 +29,14 @@ RECIPE_NAME = "clipship_recipe.json"
 RECIPE_FORMAT = "clipship-recipe/1"
 # Files of the pretrained folder that make the output a loadable CLIPModel (and processor).
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
 
 
 @dataclass
@@ -65,8 +71,12 @@ class _Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
             self.bar = Progress(
-                "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), console=Console(stderr=True), transient=False,
+                "[progress.description]{task.description}",
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+                transient=False,
             )
 
     def __enter__(self) -> _Progress:
@@ -103,7 +113,7 @@ def merge(
     quiet: bool = True,
     expected_hashes: dict[str, dict[str, str]] | None = None,
 ) -> MergeResult:
-    """Merge task encoders into ``out`` (a CLIPModel folder, or CLIPVisionModel with ``vision_only``).
+    """Merge task encoders into ``out``: a CLIPModel folder (CLIPVisionModel with ``vision_only``).
 
     >>> merge("openai/clip-vit-base-patch32",
     ...       {"mnist": "tanganke/clip-vit-base-patch32_mnist",
@@ -129,16 +139,29 @@ def merge(
                 f"{pretrained} is a vision-only model, so the output cannot be a full CLIPModel "
                 "(pass --vision-only)"
             )
-        with atomic_folder(out, force) as tmp, ThreadPoolExecutor(1) as hasher, _Progress(quiet) as bar:
+        with (
+            atomic_folder(out, force) as tmp,
+            ThreadPoolExecutor(1) as hasher,
+            _Progress(quiet) as bar,
+        ):
             hashes = {m.name: hasher.submit(m.file_hashes) for m in pool.all}
-            files, stats = _merge_weights(pool, spec, values, seed, vision_only, tmp, shard_bytes, bar)
+            files, stats = _merge_weights(
+                pool, spec, values, seed, vision_only, tmp, shard_bytes, bar
+            )
             _copy_metadata(pool.pretrained, tmp, vision_only)
             recipe = _recipe(pool, spec, values, seed, vision_only, shard_bytes, hashes, stats)
             if expected_hashes is not None:
                 _check_hashes(recipe, expected_hashes)
             (tmp / RECIPE_NAME).write_text(json.dumps(recipe, indent=2) + "\n")
-        return MergeResult(out, spec.name, values, [*files, RECIPE_NAME], len(pool.tensor_names),
-                           time.perf_counter() - started, stats)
+        return MergeResult(
+            out,
+            spec.name,
+            values,
+            [*files, RECIPE_NAME],
+            len(pool.tensor_names),
+            time.perf_counter() - started,
+            stats,
+        )
     finally:
         pool.close()
 
@@ -170,8 +193,19 @@ def read_recipe(path: Path) -> dict[str, Any]:
         raise RecipeError(f"{path}: not valid JSON") from None
     if not isinstance(recipe, dict) or recipe.get("format") != RECIPE_FORMAT:
         raise RecipeError(f"{path}: not a clipship recipe (expected format {RECIPE_FORMAT})")
-    missing = [k for k in ("method", "parameters", "seed", "vision_only", "max_shard_bytes",
-                           "pretrained", "models") if k not in recipe]
+    missing = [
+        k
+        for k in (
+            "method",
+            "parameters",
+            "seed",
+            "vision_only",
+            "max_shard_bytes",
+            "pretrained",
+            "models",
+        )
+        if k not in recipe
+    ]
     if missing:
         raise RecipeError(f"{path}: recipe lacks {missing[0]!r}")
     return recipe
@@ -228,7 +262,9 @@ def _merge_weights(
     try:
         for x in stream(f"merging ({spec.name})"):
             merged = spec.merge(x, **values, **stats)
-            writer.write(x.name, merged.reshape(x.pretrained.shape).to(pre.info(x.name).dtype_torch))
+            writer.write(
+                x.name, merged.reshape(x.pretrained.shape).to(pre.info(x.name).dtype_torch)
+            )
         for name in vision:
             if name not in floats:
                 writer.write(name, _same_everywhere(pool, name))
@@ -255,7 +291,9 @@ def _same_everywhere(pool: ModelPool, name: str) -> torch.Tensor:
     value = pool.pretrained.read(name)
     for model in pool.models:
         if not torch.equal(model.read(name), value):
-            raise PoolMismatchError(f"non-float tensor {name} differs between {model.name} and _pretrained_")
+            raise PoolMismatchError(
+                f"non-float tensor {name} differs between {model.name} and _pretrained_"
+            )
     return value
 
 

@@ -70,7 +70,7 @@ def kth_smallest_many(
 
 
 def kth_smallest(chunks: Callable[[], Iterable[torch.Tensor]], k: int) -> float:
-    """The k-th smallest value (1-based) over all pieces, equal to ``torch.kthvalue`` of their concatenation.
+    """The k-th smallest value (1-based) over all pieces: ``torch.kthvalue`` of their concatenation.
 
     >>> x = torch.tensor([3.0, -1.0, 2.0, 2.0])
     >>> kth_smallest(lambda: [x[:2], x[2:]], 3) == float(torch.kthvalue(x, 3).values)

@@ -12,7 +12,6 @@ import hashlib
 import math
 
 import torch
-
 from clipship.merge.methods.task_arithmetic import SCALING_FACTOR, sum_task_vectors, task_arithmetic
 from clipship.merge.methods.ties import TIES_PARAMS, ties, ties_prepass
 from clipship.merge.registry import Method, Param, Stream, TensorInputs
@@ -99,9 +98,16 @@ METHOD = Method(
     summary="Random drop-and-rescale of task vectors, then a base merge.",
     paper="https://arxiv.org/abs/2311.03099",
     params=(
-        Param("base", str, "task_arithmetic", "the merge applied after dropping",
-              choices=("task_arithmetic", "ties", "simple_average")),
-        Param("sparsity_ratio", float, 0.5, "p, the probability of dropping an entry", check=_check_p),
+        Param(
+            "base",
+            str,
+            "task_arithmetic",
+            "the merge applied after dropping",
+            choices=("task_arithmetic", "ties", "simple_average"),
+        ),
+        Param(
+            "sparsity_ratio", float, 0.5, "p, the probability of dropping an entry", check=_check_p
+        ),
         Param("rescale", bool, True, "divide kept entries by 1 − p"),
         Param("only_on_linear_weights", bool, False, "drop only in nn.Linear weights"),
         SCALING_FACTOR,

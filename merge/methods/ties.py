@@ -16,7 +16,6 @@ so no task vector is ever held whole. threshold=100 keeps everything (FusionBenc
 from __future__ import annotations
 
 import torch
-
 from clipship.merge.kth import kth_smallest_many
 from clipship.merge.methods.task_arithmetic import SCALING_FACTOR
 from clipship.merge.registry import Method, Param, Stream, TensorInputs
@@ -92,8 +91,13 @@ def _check_threshold(value: float) -> str | None:
 
 TIES_PARAMS = (
     SCALING_FACTOR,
-    Param("threshold", float, 20.0, "percent of each task vector kept (values ≤ 1 are fractions)",
-          check=_check_threshold),
+    Param(
+        "threshold",
+        float,
+        20.0,
+        "percent of each task vector kept (values ≤ 1 are fractions)",
+        check=_check_threshold,
+    ),
     Param("merge_func", str, "sum", "how agreeing entries combine", choices=("sum", "mean", "max")),
 )
 

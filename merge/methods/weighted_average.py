@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from clipship.merge.registry import Method, Param, TensorInputs
 
 
@@ -31,8 +30,15 @@ METHOD = Method(
     name="weighted_average",
     summary="Weighted mean of the fine-tuned models, weights normalised to sum to 1.",
     paper="https://arxiv.org/abs/2203.05482",
-    params=(Param("weights", list, None, "one weight per model, comma-separated, in pool order",
-                  check=_check_weights),),
+    params=(
+        Param(
+            "weights",
+            list,
+            None,
+            "one weight per model, comma-separated, in pool order",
+            check=_check_weights,
+        ),
+    ),
     merge=weighted_average,
     check_pool=_check_pool,
 )

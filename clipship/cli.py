@@ -1,0 +1,300 @@
+"""The ``clipship`` command line: argument parsing only, one library call per command.
+
+Heavy libraries (torch, transformers) are imported inside the commands so ``--help`` is instant.
+A ``ClipshipError`` becomes one ``error: ...`` line on stderr and its exit code; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from clipship.errors import ClipshipError, MethodError, SourceNotFoundError
+
+app = typer.Typer(
+    name="clipship",
+    help="Merge, evaluate, export and ship CLIP vision encoders.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+analyze_app = typer.Typer(help="Analyses of a model pool.", no_args_is_help=True)
+app.add_typer(analyze_app, name="analyze")
+
+_debug = {"on": False}
+T = TypeVar("T")
+
+PoolOpt = Annotated[Path | None, typer.Option("--pool", help="FusionBench modelpool YAML file.")]
+PretrainedOpt = Annotated[
+    str | None, typer.Option("--pretrained", help="Pretrained CLIP: hub id[@revision] or folder.")
+]
+ModelOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--model", help="Task encoder as NAME=SOURCE (hub id[@revision] or folder); repeat."
+    ),
+]
+PickleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-pickle", help="Load pytorch_model.bin checkpoints (torch.load weights_only=True)."
+    ),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output atomically.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary.")]
+
+
+def _run(call: Callable[[], T]) -> T:
+    try:
+        return call()
+    except ClipshipError as e:
+        if _debug["on"]:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(e.exit_code) from None
+
+
+def _pool_sources(pool: Path | None, pretrained: str | None, model: list[str] | None):
+    from clipship.pool import parse_model_args, read_pool_yaml
+
+    if pool is not None:
+        if pretrained or model:
+            raise SourceNotFoundError("give either --pool or --pretrained/--model, not both")
+        return read_pool_yaml(pool)
+    if not pretrained:
+        raise SourceNotFoundError(
+            "no pool: give --pool POOL.yaml or --pretrained SRC --model NAME=SRC ..."
+        )
+    return pretrained, parse_model_args(model or [])
+
+
+def _params(lambda_: str | None, threshold: str | None, param: list[str] | None) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for item in param or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise MethodError(f"--param {item!r}: expected NAME=VALUE")
+        params[name] = value
+    if lambda_ is not None:
+        params["scaling_factor"] = lambda_
+    if threshold is not None:
+        params["threshold"] = threshold
+    return params
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+) -> None:
+    _debug["on"] = debug
+
+
+@app.command()
+def merge(
+    out: Annotated[Path, typer.Option("--out", help="Output folder (written atomically).")],
+    method: Annotated[
+        str | None, typer.Option("--method", help="Merge method (see `clipship methods`).")
+    ] = None,
+    pool: PoolOpt = None,
+    pretrained: PretrainedOpt = None,
+    model: ModelOpt = None,
+    lambda_: Annotated[
+        str | None, typer.Option("--lambda", help="Scaling factor λ (scaling_factor).")
+    ] = None,
+    threshold: Annotated[
+        str | None, typer.Option("--threshold", help="TIES/DARE-TIES: percent kept.")
+    ] = None,
+    param: Annotated[
+        list[str] | None, typer.Option("--param", help="Method parameter NAME=VALUE; repeat.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for random methods (DARE).")] = 0,
+    vision_only: Annotated[
+        bool, typer.Option("--vision-only", help="Write only the vision tower.")
+    ] = False,
+    recipe: Annotated[
+        Path | None, typer.Option("--recipe", help="Rerun a clipship_recipe.json.")
+    ] = None,
+    max_shard_size: Annotated[
+        str, typer.Option("--max-shard-size", help="Shard weights above this size.")
+    ] = "5GB",
+    allow_pickle: PickleOpt = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Merge task encoders into one CLIP model folder, streaming tensor by tensor."""
+
+    def call():
+        from clipship.merge import merge as run_merge
+        from clipship.merge import merge_from_recipe
+
+        if recipe is not None:
+            if method or pool or pretrained or model or lambda_ or threshold or param:
+                raise MethodError("--recipe replays a merge: drop the method and pool options")
+            return merge_from_recipe(
+                recipe, out, force=force, quiet=quiet, allow_pickle=allow_pickle
+            )
+        if not method:
+            raise MethodError("no merge method: pass --method NAME (see `clipship methods`)")
+        base, models = _pool_sources(pool, pretrained, model)
+        return run_merge(
+            base,
+            models,
+            method,
+            out,
+            _params(lambda_, threshold, param),
+            seed=seed,
+            vision_only=vision_only,
+            force=force,
+            allow_pickle=allow_pickle,
+            max_shard_size=max_shard_size,
+            quiet=quiet,
+        )
+
+    result = _run(call)
+    if json_out:
+        print(json.dumps(result.summary(), indent=2))
+    elif not quiet:
+        kind = "CLIPVisionModel" if vision_only else "CLIPModel"
+        print(f"merged with {result.method} in {result.seconds:.1f}s → {result.out}/")
+        print(f"load it with: transformers.{kind}.from_pretrained({str(result.out)!r})")
+
+
+@app.command()
+def methods(json_out: JsonOpt = False) -> None:
+    """List the merge methods with their parameters, defaults and papers."""
+    from clipship.merge import methods as table
+
+    rows = [
+        {
+            "name": m.name,
+            "summary": m.summary,
+            "paper": m.paper,
+            "params": {
+                p.name: {
+                    "default": p.default,
+                    "help": p.help,
+                    **({"choices": list(p.choices)} if p.choices else {}),
+                }
+                for p in m.params
+            },
+        }
+        for m in table().values()
+    ]
+    if json_out:
+        print(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    grid = Table("method", "parameters (default)", "paper")
+    for row in rows:
+        params = ", ".join(f"{k}={v['default']}" for k, v in row["params"].items()) or "—"
+        grid.add_row(row["name"], params, row["paper"])
+    Console().print(grid)
+
+
+@analyze_app.command("similarity")
+def similarity(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the CSV and PNG.")],
+    pool: PoolOpt = None,
+    pretrained: PretrainedOpt = None,
+    model: ModelOpt = None,
+    no_plot: Annotated[bool, typer.Option("--no-plot", help="Skip the heatmap PNG.")] = False,
+    allow_pickle: PickleOpt = False,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Cosine similarity between task vectors → task_vector_cos_similarity.csv (+ .png)."""
+
+    def call():
+        from clipship.merge.similarity import analyze_similarity
+
+        base, models = _pool_sources(pool, pretrained, model)
+        return analyze_similarity(
+            base, models, out, force=force, allow_pickle=allow_pickle, plot=not no_plot
+        )
+
+    result = _run(call)
+    if json_out:
+        print(json.dumps(result, indent=2))
+    else:
+        print("\n".join(result["files"]))
+
+
+@app.command()
+def info(
+    sources: Annotated[list[str] | None, typer.Argument(help="Model folders or hub ids.")] = None,
+    pool: PoolOpt = None,
+    allow_pickle: PickleOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Parameter counts (FusionBench's model_info) and architecture of models or a pool."""
+
+    def call():
+        from clipship.info import model_info
+        from clipship.pool import PRETRAINED, read_pool_yaml
+
+        if pool is not None:
+            base, models = read_pool_yaml(pool)
+            named = {PRETRAINED: base, **models}
+        elif sources:
+            named = {src: src for src in sources}
+        else:
+            raise SourceNotFoundError("give one or more model sources, or --pool POOL.yaml")
+        return model_info(named, allow_pickle)
+
+    rows = _run(call)
+    if json_out:
+        print(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    grid = Table(
+        "model",
+        "architecture",
+        "params",
+        "vision params",
+        "vision (image/patch/width/layers)",
+        "dtype",
+    )
+    for row in rows:
+        v = row["vision"]
+        grid.add_row(
+            row["name"],
+            row["architecture"],
+            f"{row['model_info']['all_params']:,}",
+            f"{row['vision_params']:,}",
+            f"{v.get('image_size')}/{v.get('patch_size')}/{v.get('hidden_size')}/{v.get('num_hidden_layers')}",
+            ",".join(row["dtype"]),
+        )
+    Console().print(grid)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the demo pool and merge.")] = Path(
+        "demo_out"
+    ),
+    force: ForceOpt = False,
+) -> None:
+    """Offline demo: build a small seeded pool, merge it with TIES, load the result."""
+    from clipship.demo import run_demo
+
+    _run(lambda: run_demo(out, force=force))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

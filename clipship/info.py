@@ -1,0 +1,56 @@
+"""``clipship info``: parameter counts and an architecture summary, read from headers only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clipship.pool import PRETRAINED, Model, count_params, load_model
+
+_VISION_KEYS = (
+    "image_size",
+    "patch_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "projection_dim",
+)
+_TEXT_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+)
+
+
+def describe(model: Model) -> dict[str, Any]:
+    """FusionBench's ``model_info`` keys plus what the model is."""
+    config = model.config
+    arch = (config.get("architectures") or ["?"])[0]
+    info: dict[str, Any] = {
+        "name": model.name,
+        "source": model.source,
+        "revision": model.revision,
+        "architecture": arch,
+        "model_info": count_params(model),
+        "vision_params": count_params(model, vision_only=True)["all_params"],
+        "dtype": sorted({model.info(n).dtype for n in model.vision_keys}),
+        "vision": {k: model.vision_config.get(k) for k in _VISION_KEYS if k in model.vision_config},
+    }
+    if model.has_text_tower:
+        text = config["text_config"]
+        info["text"] = {k: text.get(k) for k in _TEXT_KEYS if k in text}
+    return info
+
+
+def model_info(sources: dict[str, str], allow_pickle: bool = False) -> list[dict[str, Any]]:
+    """Describe each ``{name: source}``; a pool passes its pretrained model as ``_pretrained_``."""
+    out = []
+    for name, source in sources.items():
+        model = load_model(name or PRETRAINED, source, allow_pickle)
+        try:
+            out.append(describe(model))
+        finally:
+            model.checkpoint.close()
+    return out

@@ -1,0 +1,229 @@
+"""Seeded synthetic CLIP pools, for the demo, the tests and the memory benchmark.
+
+``write_model`` writes a CLIPModel or CLIPVisionModel folder of any size tensor by tensor (shapes
+come from a meta-device instance, values from a seeded generator), so even a ViT-L/14 pool is
+built without holding a model in memory. Task encoders are the pretrained vision tower plus
+seeded noise. The tokenizer is a byte-level CLIP BPE vocabulary with no merges (514 ids), so the
+pretrained folder loads with ``CLIPModel``, ``CLIPProcessor`` and the zero-shot pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clipship.safetensors_io import DTYPE_NAMES, Checkpoint, ShardedWriter
+
+# A tiny CLIP: the parity fixture's shape (vision: image 32, patch 8, hidden 64, 4 layers).
+TINY = {
+    "projection_dim": 32,
+    "vision_config": {
+        "image_size": 32,
+        "patch_size": 8,
+        "hidden_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+        "projection_dim": 32,
+        "hidden_act": "quick_gelu",
+    },
+    "text_config": {
+        "vocab_size": 514,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+        "max_position_embeddings": 16,
+        "bos_token_id": 512,
+        "eos_token_id": 513,
+        "pad_token_id": 513,
+        "projection_dim": 32,
+        "hidden_act": "quick_gelu",
+    },
+}
+# openai/clip-vit-base-patch32 and openai/clip-vit-large-patch14.
+B32 = {
+    "projection_dim": 512,
+    "vision_config": {
+        "image_size": 224,
+        "patch_size": 32,
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+        "projection_dim": 512,
+        "hidden_act": "quick_gelu",
+    },
+    "text_config": {
+        "hidden_size": 512,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 8,
+        "intermediate_size": 2048,
+        "projection_dim": 512,
+        "hidden_act": "quick_gelu",
+    },
+}
+L14 = {
+    "projection_dim": 768,
+    "vision_config": {
+        "image_size": 224,
+        "patch_size": 14,
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "intermediate_size": 4096,
+        "projection_dim": 768,
+        "hidden_act": "quick_gelu",
+    },
+    "text_config": {
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+        "projection_dim": 768,
+        "hidden_act": "quick_gelu",
+    },
+}
+SIZES = {"tiny": TINY, "b32": B32, "l14": L14}
+
+
+def _generator(seed: int, *labels: str) -> torch.Generator:
+    digest = hashlib.sha256("\0".join([str(seed), *labels]).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def _initial_value(
+    name: str, shape: tuple[int, ...], gen: torch.Generator, logit_scale: float
+) -> torch.Tensor:
+    if name.endswith("logit_scale"):
+        return torch.tensor(logit_scale)
+    if "norm" in name.split(".")[-2] or "layrnorm" in name:
+        return torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
+    return torch.randn(shape, generator=gen) * 0.02
+
+
+def write_model(
+    folder: Path,
+    config: Any,
+    seed: int,
+    base: Path | None = None,
+    noise: float = 0.02,
+    label: str = "",
+) -> Path:
+    """Write a seeded ``CLIPModel`` (CLIPConfig) or ``CLIPVisionModel`` (CLIPVisionConfig) folder.
+
+    With ``base``, each tensor is the base model's value plus ``noise``·N(0, 1).
+    """
+    from transformers import CLIPModel, CLIPVisionConfig, CLIPVisionModel
+
+    vision = isinstance(config, CLIPVisionConfig)
+    with torch.device("meta"):
+        meta = (CLIPVisionModel if vision else CLIPModel)(config)
+    shapes = {n: tuple(t.shape) for n, t in meta.state_dict().items()}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    source = Checkpoint.open(base) if base else None
+    writer = ShardedWriter(folder, {n: (DTYPE_NAMES[torch.float32], s) for n, s in shapes.items()})
+    try:
+        for name, shape in shapes.items():
+            gen = _generator(seed, label, name)
+            if source is not None:
+                stored = name if name in source.tensors else f"vision_model.{name}"
+                value = source.read(stored) + torch.randn(shape, generator=gen) * noise
+            else:
+                value = _initial_value(name, shape, gen, math.log(100.0))
+            writer.write(name, value.to(torch.float32).contiguous())
+        writer.close()
+    finally:
+        writer.abort()
+        if source:
+            source.close()
+    config.architectures = ["CLIPVisionModel" if vision else "CLIPModel"]
+    config.save_pretrained(folder)
+    return folder
+
+
+def write_processor(folder: Path, image_size: int) -> None:
+    """A byte-level CLIP tokenizer (no merges) and a CLIPImageProcessor for ``image_size``."""
+    from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
+
+    byte_chars = _bytes_to_unicode()
+    vocab = {c: i for i, c in enumerate(byte_chars)}
+    vocab.update({c + "</w>": 256 + i for i, c in enumerate(byte_chars)})
+    vocab.update({"<|startoftext|>": 512, "<|endoftext|>": 513})
+    folder = Path(folder)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP's printable stand-in character for every byte, in byte order."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def build_pool(
+    folder: Path,
+    size: str = "tiny",
+    tasks: int | list[str] = 4,
+    seed: int = 0,
+    noise: float = 0.02,
+) -> tuple[Path, dict[str, Path]]:
+    """A seeded pool in ``folder``: ``pretrained/`` (CLIPModel) and one CLIPVisionModel per task.
+
+    >>> pretrained, tasks = build_pool(Path("pool"), "tiny", 4)   # doctest: +SKIP
+    """
+    from transformers import CLIPConfig
+
+    shape = SIZES[size]
+    config = CLIPConfig(
+        text_config=shape["text_config"],
+        vision_config=shape["vision_config"],
+        projection_dim=shape["projection_dim"],
+    )
+    names = [f"task_{chr(97 + i)}" for i in range(tasks)] if isinstance(tasks, int) else list(tasks)
+    folder = Path(folder)
+    pretrained = write_model(folder / "pretrained", config, seed, label="pretrained")
+    if size == "tiny":
+        write_processor(pretrained, shape["vision_config"]["image_size"])
+    models = {
+        name: write_model(
+            folder / name, config.vision_config, seed, base=pretrained, noise=noise, label=name
+        )
+        for name in names
+    }
+    return pretrained, models
+
+
+def write_pool_yaml(path: Path, pretrained: Path, models: dict[str, Path]) -> Path:
+    """A FusionBench-shaped modelpool YAML (``CLIPVisionModelPool``) for a local pool."""
+    lines = [
+        "_target_: fusion_bench.modelpool.CLIPVisionModelPool",
+        "_recursive_: false",
+        "models:",
+        f"  _pretrained_: {Path(pretrained).resolve()}",
+        *(f"  {name}: {Path(p).resolve()}" for name, p in models.items()),
+    ]
+    Path(path).write_text("\n".join(lines) + "\n")
+    return Path(path)
