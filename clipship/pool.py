@@ -67,8 +67,11 @@ class PickleCheckpoint:
     def files(self) -> list[Path]:
         return [self.file]
 
-    def read(self, name: str) -> torch.Tensor:
-        return self.state[name].clone()
+    def read(self, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
+        tensor = self.state[name]
+        return (
+            tensor.clone() if count is None else tensor.reshape(-1)[start : start + count].clone()
+        )
 
     def close(self) -> None:
         self.state = {}
@@ -98,13 +101,20 @@ class Model:
     def info(self, name: str) -> TensorInfo:
         return self.checkpoint.tensors[self.vision_keys[name]]
 
-    def read(self, name: str) -> torch.Tensor:
-        """Read a vision tensor by its canonical name and check it is finite."""
-        tensor = self.checkpoint.read(self.vision_keys[name])
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise NonFiniteWeightsError(
-                f"{self.name} ({self.source}): tensor {name} has NaN or Inf values"
-            )
+    def read(
+        self, name: str, start: int = 0, count: int | None = None, check: bool = True
+    ) -> torch.Tensor:
+        """Read a vision tensor (or flat elements ``[start, start + count)``) by canonical name.
+
+        With ``check``, NaN or Inf raises ``NonFiniteWeightsError``. A finite sum proves every
+        element finite, so the exact (slower) test runs only when the sum is not finite.
+        """
+        tensor = self.checkpoint.read(self.vision_keys[name], start, count)
+        if check and tensor.is_floating_point() and not math.isfinite(float(tensor.sum())):
+            if not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteWeightsError(
+                    f"{self.name} ({self.source}): tensor {name} has NaN or Inf values"
+                )
         return tensor
 
     def file_hashes(self) -> dict[str, str]:

@@ -154,22 +154,33 @@ class Checkpoint:
     def files(self) -> list[Path]:
         return sorted({t.file for t in self.tensors.values()})
 
-    def read(self, name: str) -> torch.Tensor:
-        """Read one tensor into a new, writable CPU tensor."""
+    def fd(self, file: Path) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = os.open(file, os.O_RDONLY)
+        return fd
+
+    def read(self, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
+        """Read one tensor into a new, writable CPU tensor.
+
+        With ``count``, only the flat elements ``[start, start + count)`` are read (1-D result).
+        """
         info = self.tensors[name]
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        if info.nbytes:
-            fd = self._fds.get(info.file)
-            if fd is None:
-                fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        itemsize = DTYPES[info.dtype].itemsize
+        nbytes = info.nbytes if count is None else count * itemsize
+        offset = info.start + start * itemsize
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            fd = self.fd(info.file)
             view = memoryview(buf.numpy())
             done = 0
-            while done < info.nbytes:
-                got = os.preadv(fd, [view[done:]], info.start + done)
+            while done < nbytes:
+                got = os.preadv(fd, [view[done:]], offset + done)
                 if got <= 0:
                     raise CheckpointError(f"{info.file}: file is truncated (reading {name!r})")
                 done += got
-        return buf.view(DTYPES[info.dtype]).reshape(info.shape)
+        tensor = buf.view(DTYPES[info.dtype])
+        return tensor.reshape(info.shape) if count is None else tensor
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -232,7 +243,7 @@ class ShardedWriter:
                 f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, 1 + len(shards))
             ]
         self._where: dict[str, tuple[int, int, int]] = {}  # name -> (fd, offset, nbytes)
-        self._pending = set(names)
+        self._missing = dict(sizes)  # bytes not yet written, per tensor
         self._fds: list[int] = []
         self.files: dict[str, list[str]] = {}
         for filename, members in zip(filenames, shards):
@@ -257,27 +268,54 @@ class ShardedWriter:
                 start = header[name]["data_offsets"][0]  # type: ignore[index]
                 self._where[name] = (fd, base + start, sizes[name])
             self.files[filename] = members
-        self._layout = layout
+        self._layout = {n: (d, tuple(s)) for n, (d, s) in layout.items()}
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, start: int = 0) -> None:
+        """Write a whole tensor, or a 1-D piece of its flat elements beginning at ``start``."""
         dtype, shape = self._layout[name]
-        if DTYPE_NAMES.get(tensor.dtype) != dtype or tuple(tensor.shape) != tuple(shape):
+        fd, offset, nbytes = self._where[name]
+        itemsize = DTYPES[dtype].itemsize
+        whole = start == 0 and tuple(tensor.shape) == tuple(shape)
+        piece = tensor.dim() == 1 and (start + tensor.numel()) * itemsize <= nbytes
+        if DTYPE_NAMES.get(tensor.dtype) != dtype or not (whole or piece):
             raise ValueError(
                 f"{name}: expected {dtype}{list(shape)}, got {tensor.dtype}{list(tensor.shape)}"
             )
-        fd, offset, nbytes = self._where[name]
         data = memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        offset += start * itemsize
         done = 0
-        while done < nbytes:
+        while done < len(data):
             done += os.pwrite(fd, data[done:], offset + done)
-        self._pending.discard(name)
+        self._missing[name] -= len(data)
+
+    def copy(self, name: str, source: TensorInfo, source_fd: int) -> None:
+        """Copy a tensor's bytes from another safetensors file, in the kernel where possible."""
+        fd, offset, nbytes = self._where[name]
+        if (source.dtype, source.shape) != tuple(self._layout[name]) or source.nbytes != nbytes:
+            raise ValueError(f"{name}: source tensor differs from the planned layout")
+        done = 0
+        try:
+            while done < nbytes:
+                got = os.copy_file_range(
+                    source_fd, fd, nbytes - done, source.start + done, offset + done
+                )
+                if got <= 0:
+                    raise OSError("short copy")
+                done += got
+        except OSError:  # a filesystem without copy_file_range: plain reads and writes
+            while done < nbytes:
+                chunk = os.pread(source_fd, min(1 << 24, nbytes - done), source.start + done)
+                if not chunk:
+                    raise CheckpointError(f"{source.file}: truncated (reading {name!r})") from None
+                done += os.pwrite(fd, chunk, offset + done)
+        self._missing[name] -= nbytes
 
     def close(self) -> list[str]:
         """Finish the files (and the index when sharded); returns the file names written."""
-        if self._pending:
-            raise RuntimeError(f"tensors never written: {sorted(self._pending)[:3]}")
+        unfinished = sorted(n for n, left in self._missing.items() if left)
+        if unfinished:
+            raise RuntimeError(f"tensors not completely written: {unfinished[:3]}")
         for fd in self._fds:
-            os.fsync(fd)
             os.close(fd)
         self._fds.clear()
         if len(self.files) > 1:

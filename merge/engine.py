@@ -18,15 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from clipship.merge.registry import Method, TensorInputs, get_method
 
 from clipship.errors import MethodError, PoolMismatchError, RecipeError
+from clipship.merge.registry import Method, TensorInputs, get_method
 from clipship.outputs import atomic_folder, check_target, library_versions
 from clipship.pool import Model, ModelPool, open_pool
-from clipship.safetensors_io import ShardedWriter, parse_size
+from clipship.safetensors_io import Checkpoint, ShardedWriter, parse_size
 
 RECIPE_NAME = "clipship_recipe.json"
 RECIPE_FORMAT = "clipship-recipe/1"
+CHUNK = 1 << 18  # elements per streamed piece (1 MiB of float32 per model)
 # Files of the pretrained folder that make the output a loadable CLIPModel (and processor).
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 TOKENIZER_FILES = (
@@ -228,6 +229,29 @@ def _check_hashes(recipe: dict[str, Any], expected: dict[str, dict[str, str]]) -
             )
 
 
+def iter_inputs(
+    pool: ModelPool, names: list[str], seed: int, check: bool
+) -> Iterator[TensorInputs]:
+    """Every listed tensor of every pool member, in flat pieces of at most ``CHUNK`` elements.
+
+    Pieces this size stay in the CPU cache through a method's few element-wise passes, and
+    bound memory to a few MB per model whatever the tensor size.
+    """
+    for name in names:
+        info = pool.pretrained.info(name)
+        for start in range(0, max(info.numel, 1), CHUNK):
+            count = min(CHUNK, info.numel - start)
+            yield TensorInputs(
+                name,
+                pool.pretrained.read(name, start, count, check).to(torch.float32),
+                [m.read(name, start, count, check).to(torch.float32) for m in pool.models],
+                pool.names,
+                seed,
+                start,
+                info.shape,
+            )
+
+
 def _merge_weights(
     pool: ModelPool,
     spec: Method,
@@ -249,10 +273,14 @@ def _merge_weights(
         for n in extra:
             info = pre.checkpoint.tensors[n]
             layout[n] = (info.dtype, info.shape)
+    passes = 0
 
     def stream(label: str) -> Iterator[TensorInputs]:
+        nonlocal passes
+        passes += 1  # values are checked for NaN/Inf on the first pass only
+        check = passes == 1
         for name in bar.track(floats, label):
-            yield _inputs(pool, name, seed)
+            yield from iter_inputs(pool, [name], seed, check)
 
     stats: dict[str, Any] = {}
     if spec.prepass:
@@ -262,28 +290,20 @@ def _merge_weights(
     try:
         for x in stream(f"merging ({spec.name})"):
             merged = spec.merge(x, **values, **stats)
-            writer.write(
-                x.name, merged.reshape(x.pretrained.shape).to(pre.info(x.name).dtype_torch)
-            )
+            writer.write(x.name, merged.reshape(-1).to(pre.info(x.name).dtype_torch), x.offset)
         for name in vision:
             if name not in floats:
                 writer.write(name, _same_everywhere(pool, name))
         for name in extra:
-            writer.write(name, pre.checkpoint.read(name))
+            info = pre.checkpoint.tensors[name]
+            if isinstance(pre.checkpoint, Checkpoint):
+                writer.copy(name, info, pre.checkpoint.fd(info.file))
+            else:
+                writer.write(name, pre.checkpoint.read(name))
         files = writer.close()
     finally:
         writer.abort()
     return files, stats
-
-
-def _inputs(pool: ModelPool, name: str, seed: int) -> TensorInputs:
-    return TensorInputs(
-        name,
-        pool.pretrained.read(name).to(torch.float32),
-        [m.read(name).to(torch.float32) for m in pool.models],
-        pool.names,
-        seed,
-    )
 
 
 def _same_everywhere(pool: ModelPool, name: str) -> torch.Tensor:

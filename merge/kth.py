@@ -2,7 +2,7 @@
 
 TIES trims each task vector at the k-th smallest |τ| over *all* its tensors flattened together.
 Rather than concatenating the vector (N copies of a model), we select on the float32 bit
-patterns: map each float to a 32-bit key whose integer order is the float order, count keys by
+patterns: map each float to an int32 key whose integer order is the float order, count keys by
 their high 16 bits in one pass, then count the low 16 bits inside the one bucket that holds the
 k-th key in a second pass. The result is the exact element ``torch.kthvalue`` would return.
 """
@@ -14,16 +14,21 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 _BINS = 1 << 16
+_HALF = 1 << 15  # high halves of int32 keys run from -2**15; bins start at 0
 
 
 def order_keys(x: torch.Tensor) -> torch.Tensor:
-    """int64 keys in [0, 2**32) with the same order as the float32 values (-0.0 == 0.0)."""
-    bits = (x.reshape(-1).to(torch.float32) + 0.0).view(torch.int32).to(torch.int64)
-    return torch.where(bits < 0, -1 - bits, bits + (1 << 31))
+    """int32 keys with the same order as the float32 values (-0.0 and 0.0 get one key).
+
+    Non-negative floats order like their bit patterns; for negative ones, flipping the
+    magnitude bits reverses their order and keeps them below every non-negative key.
+    """
+    bits = (x.reshape(-1).to(torch.float32) + 0.0).view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 def key_to_float(key: int) -> float:
-    bits = key - (1 << 31) if key >= (1 << 31) else -1 - key
+    bits = key ^ 0x7FFFFFFF if key < 0 else key
     return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
 
 
@@ -49,7 +54,7 @@ def kth_smallest_many(
     high = torch.zeros(n, _BINS, dtype=torch.int64)
     for parts in chunks():
         for i, part in enumerate(parts):
-            high[i] += torch.bincount(order_keys(part) >> 16, minlength=_BINS)
+            high[i] += torch.bincount((order_keys(part) >> 16) + _HALF, minlength=_BINS)
     total = int(high[0].sum())
     for i, k in enumerate(ks):
         if int(high[i].sum()) != total or not 1 <= k <= total:
@@ -59,13 +64,13 @@ def kth_smallest_many(
     for parts in chunks():
         for i, part in enumerate(parts):
             keys = order_keys(part)
-            inside = keys[(keys >> 16) == located[i][0]]
+            inside = keys[(keys >> 16) == located[i][0] - _HALF]
             if inside.numel():
                 low[i] += torch.bincount(inside & (_BINS - 1), minlength=_BINS)
     out = []
     for i, (bucket, rank) in enumerate(located):
         low_bits, _ = _locate(low[i], rank)
-        out.append(key_to_float((bucket << 16) | low_bits))
+        out.append(key_to_float(((bucket - _HALF) << 16) | low_bits))
     return out
 
 

@@ -11,7 +11,7 @@ import importlib
 import math
 import pkgutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,18 +21,27 @@ from clipship.errors import MethodError
 
 @dataclass
 class TensorInputs:
-    """One tensor of every pool member, in float32: what a method merges."""
+    """The same flat piece of one tensor from every pool member, in float32: what a method merges.
+
+    ``offset`` is the piece's first element in the flattened tensor, ``shape`` the whole tensor's.
+    Every method here is element-wise (given its pre-pass statistics), so pieces merge alone.
+    """
 
     name: str
     pretrained: torch.Tensor
     finetuned: list[torch.Tensor]
     tasks: list[str]
     seed: int = 0
-    task_vectors: list[torch.Tensor] = field(default_factory=list)
+    offset: int = 0
+    shape: tuple[int, ...] = ()
+    vectors: list[torch.Tensor] | None = None  # the task vectors, computed on first use
 
-    def __post_init__(self) -> None:
-        if not self.task_vectors:
-            self.task_vectors = [ft - self.pretrained for ft in self.finetuned]
+    @property
+    def task_vectors(self) -> list[torch.Tensor]:
+        """τ_t = θ_t − θ_pre for each task, in pool order."""
+        if self.vectors is None:
+            self.vectors = [ft - self.pretrained for ft in self.finetuned]
+        return self.vectors
 
 
 # A pass over the pool: called with a label for the progress bar, yields every float tensor.

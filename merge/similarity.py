@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from clipship.errors import MethodError
+from clipship.merge.engine import iter_inputs
 from clipship.outputs import check_target
 from clipship.pool import ModelPool, open_pool
 
@@ -24,12 +25,8 @@ def cosine_similarity_matrix(pool: ModelPool) -> torch.Tensor:
     """[N, N] float64 cosine similarities between the pool's task vectors."""
     n = len(pool.models)
     dots = torch.zeros(n, n, dtype=torch.float64)
-    for name in pool.float_names():
-        pre = pool.pretrained.read(name).to(torch.float32)
-        vectors = torch.stack(
-            [(m.read(name).to(torch.float32) - pre).reshape(-1) for m in pool.models]
-        )
-        vectors = vectors.to(torch.float64)
+    for x in iter_inputs(pool, pool.float_names(), seed=0, check=True):
+        vectors = torch.stack(x.task_vectors).to(torch.float64)
         dots += vectors @ vectors.T
     norms = dots.diagonal().sqrt()
     return dots / torch.clamp(torch.outer(norms, norms), min=1e-300)

@@ -10,44 +10,66 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import replace
 
 import torch
+
 from clipship.merge.methods.task_arithmetic import SCALING_FACTOR, sum_task_vectors, task_arithmetic
 from clipship.merge.methods.ties import TIES_PARAMS, ties, ties_prepass
 from clipship.merge.registry import Method, Param, Stream, TensorInputs
 
+# Masks are drawn per block of the flattened tensor, so a piece of any size and position gets
+# the same entries as the whole tensor would (the engine streams pieces of this size).
+BLOCK = 1 << 18
 
-def mask_generator(seed: int, task: str, tensor: str) -> torch.Generator:
-    digest = hashlib.sha256(f"{seed}\0{task}\0{tensor}".encode()).digest()
+
+def mask_generator(seed: int, task: str, tensor: str, block: int) -> torch.Generator:
+    key = f"{seed}\0{task}\0{tensor}\0{block}".encode()
+    digest = hashlib.sha256(key).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
+def uniform(seed: int, task: str, tensor: str, numel: int, start: int, count: int) -> torch.Tensor:
+    """Uniform [0, 1) draws for flat elements ``[start, start + count)`` of a ``numel`` tensor."""
+    pieces = []
+    for block in range(start // BLOCK, (start + count - 1) // BLOCK + 1 if count else 0):
+        size = min(BLOCK, numel - block * BLOCK)
+        draws = torch.rand(size, generator=mask_generator(seed, task, tensor, block))
+        lo = max(start - block * BLOCK, 0)
+        hi = min(start + count - block * BLOCK, size)
+        pieces.append(draws[lo:hi])
+    return torch.cat(pieces) if pieces else torch.empty(0)
+
+
 def random_drop(
-    task_vector: torch.Tensor, p: float, rescale: bool, generator: torch.Generator
+    task_vector: torch.Tensor, p: float, rescale: bool, draws: torch.Tensor
 ) -> torch.Tensor:
-    """Zero each entry with probability p (kept where uniform > p); kept entries / (1 − p)."""
-    keep = torch.rand(task_vector.shape, generator=generator) > p
-    dropped = task_vector * keep
+    """Zero each entry whose uniform draw is ≤ p; kept entries are divided by 1 − p."""
+    dropped = task_vector * (draws > p)
     return dropped / (1 - p) if rescale else dropped
 
 
-def is_linear_weight(name: str, tensor: torch.Tensor) -> bool:
+def is_linear_weight(name: str, shape: tuple[int, ...]) -> bool:
     """An ``nn.Linear`` weight of the CLIP vision tower (attention projections and MLP)."""
-    return tensor.dim() == 2 and name.endswith(".weight") and ".embeddings." not in name
+    return len(shape) == 2 and name.endswith(".weight") and ".embeddings." not in name
 
 
 def dropped(
     inputs: TensorInputs, sparsity_ratio: float, rescale: bool, only_on_linear_weights: bool
 ) -> TensorInputs:
-    if only_on_linear_weights and not is_linear_weight(inputs.name, inputs.pretrained):
+    if only_on_linear_weights and not is_linear_weight(inputs.name, inputs.shape):
         return inputs
+    numel, count = math.prod(inputs.shape), inputs.pretrained.numel()
     vectors = [
-        random_drop(tau, sparsity_ratio, rescale, mask_generator(inputs.seed, task, inputs.name))
+        random_drop(
+            tau,
+            sparsity_ratio,
+            rescale,
+            uniform(inputs.seed, task, inputs.name, numel, inputs.offset, count),
+        )
         for task, tau in zip(inputs.tasks, inputs.task_vectors)
     ]
-    return TensorInputs(
-        inputs.name, inputs.pretrained, inputs.finetuned, inputs.tasks, inputs.seed, vectors
-    )
+    return replace(inputs, vectors=vectors)
 
 
 def dare(

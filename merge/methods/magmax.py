@@ -6,6 +6,7 @@ On equal magnitudes the later task in pool order wins (FusionBench's rule).
 from __future__ import annotations
 
 import torch
+
 from clipship.merge.methods.task_arithmetic import SCALING_FACTOR
 from clipship.merge.registry import Method, Param, TensorInputs
 

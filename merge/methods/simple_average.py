@@ -6,6 +6,7 @@ As in FusionBench, the pretrained model is not part of the average.
 from __future__ import annotations
 
 import torch
+
 from clipship.merge.registry import Method, TensorInputs
 
 

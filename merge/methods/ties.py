@@ -16,6 +16,7 @@ so no task vector is ever held whole. threshold=100 keeps everything (FusionBenc
 from __future__ import annotations
 
 import torch
+
 from clipship.merge.kth import kth_smallest_many
 from clipship.merge.methods.task_arithmetic import SCALING_FACTOR
 from clipship.merge.registry import Method, Param, Stream, TensorInputs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from clipship.merge.registry import Method, Param, TensorInputs
 
 
