@@ -67,11 +67,13 @@ class PickleCheckpoint:
     def files(self) -> list[Path]:
         return [self.file]
 
-    def read(self, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
+    def read(
+        self, name: str, start: int = 0, count: int | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         tensor = self.state[name]
-        return (
-            tensor.clone() if count is None else tensor.reshape(-1)[start : start + count].clone()
-        )
+        if count is not None:
+            tensor = tensor.reshape(-1)[start : start + count]
+        return tensor.clone() if out is None else out.copy_(tensor)
 
     def close(self) -> None:
         self.state = {}
@@ -102,14 +104,26 @@ class Model:
         return self.checkpoint.tensors[self.vision_keys[name]]
 
     def read(
-        self, name: str, start: int = 0, count: int | None = None, check: bool = True
+        self,
+        name: str,
+        start: int = 0,
+        count: int | None = None,
+        check: bool = True,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Read a vision tensor (or flat elements ``[start, start + count)``) by canonical name.
 
-        With ``check``, NaN or Inf raises ``NonFiniteWeightsError``. A finite sum proves every
-        element finite, so the exact (slower) test runs only when the sum is not finite.
+        ``out`` (1-D, any float dtype) receives the values. With ``check``, NaN or Inf raises
+        ``NonFiniteWeightsError``; a finite sum proves every element finite, so the exact
+        (slower) test runs only when the sum is not finite.
         """
-        tensor = self.checkpoint.read(self.vision_keys[name], start, count)
+        stored = self.vision_keys[name]
+        if out is not None and self.checkpoint.tensors[stored].dtype_torch == out.dtype:
+            tensor = self.checkpoint.read(stored, start, count, out=out)
+        else:
+            tensor = self.checkpoint.read(stored, start, count)
+            if out is not None:
+                tensor = out.copy_(tensor.reshape(-1))
         if check and tensor.is_floating_point() and not math.isfinite(float(tensor.sum())):
             if not bool(torch.isfinite(tensor).all()):
                 raise NonFiniteWeightsError(

@@ -160,27 +160,33 @@ class Checkpoint:
             fd = self._fds[file] = os.open(file, os.O_RDONLY)
         return fd
 
-    def read(self, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
-        """Read one tensor into a new, writable CPU tensor.
+    def read(
+        self, name: str, start: int = 0, count: int | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Read one tensor into a new, writable CPU tensor (or into ``out``, same dtype).
 
         With ``count``, only the flat elements ``[start, start + count)`` are read (1-D result).
         """
         info = self.tensors[name]
-        itemsize = DTYPES[info.dtype].itemsize
-        nbytes = info.nbytes if count is None else count * itemsize
-        offset = info.start + start * itemsize
-        buf = torch.empty(nbytes, dtype=torch.uint8)
+        dtype = DTYPES[info.dtype]
+        nbytes = info.nbytes if count is None else count * dtype.itemsize
+        if out is None:
+            out = torch.empty(nbytes // dtype.itemsize, dtype=dtype)
+        elif (
+            out.dtype != dtype or out.numel() * dtype.itemsize != nbytes or not out.is_contiguous()
+        ):
+            raise ValueError(f"{name}: output buffer does not match {info.dtype}[{nbytes} bytes]")
         if nbytes:
             fd = self.fd(info.file)
-            view = memoryview(buf.numpy())
+            view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+            offset = info.start + start * dtype.itemsize
             done = 0
             while done < nbytes:
                 got = os.preadv(fd, [view[done:]], offset + done)
                 if got <= 0:
                     raise CheckpointError(f"{info.file}: file is truncated (reading {name!r})")
                 done += got
-        tensor = buf.view(DTYPES[info.dtype])
-        return tensor.reshape(info.shape) if count is None else tensor
+        return out.reshape(info.shape) if count is None else out.reshape(-1)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -243,7 +249,8 @@ class ShardedWriter:
                 f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, 1 + len(shards))
             ]
         self._where: dict[str, tuple[int, int, int]] = {}  # name -> (fd, offset, nbytes)
-        self._missing = dict(sizes)  # bytes not yet written, per tensor
+        self._sizes = sizes
+        self._written: dict[str, dict[int, int]] = {n: {} for n in names}  # start byte -> bytes
         self._fds: list[int] = []
         self.files: dict[str, list[str]] = {}
         for filename, members in zip(filenames, shards):
@@ -286,7 +293,7 @@ class ShardedWriter:
         done = 0
         while done < len(data):
             done += os.pwrite(fd, data[done:], offset + done)
-        self._missing[name] -= len(data)
+        self._written[name][start * itemsize] = len(data)
 
     def copy(self, name: str, source: TensorInfo, source_fd: int) -> None:
         """Copy a tensor's bytes from another safetensors file, in the kernel where possible."""
@@ -308,11 +315,13 @@ class ShardedWriter:
                 if not chunk:
                     raise CheckpointError(f"{source.file}: truncated (reading {name!r})") from None
                 done += os.pwrite(fd, chunk, offset + done)
-        self._missing[name] -= nbytes
+        self._written[name][0] = nbytes
 
     def close(self) -> list[str]:
         """Finish the files (and the index when sharded); returns the file names written."""
-        unfinished = sorted(n for n, left in self._missing.items() if left)
+        unfinished = sorted(
+            n for n, w in self._written.items() if sum(w.values()) != self._sizes[n]
+        )
         if unfinished:
             raise RuntimeError(f"tensors not completely written: {unfinished[:3]}")
         for fd in self._fds:

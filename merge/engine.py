@@ -230,7 +230,7 @@ def _check_hashes(recipe: dict[str, Any], expected: dict[str, dict[str, str]]) -
 
 
 def iter_inputs(
-    pool: ModelPool, names: list[str], seed: int, check: bool
+    pool: ModelPool, names: list[str], seed: int, check: bool, start: int = 0
 ) -> Iterator[TensorInputs]:
     """Every listed tensor of every pool member, in flat pieces of at most ``CHUNK`` elements.
 
@@ -239,15 +239,18 @@ def iter_inputs(
     """
     for name in names:
         info = pool.pretrained.info(name)
-        for start in range(0, max(info.numel, 1), CHUNK):
-            count = min(CHUNK, info.numel - start)
+        for offset in range(start, max(info.numel, 1), CHUNK):
+            count = min(CHUNK, info.numel - offset)
+            block = torch.empty(len(pool.models), count, dtype=torch.float32)
+            for row, model in zip(block, pool.models):
+                model.read(name, offset, count, check, out=row)
             yield TensorInputs(
                 name,
-                pool.pretrained.read(name, start, count, check).to(torch.float32),
-                [m.read(name, start, count, check).to(torch.float32) for m in pool.models],
+                pool.pretrained.read(name, offset, count, check).to(torch.float32),
+                block,
                 pool.names,
                 seed,
-                start,
+                offset,
                 info.shape,
             )
 
@@ -287,10 +290,28 @@ def _merge_weights(
         numel = sum(pre.info(n).numel for n in floats)
         stats = spec.prepass(stream, numel=numel, tasks=pool.names, **values)
     writer = ShardedWriter(folder, layout, shard_bytes)
+
+    def write(x: TensorInputs) -> tuple[object, bool]:
+        merged = spec.merge(x, **values, **stats)
+        tally, depends = None, False
+        if spec.settle:
+            merged, tally, depends = merged
+        writer.write(x.name, merged.reshape(-1).to(pre.info(x.name).dtype_torch), x.offset)
+        return tally, depends
+
     try:
+        tallies, revisit = [], []
         for x in stream(f"merging ({spec.name})"):
-            merged = spec.merge(x, **values, **stats)
-            writer.write(x.name, merged.reshape(-1).to(pre.info(x.name).dtype_torch), x.offset)
+            tally, depends = write(x)
+            tallies.append(tally)
+            if depends:
+                revisit.append((x.name, x.offset))
+        if spec.settle:
+            final = spec.settle(tallies)
+            changed = any(stats.get(k) != v for k, v in final.items())
+            stats.update(final)
+            for name, offset in revisit if changed else []:
+                write(next(iter_inputs(pool, [name], seed, check=False, start=offset)))
         for name in vision:
             if name not in floats:
                 writer.write(name, _same_everywhere(pool, name))

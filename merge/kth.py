@@ -41,32 +41,45 @@ def _locate(hist: torch.Tensor, k: int) -> tuple[int, int]:
 
 
 def kth_smallest_many(
-    chunks: Callable[[], Iterable[Sequence[torch.Tensor]]], ks: Sequence[int]
+    blocks: Callable[[], Iterable[torch.Tensor]], ks: Sequence[int], nonnegative: bool = False
 ) -> list[float]:
-    """For several vectors at once, the ``ks[i]``-th smallest value (1-based) of vector i.
+    """For V vectors at once, the ``ks[i]``-th smallest value (1-based) of vector i.
 
-    ``chunks()`` is called twice and must yield the same pieces each time: a sequence with one
-    piece per vector (pieces of one vector, concatenated in any order, make that vector).
+    ``blocks()`` is called twice and must yield the same [V, m] pieces each time: row i of every
+    piece is a part of vector i (parts concatenated in any order make the vector). With
+    ``nonnegative``, the caller promises no negative values and no -0.0 (e.g. after ``abs``),
+    and the bit patterns are used as keys directly.
     """
     n = len(ks)
     if n == 0:
         return []
-    high = torch.zeros(n, _BINS, dtype=torch.int64)
-    for parts in chunks():
-        for i, part in enumerate(parts):
-            high[i] += torch.bincount((order_keys(part) >> 16) + _HALF, minlength=_BINS)
-    total = int(high[0].sum())
+
+    def keys_of(block: torch.Tensor) -> torch.Tensor:
+        block = block.reshape(n, -1)
+        if nonnegative and block.dtype == torch.float32:
+            return block.contiguous().view(torch.int32)
+        return order_keys(block).reshape(n, -1)
+
+    rows = torch.arange(n, dtype=torch.int32).unsqueeze(1) * _BINS
+    high = torch.zeros(n * _BINS, dtype=torch.int64)
+    for block in blocks():
+        high += torch.bincount(
+            ((keys_of(block) >> 16) + (rows + _HALF)).reshape(-1), minlength=n * _BINS
+        )
+    high = high.reshape(n, _BINS)
+    totals = high.sum(dim=1).tolist()
     for i, k in enumerate(ks):
-        if int(high[i].sum()) != total or not 1 <= k <= total:
-            raise ValueError(f"k={k} is out of range for a vector of {int(high[i].sum())} values")
+        if not 1 <= k <= totals[i]:
+            raise ValueError(f"k={k} is out of range for a vector of {totals[i]} values")
     located = [_locate(high[i], k) for i, k in enumerate(ks)]
-    low = torch.zeros(n, _BINS, dtype=torch.int64)
-    for parts in chunks():
-        for i, part in enumerate(parts):
-            keys = order_keys(part)
-            inside = keys[(keys >> 16) == located[i][0] - _HALF]
-            if inside.numel():
-                low[i] += torch.bincount(inside & (_BINS - 1), minlength=_BINS)
+    target = torch.tensor([bucket - _HALF for bucket, _ in located], dtype=torch.int32).unsqueeze(1)
+    low = torch.zeros(n * _BINS, dtype=torch.int64)
+    for block in blocks():
+        keys = keys_of(block)
+        inside = (keys >> 16) == target
+        picked = (keys & (_BINS - 1)) + rows
+        low += torch.bincount(picked[inside], minlength=n * _BINS)
+    low = low.reshape(n, _BINS)
     out = []
     for i, (bucket, rank) in enumerate(located):
         low_bits, _ = _locate(low[i], rank)
@@ -81,4 +94,4 @@ def kth_smallest(chunks: Callable[[], Iterable[torch.Tensor]], k: int) -> float:
     >>> kth_smallest(lambda: [x[:2], x[2:]], 3) == float(torch.kthvalue(x, 3).values)
     True
     """
-    return kth_smallest_many(lambda: ([piece] for piece in chunks()), [k])[0]
+    return kth_smallest_many(lambda: (piece.reshape(1, -1) for piece in chunks()), [k])[0]

@@ -28,19 +28,25 @@ class TensorInputs:
     """
 
     name: str
-    pretrained: torch.Tensor
-    finetuned: list[torch.Tensor]
+    pretrained: torch.Tensor  # [n]
+    finetuned: torch.Tensor  # [N, n], one row per task in pool order
     tasks: list[str]
     seed: int = 0
     offset: int = 0
     shape: tuple[int, ...] = ()
     vectors: list[torch.Tensor] | None = None  # the task vectors, computed on first use
 
+    def task_vector_matrix(self) -> torch.Tensor:
+        """The task vectors as one new [N, n] tensor (same bits as ``task_vectors``)."""
+        if self.vectors is not None:
+            return torch.stack([v.reshape(-1) for v in self.vectors])
+        return self.finetuned - self.pretrained
+
     @property
     def task_vectors(self) -> list[torch.Tensor]:
         """τ_t = θ_t − θ_pre for each task, in pool order."""
         if self.vectors is None:
-            self.vectors = [ft - self.pretrained for ft in self.finetuned]
+            self.vectors = list(self.finetuned - self.pretrained)
         return self.vectors
 
 
@@ -68,6 +74,10 @@ class Method:
     prepass: Callable[..., dict] | None = None  # prepass(stream, numel, tasks, **params) -> stats
     min_models: int = 1
     check_pool: Callable[[dict, int], str | None] | None = None  # (values, n_models) -> problem
+    # A statistic tallied during the merge pass itself (TIES's majority sign). With ``settle``,
+    # merge() returns (tensor, tally, depends); settle(tallies) gives the final statistics, and
+    # the pieces that depended on the provisional value are merged again if it changed.
+    settle: Callable[[list], dict] | None = None
 
     def param(self, name: str) -> Param:
         for p in self.params:

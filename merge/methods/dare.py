@@ -15,7 +15,7 @@ from dataclasses import replace
 import torch
 
 from clipship.merge.methods.task_arithmetic import SCALING_FACTOR, sum_task_vectors, task_arithmetic
-from clipship.merge.methods.ties import TIES_PARAMS, ties, ties_prepass
+from clipship.merge.methods.ties import TIES_PARAMS, settle_majority, ties, ties_prepass
 from clipship.merge.registry import Method, Param, Stream, TensorInputs
 
 # Masks are drawn per block of the flattened tensor, so a piece of any size and position gets
@@ -81,13 +81,15 @@ def dare(
     scaling_factor: float,
     merge_func: str,
     **stats: object,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, int, bool]:
     x = dropped(inputs, sparsity_ratio, rescale, only_on_linear_weights)
+    if base == "ties":
+        return ties(x, scaling_factor, merge_func, **stats)  # type: ignore[arg-type]
     if base == "task_arithmetic":
-        return task_arithmetic(x, scaling_factor)
-    if base == "simple_average":
-        return x.pretrained + sum_task_vectors(x.task_vectors) / len(x.task_vectors)
-    return ties(x, scaling_factor, merge_func, **stats)  # type: ignore[arg-type]
+        merged = task_arithmetic(x, scaling_factor)
+    else:
+        merged = x.pretrained + sum_task_vectors(x.task_vectors) / len(x.task_vectors)
+    return merged, 0, False
 
 
 def dare_prepass(
@@ -137,4 +139,5 @@ METHOD = Method(
     ),
     merge=dare,
     prepass=dare_prepass,
+    settle=settle_majority,
 )

@@ -9,8 +9,10 @@
    over agreeing non-zero entries (the paper's), or ``max`` magnitude times the sign.
 4. θ = θ_pre + λ·merged.
 
-The two global statistics come from streaming pre-passes (``merge/kth.py`` for the thresholds),
-so no task vector is ever held whole. threshold=100 keeps everything (FusionBench crashes there).
+The thresholds come from two streaming pre-passes (``merge/kth.py``), so no task vector is ever
+held whole. The majority sign is tallied during the merge pass itself with +1 assumed; the rare
+pieces that had an exactly-zero sum are merged again if the tally says otherwise.
+threshold=100 keeps everything (FusionBench crashes there).
 """
 
 from __future__ import annotations
@@ -31,46 +33,51 @@ def trim_rank(numel: int, threshold: float) -> int:
     return numel - int(numel * keep_fraction(threshold))
 
 
-def trim(task_vectors: list[torch.Tensor], thresholds: list[float]) -> torch.Tensor:
-    """[N, n] task vectors with every |τ| below its task's threshold set to zero."""
-    stacked = torch.stack([tau.reshape(-1) for tau in task_vectors])
-    bounds = torch.tensor(thresholds, dtype=stacked.dtype).unsqueeze(1)
-    return stacked * (stacked.abs() >= bounds)
+def trim(task_vectors: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
+    """[N, n] task vectors with every |τ| below its task's threshold set to zero (in place)."""
+    bounds = torch.tensor(thresholds, dtype=task_vectors.dtype).unsqueeze(1)
+    return task_vectors.mul_(task_vectors.abs() >= bounds)
 
 
-def elected_sign(trimmed: torch.Tensor, majority_sign: float) -> torch.Tensor:
+def disjoint_merge(trimmed: torch.Tensor, majority_sign: float, merge_func: str) -> torch.Tensor:
+    """Elect each entry's sign, combine the entries that agree with it (consumes ``trimmed``)."""
     sign = torch.sign(trimmed.sum(dim=0))
     sign[sign == 0] = majority_sign
-    return sign
-
-
-def disjoint_merge(trimmed: torch.Tensor, sign: torch.Tensor, merge_func: str) -> torch.Tensor:
-    agree = torch.where(sign.unsqueeze(0) > 0, trimmed > 0, trimmed < 0)
-    selected = trimmed * agree
+    if majority_sign == 0:  # zero signs remain: FusionBench's rule verbatim (keeps negatives)
+        selected = trimmed * torch.where(sign > 0, trimmed > 0, trimmed < 0)
+        if merge_func == "sum":
+            return selected.sum(dim=0)
+        if merge_func == "mean":
+            return selected.sum(dim=0) / torch.clamp((selected != 0).sum(dim=0).float(), min=1)
+        return selected.abs().max(dim=0)[0] * sign
+    # sign is ±1 everywhere: |agreeing entries| = max(τ·sign, 0); negation is exact, so summing
+    # (or averaging, or maxing) magnitudes and applying the sign gives FusionBench's bits.
+    magnitude = trimmed.mul_(sign).clamp_(min=0)
     if merge_func == "sum":
-        return selected.sum(dim=0)
+        return magnitude.sum(dim=0).mul_(sign)
     if merge_func == "mean":
-        counts = (selected != 0).sum(dim=0).float()
-        return selected.sum(dim=0) / torch.clamp(counts, min=1)
-    return selected.abs().max(dim=0)[0] * sign
+        counts = (magnitude > 0).sum(dim=0).float()
+        return (magnitude.sum(dim=0) / torch.clamp(counts, min=1)).mul_(sign)
+    return magnitude.max(dim=0)[0].mul_(sign)
 
 
 def ties_prepass(
     stream: Stream, numel: int, tasks: list[str], threshold: float, **_: object
 ) -> dict:
-    """Per-task trim thresholds (exact k-th smallest |τ|), then the majority sign."""
+    """Per-task trim thresholds: the exact k-th smallest |τ| over the whole task vector.
+
+    The majority sign is provisional (+1) here and settled after the merge pass.
+    """
     k = trim_rank(numel, threshold)
     thresholds = [0.0] * len(tasks)  # k == 0: keep everything
     if k > 0:
         labels = iter(("trim threshold (1/2)", "trim threshold (2/2)"))
         thresholds = kth_smallest_many(
-            lambda: ([tau.abs() for tau in x.task_vectors] for x in stream(next(labels))),
+            lambda: (x.task_vector_matrix().abs_() for x in stream(next(labels))),
             [k] * len(tasks),
+            nonnegative=True,
         )
-    signs = 0
-    for x in stream("majority sign"):
-        signs += int(torch.sign(trim(x.task_vectors, thresholds).sum(dim=0)).sum())
-    return {"thresholds": thresholds, "majority_sign": float((signs > 0) - (signs < 0))}
+    return {"thresholds": thresholds, "majority_sign": 1.0}
 
 
 def ties(
@@ -80,10 +87,21 @@ def ties(
     thresholds: list[float],
     majority_sign: float,
     **_: object,
-) -> torch.Tensor:
-    trimmed = trim(inputs.task_vectors, thresholds)
-    merged = disjoint_merge(trimmed, elected_sign(trimmed, majority_sign), merge_func)
-    return inputs.pretrained + (scaling_factor * merged).reshape(inputs.pretrained.shape)
+) -> tuple[torch.Tensor, int, bool]:
+    """Merge one piece; also returns its elected-sign total and whether it used the majority."""
+    trimmed = trim(inputs.task_vector_matrix(), thresholds)
+    total = trimmed.sum(dim=0)
+    signs = torch.sign(total)
+    # Only entries whose trimmed sum is exactly 0 but not all zero depend on the majority sign.
+    depends = bool(((signs == 0) & (trimmed != 0).any(dim=0)).any())
+    merged = disjoint_merge(trimmed, majority_sign, merge_func)
+    return inputs.pretrained + scaling_factor * merged, int(signs.sum()), depends
+
+
+def settle_majority(tallies: list[int]) -> dict:
+    """The majority sign: the sign of the sum of every entry's elected sign."""
+    total = sum(tallies)
+    return {"majority_sign": float((total > 0) - (total < 0))}
 
 
 def _check_threshold(value: float) -> str | None:
@@ -109,4 +127,5 @@ METHOD = Method(
     params=TIES_PARAMS,
     merge=ties,
     prepass=ties_prepass,
+    settle=settle_majority,
 )
