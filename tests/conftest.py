@@ -1,0 +1,59 @@
+"""Shared fixtures: the parity fixture copied from FusionBench's run, and helpers to derive pools."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+DATA = Path(__file__).parent / "data"
+PARITY = DATA / "parity"
+FIXTURE = PARITY / "fixture"
+REFERENCE = PARITY / "reference"
+TASKS = ["task_a", "task_b", "task_c", "task_d"]
+
+
+@pytest.fixture(scope="session")
+def fixture_pool() -> tuple[str, dict[str, str]]:
+    """The parity fixture: (pretrained folder, {task: folder}) in FusionBench's pool order."""
+    return str(FIXTURE / "pretrained"), {t: str(FIXTURE / t) for t in TASKS}
+
+
+def load_weights(folder: Path | str) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def write_model(folder: Path, tensors: dict[str, torch.Tensor], like: Path | str) -> Path:
+    """A model folder with ``tensors`` and the config (and tokenizer files) of ``like``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for item in Path(like).iterdir():
+        if item.name != "model.safetensors":
+            shutil.copy(item, folder / item.name)
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(folder / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    return folder
+
+
+def vision_config(folder: Path | str) -> dict:
+    return json.loads((Path(folder) / "config.json").read_text())
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Max |a − b| over tensors matched by name with an optional ``vision_model.`` prefix."""
+
+    def strip(d):
+        return {k.removeprefix("vision_model."): v for k, v in d.items()}
+
+    a, b = strip(a), strip(b)
+    assert set(a) == set(b), set(a) ^ set(b)
+    return max(
+        float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0 for k in a
+    )
