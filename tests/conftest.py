@@ -1,4 +1,4 @@
-"""Shared fixtures: the parity fixture copied from FusionBench's run, and helpers to derive pools."""
+"""Shared fixtures: the parity fixture (FusionBench's own run) and helpers to derive pools."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Properties every merge must have, and TIES against a plain flattened implementation of SPEC §2."""
+"""Properties every merge must have, and TIES against a flat implementation of SPEC §2."""
 
 import pytest
 import torch
