@@ -170,7 +170,7 @@ def merge(
 @app.command()
 def methods(json_out: JsonOpt = False) -> None:
     """List the merge methods with their parameters, defaults and papers."""
-    from clipship.merge import methods as table
+    from clipship.merge import method_table as table
 
     rows = [
         {

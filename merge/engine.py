@@ -67,8 +67,10 @@ class _Progress:
 
     def __init__(self, quiet: bool):
         self.bar = None
-        if not quiet:
-            from rich.console import Console
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        if not quiet and console.is_terminal:  # no bars in logs and pipes
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
             self.bar = Progress(
@@ -76,7 +78,7 @@ class _Progress:
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
-                console=Console(stderr=True),
+                console=console,
                 transient=False,
             )
 
@@ -85,8 +87,10 @@ class _Progress:
             self.bar.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: object, *exc: object) -> None:
         if self.bar:
+            if kind is not None:  # an error: leave only its one-line message on the terminal
+                self.bar.live.transient = True
             self.bar.stop()
 
     def track(self, items: list[str], label: str) -> Iterator[str]:

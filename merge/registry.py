@@ -140,7 +140,7 @@ def parse_value(param: Param, raw: Any) -> Any:
 _METHODS: dict[str, Method] = {}
 
 
-def methods() -> dict[str, Method]:
+def method_table() -> dict[str, Method]:
     """Every registered method by name (discovered from ``clipship.merge.methods``)."""
     if not _METHODS:
         package = importlib.import_module("clipship.merge.methods")
@@ -153,7 +153,7 @@ def methods() -> dict[str, Method]:
 
 
 def get_method(name: str) -> Method:
-    table = methods()
+    table = method_table()
     if name not in table:
         raise MethodError(f"unknown merge method {name!r} (known: {', '.join(sorted(table))})")
     return table[name]

@@ -1,1 +1,1 @@
-"""One merge method per file; each defines ``METHOD`` and is found by ``registry.methods()``."""
+"""One merge method per file; each defines ``METHOD``, found by ``registry.method_table()``."""
