@@ -9,6 +9,7 @@ recipe while the merge runs.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from collections.abc import Iterator
@@ -93,13 +94,11 @@ class _Progress:
                 self.bar.live.transient = True
             self.bar.stop()
 
-    def track(self, items: list[str], label: str) -> Iterator[str]:
-        if self.bar is None:
-            yield from items
-            return
-        task = self.bar.add_task(label, total=len(items))
-        for item in items:
-            yield item
+    def add(self, label: str, total: int) -> int | None:
+        return self.bar.add_task(label, total=total) if self.bar else None
+
+    def advance(self, task: int | None) -> None:
+        if self.bar is not None and task is not None:
             self.bar.advance(task)
 
 
@@ -239,24 +238,31 @@ def iter_inputs(
     """Every listed tensor of every pool member, in flat pieces of at most ``CHUNK`` elements.
 
     Pieces this size stay in the CPU cache through a method's few element-wise passes, and
-    bound memory to a few MB per model whatever the tensor size.
+    bound memory to a few MB per model whatever the tensor size. The next piece is read in a
+    background thread while the current one is merged.
     """
+    pieces = []
     for name in names:
-        info = pool.pretrained.info(name)
-        for offset in range(start, max(info.numel, 1), CHUNK):
-            count = min(CHUNK, info.numel - offset)
-            block = torch.empty(len(pool.models), count, dtype=torch.float32)
-            for row, model in zip(block, pool.models):
-                model.read(name, offset, count, check, out=row)
-            yield TensorInputs(
-                name,
-                pool.pretrained.read(name, offset, count, check).to(torch.float32),
-                block,
-                pool.names,
-                seed,
-                offset,
-                info.shape,
-            )
+        numel = pool.pretrained.info(name).numel
+        pieces += [
+            (name, off, min(CHUNK, numel - off)) for off in range(start, max(numel, 1), CHUNK)
+        ]
+
+    def load(piece: tuple[str, int, int]) -> TensorInputs:
+        name, offset, count = piece
+        block = torch.empty(len(pool.models), count, dtype=torch.float32)
+        for row, model in zip(block, pool.models):
+            model.read(name, offset, count, check, out=row)
+        pretrained = pool.pretrained.read(name, offset, count, check).to(torch.float32)
+        shape = pool.pretrained.info(name).shape
+        return TensorInputs(name, pretrained, block, pool.names, seed, offset, shape)
+
+    with ThreadPoolExecutor(1) as reader:
+        ahead = reader.submit(load, pieces[0]) if pieces else None
+        for i in range(len(pieces)):
+            current = ahead.result()
+            ahead = reader.submit(load, pieces[i + 1]) if i + 1 < len(pieces) else None
+            yield current
 
 
 def _merge_weights(
@@ -285,9 +291,11 @@ def _merge_weights(
     def stream(label: str) -> Iterator[TensorInputs]:
         nonlocal passes
         passes += 1  # values are checked for NaN/Inf on the first pass only
-        check = passes == 1
-        for name in bar.track(floats, label):
-            yield from iter_inputs(pool, [name], seed, check)
+        task = bar.add(label, len(floats))
+        for x in iter_inputs(pool, floats, seed, check=passes == 1):
+            yield x
+            if x.offset + x.pretrained.numel() == math.prod(x.shape):
+                bar.advance(task)
 
     stats: dict[str, Any] = {}
     if spec.prepass:

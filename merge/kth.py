@@ -9,11 +9,14 @@ k-th key in a second pass. The result is the exact element ``torch.kthvalue`` wo
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 _BINS = 1 << 16
+if sys.byteorder != "little":  # the int16 views below read the key halves in place
+    raise ImportError("clipship.merge.kth assumes a little-endian machine")
 _HALF = 1 << 15  # high halves of int32 keys run from -2**15; bins start at 0
 
 
@@ -54,36 +57,39 @@ def kth_smallest_many(
     if n == 0:
         return []
 
-    def keys_of(block: torch.Tensor) -> torch.Tensor:
+    def halves(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(high, low) 16-bit halves of each key, read in place through an int16 view."""
         block = block.reshape(n, -1)
         if nonnegative and block.dtype == torch.float32:
-            return block.contiguous().view(torch.int32)
-        return order_keys(block).reshape(n, -1)
+            keys = block.contiguous().view(torch.int32)
+        else:
+            keys = order_keys(block).reshape(n, -1)
+        pairs = keys.view(torch.int16).reshape(n, -1, 2)  # little-endian: [low, high]
+        return pairs[..., 1], pairs[..., 0]
 
-    rows = torch.arange(n, dtype=torch.int32).unsqueeze(1) * _BINS
-    high = torch.zeros(n * _BINS, dtype=torch.int64)
+    high = torch.zeros(n, _BINS, dtype=torch.int64)
     for block in blocks():
-        high += torch.bincount(
-            ((keys_of(block) >> 16) + (rows + _HALF)).reshape(-1), minlength=n * _BINS
-        )
-    high = high.reshape(n, _BINS)
+        top, _ = halves(block)
+        for i in range(n):
+            row = top[i] if nonnegative else top[i].to(torch.int32) + _HALF
+            high[i] += torch.bincount(row, minlength=_BINS)
     totals = high.sum(dim=1).tolist()
     for i, k in enumerate(ks):
         if not 1 <= k <= totals[i]:
             raise ValueError(f"k={k} is out of range for a vector of {totals[i]} values")
     located = [_locate(high[i], k) for i, k in enumerate(ks)]
-    target = torch.tensor([bucket - _HALF for bucket, _ in located], dtype=torch.int32).unsqueeze(1)
-    low = torch.zeros(n * _BINS, dtype=torch.int64)
+    offset = 0 if nonnegative else _HALF
+    low = torch.zeros(n, _BINS, dtype=torch.int64)
     for block in blocks():
-        keys = keys_of(block)
-        inside = (keys >> 16) == target
-        picked = (keys & (_BINS - 1)) + rows
-        low += torch.bincount(picked[inside], minlength=n * _BINS)
-    low = low.reshape(n, _BINS)
+        top, bottom = halves(block)
+        for i, (bucket, _) in enumerate(located):
+            inside = bottom[i][top[i] == bucket - offset].to(torch.int32) & (_BINS - 1)
+            if inside.numel():
+                low[i] += torch.bincount(inside, minlength=_BINS)
     out = []
     for i, (bucket, rank) in enumerate(located):
         low_bits, _ = _locate(low[i], rank)
-        out.append(key_to_float(((bucket - _HALF) << 16) | low_bits))
+        out.append(key_to_float(((bucket - offset) << 16) | low_bits))
     return out
 
 

@@ -35,8 +35,12 @@ def fake_hub_repo(cache: Path, repo_id: str, source: Path, commit: str, refs=("m
 
 
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "clipship.cli", *map(str, args)], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "clipship.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_hub_ids_resolve_through_snapshot_download_offline(tmp_path):
@@ -44,12 +48,24 @@ def test_hub_ids_resolve_through_snapshot_download_offline(tmp_path):
     cache = home / "hub"
     fake_hub_repo(cache, "openai-test/tiny-clip", FIXTURE / "pretrained", "a" * 40)
     for i, task in enumerate(TASKS):
-        fake_hub_repo(cache, f"tanganke-test/tiny_{task}", FIXTURE / task, f"{i}" * 40, refs=("main", "v1"))
+        fake_hub_repo(
+            cache, f"tanganke-test/tiny_{task}", FIXTURE / task, f"{i}" * 40, refs=("main", "v1")
+        )
     env = {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     models = [a for t in TASKS for a in ("--model", f"{t}=tanganke-test/tiny_{t}@v1")]
     out = tmp_path / "merged"
-    result = run_cli("merge", "--pretrained", "openai-test/tiny-clip", *models, "--method", "ties",
-                     "--out", out, "--quiet", env=env)
+    result = run_cli(
+        "merge",
+        "--pretrained",
+        "openai-test/tiny-clip",
+        *models,
+        "--method",
+        "ties",
+        "--out",
+        out,
+        "--quiet",
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     recipe = json.loads((out / "clipship_recipe.json").read_text())
     assert recipe["pretrained"]["repo_id"] == "openai-test/tiny-clip"
@@ -59,14 +75,48 @@ def test_hub_ids_resolve_through_snapshot_download_offline(tmp_path):
     assert recipe["models"][1]["files"] == {"model.safetensors": digest}
     # Same bytes as merging the local folders, and the recipe replays with pinned revisions.
     local = [a for t in TASKS for a in ("--model", f"{t}={FIXTURE / t}")]
-    assert run_cli("merge", "--pretrained", FIXTURE / "pretrained", *local, "--method", "ties",
-                   "--out", tmp_path / "local", "--quiet").returncode == 0
-    assert (out / "model.safetensors").read_bytes() == (tmp_path / "local/model.safetensors").read_bytes()
-    again = run_cli("merge", "--recipe", out / "clipship_recipe.json", "--out", tmp_path / "again", "--quiet", env=env)
+    assert (
+        run_cli(
+            "merge",
+            "--pretrained",
+            FIXTURE / "pretrained",
+            *local,
+            "--method",
+            "ties",
+            "--out",
+            tmp_path / "local",
+            "--quiet",
+        ).returncode
+        == 0
+    )
+    assert (out / "model.safetensors").read_bytes() == (
+        tmp_path / "local/model.safetensors"
+    ).read_bytes()
+    again = run_cli(
+        "merge",
+        "--recipe",
+        out / "clipship_recipe.json",
+        "--out",
+        tmp_path / "again",
+        "--quiet",
+        env=env,
+    )
     assert again.returncode == 0, again.stderr
-    assert (tmp_path / "again/model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
-    missing = run_cli("merge", "--pretrained", "openai-test/tiny-clip", "--model", "x=nobody/absent",
-                      "--method", "ties", "--out", tmp_path / "none", env=env)
+    assert (tmp_path / "again/model.safetensors").read_bytes() == (
+        out / "model.safetensors"
+    ).read_bytes()
+    missing = run_cli(
+        "merge",
+        "--pretrained",
+        "openai-test/tiny-clip",
+        "--model",
+        "x=nobody/absent",
+        "--method",
+        "ties",
+        "--out",
+        tmp_path / "none",
+        env=env,
+    )
     assert missing.returncode == 1
     assert missing.stderr.strip().splitlines() == [
         "error: nobody/absent: no such folder, and not in the local Hub cache (offline or unreachable Hub)"
@@ -114,7 +164,11 @@ def test_bad_pool_files(tmp_path, text, message):
 
 def test_mixed_key_layouts_read_the_same_tensors(tmp_path, fixture_pool):
     weights = load_weights(FIXTURE / "task_c")
-    bare = write_model(tmp_path / "bare", {k.removeprefix("vision_model."): v for k, v in weights.items()}, FIXTURE / "task_c")
+    bare = write_model(
+        tmp_path / "bare",
+        {k.removeprefix("vision_model."): v for k, v in weights.items()},
+        FIXTURE / "task_c",
+    )
     pool = open_pool(fixture_pool[0], {"prefixed": str(FIXTURE / "task_c"), "bare": str(bare)})
     name = "vision_model.encoder.layers.1.mlp.fc1.weight"
     assert torch.equal(pool.models[0].read(name), pool.models[1].read(name))
@@ -126,12 +180,26 @@ def test_non_float_tensors_must_agree(tmp_path, fixture_pool):
     from clipship.merge import merge
 
     ids = torch.arange(17).unsqueeze(0)
-    pre = write_model(tmp_path / "pre", {**load_weights(FIXTURE / "pretrained"), "vision_model.embeddings.position_ids": ids}, FIXTURE / "pretrained")
-    a = write_model(tmp_path / "a", {**load_weights(FIXTURE / "task_a"), "vision_model.embeddings.position_ids": ids}, FIXTURE / "task_a")
-    b = write_model(tmp_path / "b", {**load_weights(FIXTURE / "task_b"), "vision_model.embeddings.position_ids": ids + 1}, FIXTURE / "task_b")
+    pre = write_model(
+        tmp_path / "pre",
+        {**load_weights(FIXTURE / "pretrained"), "vision_model.embeddings.position_ids": ids},
+        FIXTURE / "pretrained",
+    )
+    a = write_model(
+        tmp_path / "a",
+        {**load_weights(FIXTURE / "task_a"), "vision_model.embeddings.position_ids": ids},
+        FIXTURE / "task_a",
+    )
+    b = write_model(
+        tmp_path / "b",
+        {**load_weights(FIXTURE / "task_b"), "vision_model.embeddings.position_ids": ids + 1},
+        FIXTURE / "task_b",
+    )
     merge(str(pre), {"a": str(a)}, "task_arithmetic", tmp_path / "ok")
     assert torch.equal(load_weights(tmp_path / "ok")["vision_model.embeddings.position_ids"], ids)
-    with pytest.raises(PoolMismatchError, match="non-float tensor vision_model.embeddings.position_ids differs"):
+    with pytest.raises(
+        PoolMismatchError, match="non-float tensor vision_model.embeddings.position_ids differs"
+    ):
         merge(str(pre), {"a": str(a), "b": str(b)}, "task_arithmetic", tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
 
@@ -140,8 +208,19 @@ def test_vision_only_pretrained_needs_vision_only_output(tmp_path):
     from clipship.merge import merge
 
     with pytest.raises(PoolMismatchError, match="pass --vision-only"):
-        merge(str(FIXTURE / "task_a"), {"b": str(FIXTURE / "task_b")}, "task_arithmetic", tmp_path / "x")
-    merge(str(FIXTURE / "task_a"), {"b": str(FIXTURE / "task_b")}, "task_arithmetic", tmp_path / "y", vision_only=True)
+        merge(
+            str(FIXTURE / "task_a"),
+            {"b": str(FIXTURE / "task_b")},
+            "task_arithmetic",
+            tmp_path / "x",
+        )
+    merge(
+        str(FIXTURE / "task_a"),
+        {"b": str(FIXTURE / "task_b")},
+        "task_arithmetic",
+        tmp_path / "y",
+        vision_only=True,
+    )
     assert (tmp_path / "y/model.safetensors").exists()
 
 

@@ -39,9 +39,18 @@ def trim(task_vectors: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
     return task_vectors.mul_(task_vectors.abs() >= bounds)
 
 
-def disjoint_merge(trimmed: torch.Tensor, majority_sign: float, merge_func: str) -> torch.Tensor:
-    """Elect each entry's sign, combine the entries that agree with it (consumes ``trimmed``)."""
-    sign = torch.sign(trimmed.sum(dim=0))
+def elected_sign(trimmed: torch.Tensor) -> torch.Tensor:
+    """sign(Σ_t trimmed_t): +1, −1, or 0 where the sum is exactly 0."""
+    return torch.sign(trimmed.sum(dim=0))
+
+
+def disjoint_merge(
+    trimmed: torch.Tensor, sign: torch.Tensor, majority_sign: float, merge_func: str
+) -> torch.Tensor:
+    """Combine the entries that agree with the elected sign (consumes ``trimmed`` and ``sign``).
+
+    Zero signs become ``majority_sign`` first, as in FusionBench.
+    """
     sign[sign == 0] = majority_sign
     if majority_sign == 0:  # zero signs remain: FusionBench's rule verbatim (keeps negatives)
         selected = trimmed * torch.where(sign > 0, trimmed > 0, trimmed < 0)
@@ -90,12 +99,17 @@ def ties(
 ) -> tuple[torch.Tensor, int, bool]:
     """Merge one piece; also returns its elected-sign total and whether it used the majority."""
     trimmed = trim(inputs.task_vector_matrix(), thresholds)
-    total = trimmed.sum(dim=0)
-    signs = torch.sign(total)
-    # Only entries whose trimmed sum is exactly 0 but not all zero depend on the majority sign.
-    depends = bool(((signs == 0) & (trimmed != 0).any(dim=0)).any())
-    merged = disjoint_merge(trimmed, majority_sign, merge_func)
-    return inputs.pretrained + scaling_factor * merged, int(signs.sum()), depends
+    sign = elected_sign(trimmed)
+    unsettled = sign == 0
+    tally = int(sign.sum())
+    if majority_sign == 0:
+        depends = bool((unsettled & (trimmed != 0).any(dim=0)).any())
+    merged = disjoint_merge(trimmed, sign, majority_sign, merge_func)
+    if majority_sign != 0:
+        # With a ±1 majority, an exactly-zero sum merges to non-zero only if it had entries
+        # of both signs: exactly the entries whose value depends on the majority sign.
+        depends = bool((unsettled & (merged != 0)).any())
+    return inputs.pretrained + scaling_factor * merged, tally, depends
 
 
 def settle_majority(tallies: list[int]) -> dict:
