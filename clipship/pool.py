@@ -230,19 +230,36 @@ def resolve_folder(source: str, allow_pickle: bool = False) -> tuple[Path, str |
     if not _REPO_ID.match(repo_id) or repo_id.startswith((".", "~")):
         raise SourceNotFoundError(f"{source}: no such folder")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
     patterns = HUB_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except LocalEntryNotFoundError:
-        raise SourceNotFoundError(
-            f"{source}: no such folder, and not in the local Hub cache (offline or unreachable Hub)"
-        ) from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        # Older huggingface_hub releases refuse a pinned commit offline even when it is cached.
+        folder = cached_snapshot(repo_id, revision)
+        if folder is None:
+            raise SourceNotFoundError(
+                f"{source}: no such folder, and not in the local Hub cache "
+                "(offline or unreachable Hub)"
+            ) from None
     except (HfHubHTTPError, OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SourceNotFoundError(f"{source}: no such folder, and the Hub says: {reason}") from None
     return folder, repo_id, folder.name
+
+
+def cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """The cached snapshot of ``repo_id`` at ``revision`` (a branch, tag or commit), if any."""
+    from huggingface_hub import constants
+
+    repo = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    commit = revision or "main"
+    ref = repo / "refs" / commit
+    if ref.is_file():
+        commit = ref.read_text().strip()
+    snapshot = repo / "snapshots" / commit
+    return snapshot if (snapshot / "config.json").is_file() else None
 
 
 def open_checkpoint(folder: Path, source: str, allow_pickle: bool) -> Checkpoint | PickleCheckpoint:
