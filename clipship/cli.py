@@ -279,6 +279,159 @@ def info(
     Console().print(grid)
 
 
+TasksOpt = Annotated[
+    str | None,
+    typer.Option("--tasks", help="'all' (the eight tasks) or comma-separated task names."),
+]
+TaskpoolOpt = Annotated[Path | None, typer.Option("--taskpool", help="FusionBench taskpool YAML.")]
+CustomOpt = Annotated[
+    list[str] | None, typer.Option("--task", help="Custom ImageFolder task NAME=PATH; repeat.")
+]
+ClassnamesOpt = Annotated[
+    Path | None, typer.Option("--classnames", help="Custom tasks: one class name per line.")
+]
+TemplatesOpt = Annotated[
+    Path | None, typer.Option("--templates", help="Custom tasks: one template per line, with {c}.")
+]
+
+
+@app.command()
+def heads(
+    model: Annotated[str, typer.Argument(help="Pretrained CLIPModel folder or hub id.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (written atomically).")],
+    tasks: TasksOpt = "all",
+    taskpool: TaskpoolOpt = None,
+    task: CustomOpt = None,
+    classnames: ClassnamesOpt = None,
+    templates: TemplatesOpt = None,
+    device: Annotated[str, typer.Option("--device", help="cuda, cpu or auto.")] = "auto",
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Rebuild even if cached.")] = False,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Build the zero-shot text heads (text_heads.safetensors + text_heads.json)."""
+
+    def call():
+        from clipship.eval import build_heads, save_heads, select_tasks
+        from clipship.eval.evaluate import pick_device
+        from clipship.outputs import check_target
+
+        check_target(out, force)
+        chosen = select_tasks(tasks, taskpool, task, classnames, templates)
+        table, meta = build_heads(model, chosen, device=pick_device(device), use_cache=not no_cache)
+        save_heads(out, table, meta, force)
+        return {name: list(head.shape) for name, head in table.items()}
+
+    shapes = _run(call)
+    if json_out:
+        print(json.dumps({"out": str(out), "heads": shapes}, indent=2))
+    else:
+        sizes = ", ".join(f"{k} {v[0]}×{v[1]}" for k, v in shapes.items())
+        print(f"{len(shapes)} heads → {out}/ ({sizes})")
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[
+        str | None, typer.Argument(help="Merged folder, task encoder or hub id.")
+    ] = None,
+    pool: PoolOpt = None,
+    pretrained: PretrainedOpt = None,
+    tasks: TasksOpt = None,
+    taskpool: TaskpoolOpt = None,
+    task: CustomOpt = None,
+    classnames: ClassnamesOpt = None,
+    templates: TemplatesOpt = None,
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="Local data: DIR/<task>.")
+    ] = None,
+    heads_dir: Annotated[
+        Path | None, typer.Option("--heads", help="Heads from `clipship heads`.")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="cuda, cpu or auto.")] = "auto",
+    precision: Annotated[
+        str, typer.Option("--precision", help="fp32, fp16 or bf16 (autocast).")
+    ] = "fp32",
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 128,
+    limit: Annotated[
+        int | None, typer.Option("--limit", help="First N test images per task.")
+    ] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="DataLoader workers.")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    skip_bad_images: Annotated[bool, typer.Option("--skip-bad-images")] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the JSON report here.")] = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Zero-shot accuracy and loss per task, in FusionBench's report shape."""
+
+    def call():
+        from clipship.eval import evaluate, evaluate_pool, select_tasks
+        from clipship.outputs import check_target
+
+        if out is not None:
+            check_target(out, force)
+        chosen = select_tasks(tasks, taskpool, task, classnames, templates, data_dir)
+        options = dict(
+            heads=heads_dir,
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+            limit=limit,
+            workers=workers,
+            seed=seed,
+            skip_bad_images=skip_bad_images,
+            quiet=quiet,
+        )
+        if pool is not None:
+            if model or pretrained:
+                raise SourceNotFoundError("give either MODEL or --pool, not both")
+            base, models = _pool_sources(pool, None, None)
+            return evaluate_pool(base, models, chosen, **options), True
+        if not model:
+            raise SourceNotFoundError(
+                "no model: give MODEL (a folder or hub id) or --pool POOL.yaml"
+            )
+        return evaluate(model, chosen, pretrained=pretrained, **options), False
+
+    report, is_pool = _run(call)
+    if out is not None:
+        from clipship.outputs import write_text_atomic
+
+        write_text_atomic(out, json.dumps(report, indent=2) + "\n")
+    if json_out:
+        print(json.dumps(report, indent=2))
+    elif not quiet:
+        _print_report(report, is_pool)
+
+
+def _print_report(report: dict, is_pool: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if is_pool:
+        names = [k for k in next(iter(report.values())) if k not in ("average", "model_info")]
+        grid = Table("model", *names, "average", title="zero-shot accuracy (%)")
+        for model, rep in report.items():
+            grid.add_row(
+                model,
+                *(f"{100 * rep[t]['accuracy']:.1f}" for t in names),
+                f"{100 * rep['average']['accuracy']:.1f}",
+            )
+    else:
+        grid = Table("task", "accuracy (%)", "loss", "images")
+        for name, row in report.items():
+            if name in ("average", "model_info"):
+                continue
+            grid.add_row(
+                name, f"{100 * row['accuracy']:.2f}", f"{row['loss']:.4f}", str(row["samples"])
+            )
+        avg = report["average"]
+        grid.add_row("average", f"{100 * avg['accuracy']:.2f}", f"{avg['loss']:.4f}", "")
+    Console().print(grid)
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo pool and merge.")] = Path(

@@ -1,0 +1,276 @@
+"""Test images: where they come from, and how they become pixel values.
+
+Sources: a hub dataset through ``datasets.load_dataset`` (the normal path), or a local copy in
+the formats users have — a ``save_to_disk`` folder, parquet files with image/label columns (what
+hub datasets are), or an ImageFolder tree (``class_x/img.png``).
+
+Preprocessing reproduces the pretrained ``CLIPImageProcessor`` (PIL backend) bit for bit: RGB,
+PIL bicubic resize of the uint8 image (shortest edge), center crop, then rescale and normalise.
+DataLoader workers do the decode/resize/crop to uint8; rescale + normalise is a per-channel
+lookup table applied to whole batches on the device, with the processor's exact float32 values.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clipship.errors import ClipshipError
+from clipship.eval.tasks import Task
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class DataError(ClipshipError):
+    """A dataset that cannot be read, lacks the expected columns, or has a bad label or image."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The image side of a CLIP processor: resize, center crop, rescale, normalise."""
+
+    shortest_edge: int | None
+    size_hw: tuple[int, int] | None
+    crop_hw: tuple[int, int] | None
+    rescale_factor: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resample: int = 3  # PIL bicubic
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Preprocess:
+        size = config.get("size", {"shortest_edge": 224})
+        if isinstance(size, int):
+            size = {"shortest_edge": size}
+        crop = config.get("crop_size", size) if config.get("do_center_crop", True) else None
+        if isinstance(crop, int):
+            crop = {"height": crop, "width": crop}
+        return cls(
+            shortest_edge=size.get("shortest_edge") if config.get("do_resize", True) else None,
+            size_hw=(size["height"], size["width"])
+            if "height" in size and config.get("do_resize", True)
+            else None,
+            crop_hw=(crop["height"], crop["width"]) if crop and "height" in crop else None,
+            rescale_factor=float(config.get("rescale_factor", 1 / 255))
+            if config.get("do_rescale", True)
+            else 1.0,
+            mean=tuple(config.get("image_mean", (0.0, 0.0, 0.0)))
+            if config.get("do_normalize", True)
+            else (0.0, 0.0, 0.0),
+            std=tuple(config.get("image_std", (1.0, 1.0, 1.0)))
+            if config.get("do_normalize", True)
+            else (1.0, 1.0, 1.0),
+            resample=int(config.get("resample", 3)),
+        )
+
+    @classmethod
+    def from_pretrained(cls, folder: Path) -> Preprocess:
+        folder = Path(folder)
+        for name in ("preprocessor_config.json", "processor_config.json"):
+            path = folder / name
+            if path.is_file():
+                config = json.loads(path.read_text())
+                return cls.from_config(config.get("image_processor", config))
+        raise DataError(f"{folder}: no preprocessor_config.json or processor_config.json")
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "shortest_edge": self.shortest_edge,
+            "size": self.size_hw,
+            "crop": self.crop_hw,
+            "rescale_factor": self.rescale_factor,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "resample": "bicubic" if self.resample == 3 else self.resample,
+        }
+
+    def to_uint8(self, image: Any) -> np.ndarray:
+        """A PIL image → the resized, center-cropped uint8 array [3, H, W]."""
+        image = image.convert("RGB")
+        if self.size_hw is not None:
+            image = image.resize((self.size_hw[1], self.size_hw[0]), resample=self.resample)
+        elif self.shortest_edge is not None:
+            w, h = image.size
+            short, long = (w, h) if w <= h else (h, w)
+            new_long = int(self.shortest_edge * long / short)
+            new_w, new_h = (
+                (self.shortest_edge, new_long) if w <= h else (new_long, self.shortest_edge)
+            )
+            if (new_w, new_h) != (w, h):
+                image = image.resize((new_w, new_h), resample=self.resample)
+        array = np.asarray(image, dtype=np.uint8)
+        if self.crop_hw is not None:
+            array = center_crop(array, *self.crop_hw)
+        return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+    def lookup_table(self) -> torch.Tensor:
+        """[3, 256] float32: the processor's exact value for every channel and uint8 level."""
+        levels = (np.arange(256, dtype=np.float64) * self.rescale_factor).astype(np.float32)
+        mean = np.asarray(self.mean, dtype=np.float32)[:, None]
+        std = np.asarray(self.std, dtype=np.float32)[:, None]
+        return torch.from_numpy((levels[None, :] - mean) / std)
+
+    def normalize(self, batch: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, H, W] → float32 pixel values, on whatever device ``batch`` is."""
+        index = batch.long() + torch.arange(3, device=batch.device).view(1, 3, 1, 1) * 256
+        return table.reshape(-1)[index]
+
+
+def center_crop(array: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Crop [H, W, C] to the center (zero-padding first if the image is smaller)."""
+    h, w = array.shape[:2]
+    if h < height or w < width:
+        padded = np.zeros((max(h, height), max(w, width), array.shape[2]), dtype=array.dtype)
+        top, left = (padded.shape[0] - h) // 2, (padded.shape[1] - w) // 2
+        padded[top : top + h, left : left + w] = array
+        array, h, w = padded, padded.shape[0], padded.shape[1]
+    top, left = (h - height) // 2, (w - width) // 2
+    return array[top : top + height, left : left + width]
+
+
+class ImageSource:
+    """Random access to (image, label) pairs of one task's test split."""
+
+    def __init__(self, task: Task):
+        self.task = task
+        self.where = task.data or (task.dataset or {}).get("path") or task.name
+        self._rows: Any = None
+        self._files: list[tuple[Path, int]] | None = None
+        self.image_column, self.label_column = "image", "label"
+        if task.dataset:
+            self.image_column = task.dataset.get("image_column", "image")
+            self.label_column = task.dataset.get("label_column", "label")
+        self._open()
+
+    def _open(self) -> None:
+        task = self.task
+        if task.data is not None:
+            path = Path(task.data)
+            if not path.exists():
+                raise DataError(f"task {task.name}: no data at {path}")
+            if path.is_dir() and (
+                (path / "state.json").exists() or (path / "dataset_dict.json").exists()
+            ):
+                from datasets import load_from_disk
+
+                rows = load_from_disk(str(path))
+                self._rows = rows["test"] if hasattr(rows, "keys") else rows
+            elif path.suffix == ".parquet" or (path.is_dir() and any(path.rglob("*.parquet"))):
+                self._rows = _read_parquet(path)
+            elif path.is_dir():
+                self._files = _image_folder(path, task)
+                return
+            else:
+                raise DataError(
+                    f"task {task.name}: {path} is not a dataset folder, parquet file or ImageFolder"
+                )
+        else:
+            if not task.dataset:
+                raise DataError(
+                    f"task {task.name}: no dataset source; give its data with --data-dir or --task"
+                )
+            from datasets import load_dataset
+
+            spec = task.dataset
+            try:
+                self._rows = load_dataset(
+                    spec["path"], spec.get("name"), split=spec.get("split", "test")
+                )
+            except Exception as e:  # datasets raises many types for missing or unreachable data
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise DataError(f"task {task.name}: cannot load {spec['path']} ({first})") from None
+        columns = set(self._rows.column_names)
+        missing = [c for c in (self.image_column, self.label_column) if c not in columns]
+        if missing:
+            raise DataError(
+                f"task {task.name}: {self.where} has no {missing[0]!r} column "
+                f"(columns: {', '.join(sorted(columns))})"
+            )
+
+    def __len__(self) -> int:
+        return len(self._files) if self._files is not None else len(self._rows)
+
+    def load(self, index: int) -> tuple[Any, int]:
+        from PIL import Image
+
+        if self._files is not None:
+            path, label = self._files[index]
+            return Image.open(path), label
+        row = self._rows[index]
+        image, label = row[self.image_column], row[self.label_column]
+        if isinstance(image, dict):
+            image = (
+                Image.open(io.BytesIO(image["bytes"]))
+                if image.get("bytes")
+                else Image.open(image["path"])
+            )
+        elif isinstance(image, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(image))
+        elif isinstance(image, str):
+            image = Image.open(image)
+        return image, int(label)
+
+
+def _read_parquet(path: Path) -> Any:
+    from datasets import Dataset
+
+    files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
+    tests = [f for f in files if "test" in f.name]
+    chosen = tests or files
+    return Dataset.from_parquet([str(f) for f in chosen])
+
+
+def _image_folder(path: Path, task: Task) -> list[tuple[Path, int]]:
+    """``class_x/img.png`` files in sorted order; classes in sorted folder order."""
+    classes = sorted(p for p in path.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"task {task.name}: {path} has no class folders")
+    if len(classes) != len(task.classnames):
+        raise DataError(
+            f"task {task.name}: {path} has {len(classes)} class folders, the task has "
+            f"{len(task.classnames)} classes"
+        )
+    files = []
+    for label, folder in enumerate(classes):
+        files += [
+            (f, label) for f in sorted(folder.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES
+        ]
+    return files
+
+
+class TaskImages(torch.utils.data.Dataset):
+    """What DataLoader workers produce: (uint8 [3, H, W] or an error, label, index)."""
+
+    def __init__(self, source: ImageSource, preprocess: Preprocess, limit: int | None = None):
+        self.source, self.preprocess = source, preprocess
+        self.length = len(source) if limit is None else min(limit, len(source))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[Any, int, int]:
+        try:
+            image, label = self.source.load(index)
+            return torch.from_numpy(self.preprocess.to_uint8(image)), label, index
+        except (
+            Exception
+        ) as e:  # a corrupt image: reported (or skipped) by the caller with its index
+            return f"{type(e).__name__}: {e}", -1, index
+
+
+def collate(
+    items: list[tuple[Any, int, int]],
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, str]]]:
+    good = [(x, label) for x, label, _ in items if isinstance(x, torch.Tensor)]
+    bad = [(index, x) for x, _, index in items if not isinstance(x, torch.Tensor)]
+    if not good:
+        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), bad
+    images = torch.stack([x for x, _ in good])
+    labels = torch.tensor([label for _, label in good], dtype=torch.long)
+    return images, labels, bad

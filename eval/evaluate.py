@@ -1,0 +1,275 @@
+"""Zero-shot evaluation of a (merged) CLIP vision encoder, FusionBench's protocol (SPEC §3).
+
+logits = exp(logit_scale) · normalised(visual_projection(pooler_output)) @ headᵀ, with the heads,
+the projection and the logit scale taken from the pretrained CLIPModel. Per task: ``accuracy``
+(correct / total) and ``loss``, the per-sample mean cross-entropy. FusionBench instead averages
+per-batch means without weighting, so its figure depends on the batch size; that variant is
+reported too, as ``loss_batch_mean``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clipship.errors import ClipshipError, PoolMismatchError
+from clipship.eval.data import DataError, ImageSource, Preprocess, TaskImages, collate
+from clipship.eval.heads import build_heads, check_heads, load_heads
+from clipship.eval.tasks import Task
+from clipship.pool import load_model, resolve_folder
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ClipshipError("--device cuda: no CUDA GPU is available (use --device cpu or auto)")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ClipshipError(f"--device {device}: choose cuda, cpu or auto")
+    return device
+
+
+class ZeroShotModel(torch.nn.Module):
+    """The evaluated vision tower plus the pretrained projection, logit scale and text heads."""
+
+    def __init__(self, vision: Any, projection: torch.nn.Module, logit_scale: torch.Tensor):
+        super().__init__()
+        self.vision, self.projection = vision, projection
+        self.register_buffer("scale", logit_scale.detach().exp().float())
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        pooled = self.vision(pixel_values=pixel_values)[1]
+        embeds = self.projection(pooled).float()
+        return embeds / embeds.norm(p=2, dim=-1, keepdim=True)
+
+    def logits(self, embeds: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        # FusionBench's operation order, (head @ imgᵀ)·scale then transpose: bit-equal logits.
+        return (head @ embeds.T * self.scale).T
+
+
+def load_zero_shot(
+    model: str, pretrained: str | None, device: str
+) -> tuple[ZeroShotModel, Path, dict]:
+    """(model on device, pretrained folder, model_info) for a merged folder, encoder or hub id."""
+    from transformers import CLIPModel, CLIPVisionModel
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    checked = load_model("model", model)  # headers only: refuses folders without a vision tower
+    checked.checkpoint.close()
+    if pretrained is None:
+        if not checked.has_text_tower:
+            raise PoolMismatchError(
+                f"{model} is a vision-only model: pass --pretrained with the CLIPModel "
+                "it was fine-tuned from"
+            )
+        pretrained_folder = checked.folder
+    else:
+        pretrained_folder = resolve_folder(pretrained)[0]
+    clip = CLIPModel.from_pretrained(pretrained_folder)
+    vision = CLIPVisionModel.from_pretrained(checked.folder)
+    zero_shot = ZeroShotModel(vision, clip.visual_projection, clip.logit_scale).to(device).eval()
+    n = sum(p.numel() for p in vision.parameters())
+    info = {"trainable_params": n, "all_params": n, "trainable_percentage": 1.0}
+    return zero_shot, pretrained_folder, info
+
+
+def evaluate(
+    model: str,
+    tasks: list[Task],
+    *,
+    pretrained: str | None = None,
+    heads: Path | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    batch_size: int = 128,
+    limit: int | None = None,
+    workers: int | None = None,
+    seed: int = 0,
+    skip_bad_images: bool = False,
+    quiet: bool = True,
+) -> dict[str, Any]:
+    """FusionBench's report shape: ``{task: {accuracy, loss}, "average", "model_info"}``.
+
+    >>> evaluate("merged/", get_tasks("all"), device="cuda")   # doctest: +SKIP
+    """
+    if precision not in PRECISIONS:
+        raise ClipshipError(f"--precision {precision}: choose fp32, fp16 or bf16")
+    if batch_size < 1 or (limit is not None and limit < 1):
+        raise ClipshipError("--batch-size and --limit must be positive")
+    device = pick_device(device)
+    if precision == "fp16" and device == "cpu":
+        raise ClipshipError("--precision fp16 needs a GPU (use bf16 or fp32 on CPU)")
+    torch.manual_seed(seed)
+    zero_shot, pretrained_folder, info = load_zero_shot(model, pretrained, device)
+    if heads is not None:
+        head_table, meta = load_heads(heads)
+        check_heads(meta, pretrained_folder)
+        absent = [t.name for t in tasks if t.name not in head_table]
+        if absent:
+            raise ClipshipError(f"{heads}: no head for task {absent[0]!r}")
+    else:
+        head_table, _ = build_heads(pretrained_folder, tasks)
+    preprocess = Preprocess.from_pretrained(pretrained_folder)
+    report: dict[str, Any] = {}
+    for task in tasks:
+        report[task.name] = evaluate_task(
+            zero_shot,
+            task,
+            head_table[task.name],
+            preprocess,
+            device,
+            precision,
+            batch_size,
+            limit,
+            workers,
+            skip_bad_images,
+            quiet,
+        )
+    report["average"] = {
+        key: sum(report[t.name][key] for t in tasks) / len(tasks) for key in ("accuracy", "loss")
+    }
+    report["model_info"] = info
+    return report
+
+
+@torch.no_grad()
+def evaluate_task(
+    zero_shot: ZeroShotModel,
+    task: Task,
+    head: torch.Tensor,
+    preprocess: Preprocess,
+    device: str,
+    precision: str,
+    batch_size: int,
+    limit: int | None,
+    workers: int | None,
+    skip_bad_images: bool,
+    quiet: bool,
+) -> dict[str, Any]:
+    source = ImageSource(task)
+    images = TaskImages(source, preprocess, limit)
+    if workers is None:
+        workers = min(8, max(0, (torch.get_num_threads() or 1) - 1)) if len(images) > 256 else 0
+    loader = torch.utils.data.DataLoader(
+        images,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=device.startswith("cuda"),
+        persistent_workers=False,
+    )
+    table = preprocess.lookup_table().to(device)
+    head = head.to(device)
+    classes = head.shape[0]
+    correct, loss_sum, seen, skipped = 0, 0.0, 0, []
+    batch_means: list[float] = []
+    autocast = torch.autocast(
+        device.split(":")[0], dtype=PRECISIONS[precision], enabled=precision != "fp32"
+    )
+    started = time.perf_counter()
+    with _progress(task.name, len(images), quiet) as advance:
+        for batch, labels, bad in loader:
+            for index, message in bad:
+                if not skip_bad_images:
+                    raise DataError(
+                        f"task {task.name}: image {index} cannot be read ({message}); "
+                        "pass --skip-bad-images to skip it"
+                    )
+                skipped.append(index)
+            if not len(labels):
+                continue
+            if int(labels.min()) < 0 or int(labels.max()) >= classes:
+                label = int(labels.max()) if int(labels.max()) >= classes else int(labels.min())
+                raise DataError(f"task {task.name}: label {label} is outside the {classes} classes")
+            pixels = preprocess.normalize(batch.to(device, non_blocking=True), table)
+            with autocast:
+                embeds = zero_shot.embed(pixels)
+            logits = zero_shot.logits(embeds.float(), head)
+            labels = labels.to(device)
+            correct += int((logits.argmax(dim=1) == labels).sum())
+            losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+            loss_sum += float(losses.double().sum())
+            batch_means.append(float(torch.nn.functional.cross_entropy(logits, labels)))
+            seen += len(labels)
+            advance(len(labels) + len(bad))
+    if seen == 0:
+        raise DataError(f"task {task.name}: no images were evaluated")
+    seconds = time.perf_counter() - started
+    return {
+        "accuracy": correct / seen,
+        "loss": loss_sum / seen,
+        "loss_batch_mean": sum(batch_means) / len(batch_means),
+        "samples": seen,
+        "skipped": skipped,
+        "images_per_second": round(seen / seconds, 1) if seconds > 0 else math.inf,
+    }
+
+
+class _progress:
+    """A rich progress bar with images/s for one task (terminal only)."""
+
+    def __init__(self, name: str, total: int, quiet: bool):
+        self.bar = None
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        if not quiet and console.is_terminal:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TaskProgressColumn,
+                TextColumn,
+            )
+
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TaskProgressColumn(),
+                TextColumn("{task.fields[rate]}"),
+                console=console,
+                transient=False,
+            )
+            self.task = self.bar.add_task(name, total=total, rate="")
+        self.start = time.perf_counter()
+        self.done = 0
+
+    def __enter__(self):
+        if self.bar:
+            self.bar.start()
+
+        def advance(n: int) -> None:
+            self.done += n
+            if self.bar:
+                rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+                self.bar.update(self.task, advance=n, rate=f"{rate:,.0f} img/s")
+
+        return advance
+
+    def __exit__(self, kind: object, *exc: object) -> None:
+        if self.bar:
+            if kind is not None:
+                self.bar.live.transient = True
+            self.bar.stop()
+
+
+def evaluate_pool(
+    pretrained: str, models: dict[str, str], tasks: list[Task], **options: Any
+) -> dict[str, dict[str, Any]]:
+    """One report per pool member: the pretrained model first, then each fine-tuned model."""
+    from clipship.pool import PRETRAINED
+
+    members = {PRETRAINED: pretrained, **models}  # heads are built once, then cached
+    return {
+        name: evaluate(source, tasks, pretrained=pretrained, **options)
+        for name, source in members.items()
+    }

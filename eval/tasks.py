@@ -1,0 +1,172 @@
+"""Zero-shot classification tasks as data: class names, prompt templates, and where the test set is.
+
+The built-in tasks (``tasks.json``, package data) are FusionBench's eight-task benchmark plus its
+other CLIP tasks, with its exact class names and templates (``{c}`` is the class-name
+placeholder). Custom tasks come from an ImageFolder with your own class names and templates.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from clipship.errors import ClipshipError
+
+DEFAULT_TEMPLATES = ("a photo of a {c}.",)
+PLACEHOLDER = "{c}"
+
+
+class TaskError(ClipshipError):
+    """An unknown task, or a task definition that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One classification task: what to call each class and how to prompt for it."""
+
+    name: str
+    classnames: tuple[str, ...]
+    templates: tuple[str, ...]
+    dataset: dict[str, Any] | None = None  # hub source: path, name, split, columns, size
+    data: str | None = None  # a local copy (folder or file), when given
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def prompts(self, classname: str) -> list[str]:
+        return [template.replace(PLACEHOLDER, classname) for template in self.templates]
+
+
+@cache
+def _builtin() -> dict[str, Any]:
+    text = resources.files("clipship.eval").joinpath("tasks.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def builtin_tasks() -> dict[str, Task]:
+    """Every built-in task by FusionBench's name (``sun397``, ``stanford-cars``, ...)."""
+    return {
+        name: Task(name, tuple(t["classnames"]), tuple(t["templates"]), t.get("dataset"))
+        for name, t in _builtin()["tasks"].items()
+    }
+
+
+def standard_tasks() -> list[str]:
+    """The eight-task benchmark, in FusionBench's order."""
+    return list(_builtin()["standard"])
+
+
+def get_tasks(names: str | list[str]) -> list[Task]:
+    """``"all"`` (the eight standard tasks), a comma-separated string, or a list of names."""
+    if isinstance(names, str):
+        names = standard_tasks() if names == "all" else [n for n in names.split(",") if n]
+    table = builtin_tasks()
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise TaskError(f"unknown task {unknown[0]!r} (known: {', '.join(table)})")
+    return [table[n] for n in names]
+
+
+def read_taskpool_yaml(path: Path) -> list[str]:
+    """Task names from a FusionBench taskpool YAML (``clip-vit-classification_TA8`` shape)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise TaskError(f"{path}: no such task pool file") from None
+    except yaml.YAMLError as e:
+        raise TaskError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    names: list[str] = []
+    for item in (data or {}).get("defaults", []) or []:
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if str(key).endswith("@test_datasets"):
+                    names += list(value) if isinstance(value, list) else [value]
+    datasets = (data or {}).get("test_datasets")
+    if isinstance(datasets, dict):
+        names += [n for n in datasets if n not in names]
+    if not names:
+        raise TaskError(f"{path}: no test_datasets in this task pool")
+    return names
+
+
+def read_lines(path: Path, what: str) -> tuple[str, ...]:
+    try:
+        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    except FileNotFoundError:
+        raise TaskError(f"{path}: no such {what} file") from None
+    lines = [line for line in lines if line and not line.startswith("#")]
+    if not lines:
+        raise TaskError(f"{path}: no {what} in the file")
+    return tuple(lines)
+
+
+def custom_task(
+    name: str, data: str, classnames: Path | None = None, templates: Path | None = None
+) -> Task:
+    """A task on your own ImageFolder: class names default to the folder names (``_`` → space),
+    templates to ``a photo of a {c}.``."""
+    if classnames is not None:
+        names = read_lines(classnames, "class names")
+    else:
+        folder = Path(data)
+        if not folder.is_dir():
+            raise TaskError(
+                f"task {name}: {data} is not a folder (give --classnames for other data)"
+            )
+        names = tuple(p.name.replace("_", " ") for p in sorted(folder.iterdir()) if p.is_dir())
+        if not names:
+            raise TaskError(f"task {name}: {data} has no class folders")
+    chosen = read_lines(templates, "templates") if templates is not None else DEFAULT_TEMPLATES
+    for template in chosen:
+        if PLACEHOLDER not in template:
+            raise TaskError(f"template {template!r} has no {PLACEHOLDER} placeholder")
+    return Task(name, names, chosen, None, str(data))
+
+
+def with_local_data(tasks: list[Task], data_dir: Path | None) -> list[Task]:
+    """Point each task at ``data_dir/<task>`` when that exists."""
+    if data_dir is None:
+        return tasks
+    if not Path(data_dir).is_dir():
+        raise TaskError(f"--data-dir {data_dir}: no such folder")
+    out = []
+    for task in tasks:
+        local = Path(data_dir) / task.name
+        out.append(replace(task, data=str(local)) if local.exists() and task.data is None else task)
+    return out
+
+
+def select_tasks(
+    names: str | None = None,
+    taskpool: Path | None = None,
+    custom: list[str] | None = None,
+    classnames: Path | None = None,
+    templates: Path | None = None,
+    data_dir: Path | None = None,
+) -> list[Task]:
+    """The tasks a command runs on: built-in names (or a FusionBench task pool) plus custom
+    ``NAME=PATH`` ImageFolder tasks; ``data_dir/<task>`` replaces a hub source when present."""
+    chosen: list[Task] = []
+    if taskpool is not None:
+        chosen += get_tasks(read_taskpool_yaml(taskpool))
+    if names:
+        chosen += get_tasks(names)
+    for item in custom or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise TaskError(f"--task {item!r}: expected NAME=PATH")
+        chosen.append(custom_task(name, path, classnames, templates))
+    if not chosen:
+        raise TaskError(
+            "no tasks: give --tasks all (or names), --taskpool FILE or --task NAME=PATH"
+        )
+    seen: set[str] = set()
+    for task in chosen:
+        if task.name in seen:
+            raise TaskError(f"task {task.name!r} is given twice")
+        seen.add(task.name)
+    return with_local_data(chosen, data_dir)
