@@ -61,6 +61,7 @@ def load_zero_shot(
     from transformers.utils import logging
 
     logging.set_verbosity_error()
+    logging.disable_progress_bar()
     checked = load_model("model", model)  # headers only: refuses folders without a vision tower
     checked.checkpoint.close()
     if pretrained is None:

@@ -170,6 +170,7 @@ def load_clip(folder: Path, device: str, dtype: torch.dtype = torch.float32) -> 
     from transformers.utils import logging
 
     logging.set_verbosity_error()
+    logging.disable_progress_bar()
     model = CLIPModel.from_pretrained(folder, dtype=dtype).to(device).eval()
     return model, CLIPTokenizer.from_pretrained(folder)
 
