@@ -149,6 +149,10 @@ class ImageSource:
         self._open()
 
     def _open(self) -> None:
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
         task = self.task
         if task.data is not None:
             path = Path(task.data)
