@@ -433,6 +433,76 @@ def _print_report(report: dict, is_pool: bool) -> None:
 
 
 @app.command()
+def finetune(
+    pretrained: Annotated[str, typer.Argument(help="Pretrained CLIPModel folder or hub id.")],
+    out: Annotated[Path, typer.Option("--out", help="Output CLIPVisionModel folder.")],
+    tasks: Annotated[
+        str | None, typer.Option("--tasks", help="The built-in task to tune for.")
+    ] = None,
+    task: CustomOpt = None,
+    classnames: ClassnamesOpt = None,
+    templates: TemplatesOpt = None,
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="Local data: DIR/<task>.")
+    ] = None,
+    steps: Annotated[int, typer.Option("--steps")] = 4000,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    lr: Annotated[float, typer.Option("--lr")] = 1e-5,
+    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.0,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: Annotated[str, typer.Option("--device", help="cuda, cpu or auto.")] = "auto",
+    precision: Annotated[
+        str, typer.Option("--precision", help="fp32, fp16 or bf16 (AMP).")
+    ] = "fp32",
+    workers: Annotated[int, typer.Option("--workers", help="DataLoader workers.")] = 0,
+    checkpoint_every: Annotated[
+        int, typer.Option("--checkpoint-every", help="Steps; 0 = never.")
+    ] = 500,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the last checkpoint.")
+    ] = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Fine-tune a task encoder (vision tower only, frozen zero-shot head as classifier)."""
+
+    def call():
+        from clipship.eval import select_tasks
+        from clipship.eval.finetune import finetune as run
+        from clipship.eval.tasks import TaskError
+
+        chosen = select_tasks(tasks, None, task, classnames, templates, data_dir)
+        if len(chosen) != 1:
+            raise TaskError(
+                "finetune tunes one task at a time: give one --tasks NAME or --task NAME=PATH"
+            )
+        return run(
+            pretrained,
+            chosen[0],
+            out,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            seed=seed,
+            device=device,
+            precision=precision,
+            workers=workers,
+            checkpoint_every=checkpoint_every,
+            resume=resume,
+            force=force,
+            quiet=quiet or json_out,
+        )
+
+    result = _run(call)
+    if json_out:
+        print(json.dumps(result, indent=2))
+    elif not quiet:
+        print(f"fine-tuned {result['task']} for {result['steps']} steps → {result['out']}/")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the demo pool and merge.")] = Path(
         "demo_out"

@@ -137,8 +137,8 @@ def center_crop(array: np.ndarray, height: int, width: int) -> np.ndarray:
 class ImageSource:
     """Random access to (image, label) pairs of one task's test split."""
 
-    def __init__(self, task: Task):
-        self.task = task
+    def __init__(self, task: Task, split: str = "test"):
+        self.task, self.split = task, split
         self.where = task.data or (task.dataset or {}).get("path") or task.name
         self._rows: Any = None
         self._files: list[tuple[Path, int]] | None = None
@@ -164,9 +164,13 @@ class ImageSource:
                 from datasets import load_from_disk
 
                 rows = load_from_disk(str(path))
-                self._rows = rows["test"] if hasattr(rows, "keys") else rows
+                if hasattr(rows, "keys"):
+                    if self.split not in rows:
+                        raise DataError(f"task {task.name}: {path} has no {self.split!r} split")
+                    rows = rows[self.split]
+                self._rows = rows
             elif path.suffix == ".parquet" or (path.is_dir() and any(path.rglob("*.parquet"))):
-                self._rows = _read_parquet(path)
+                self._rows = _read_parquet(path, self.split)
             elif path.is_dir():
                 self._files = _image_folder(path, task)
                 return
@@ -183,9 +187,8 @@ class ImageSource:
 
             spec = task.dataset
             try:
-                self._rows = load_dataset(
-                    spec["path"], spec.get("name"), split=spec.get("split", "test")
-                )
+                split = spec.get("split", "test") if self.split == "test" else self.split
+                self._rows = load_dataset(spec["path"], spec.get("name"), split=split)
             except Exception as e:  # datasets raises many types for missing or unreachable data
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise DataError(f"task {task.name}: cannot load {spec['path']} ({first})") from None
@@ -221,12 +224,14 @@ class ImageSource:
         return image, int(label)
 
 
-def _read_parquet(path: Path) -> Any:
+def _read_parquet(path: Path, split: str) -> Any:
+    """One split of parquet data: the files named after it (``test-00000-of-00001.parquet``),
+    or every file when none is."""
     from datasets import Dataset
 
     files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
-    tests = [f for f in files if "test" in f.name]
-    chosen = tests or files
+    named = [f for f in files if f.name.startswith(f"{split}-") or f.parent.name == split]
+    chosen = named or files
     return Dataset.from_parquet([str(f) for f in chosen])
 
 

@@ -1,0 +1,127 @@
+"""`clipship finetune`: learns from real digits, resumes exactly, and its output merges."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import clipship.eval.finetune as finetune_module
+from clipship.cli import app
+from clipship.eval import evaluate, get_tasks
+from clipship.eval.finetune import finetune
+
+from .test_eval import PRETRAINED
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIPSHIP_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """scikit-learn's real 8×8 digits: 400 to train on, 297 held out, as parquet splits."""
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = np.rint(data.images * 255 / 16).astype(np.uint8)
+    order = np.random.default_rng(0).permutation(len(images))
+    root = tmp_path_factory.mktemp("digits") / "mnist"
+    root.mkdir()
+    features = Features({"image": ImageFeature(), "label": ClassLabel(num_classes=10)})
+    for split, index in (("train", order[:400]), ("test", order[1500:])):
+        rows = {
+            "image": [Image.fromarray(images[i]) for i in index],
+            "label": data.target[index].tolist(),
+        }
+        Dataset.from_dict(rows, features=features).to_parquet(
+            str(root / f"{split}-00000-of-00001.parquet")
+        )
+    return root
+
+
+def test_finetuning_raises_accuracy_and_the_result_merges(digits, tmp_path):
+    task = replace(get_tasks("mnist")[0], data=str(digits))
+    before = evaluate(str(PRETRAINED), [task])["mnist"]["accuracy"]
+    result = runner.invoke(
+        app,
+        [
+            "finetune",
+            str(PRETRAINED),
+            "--tasks",
+            "mnist",
+            "--data-dir",
+            str(digits.parent),
+            "--steps",
+            "150",
+            "--lr",
+            "1e-3",
+            "--out",
+            str(tmp_path / "mnist"),
+            "--quiet",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    after = evaluate(str(tmp_path / "mnist"), [task], pretrained=str(PRETRAINED))["mnist"][
+        "accuracy"
+    ]
+    assert before < 0.2 and after > before + 0.5, (before, after)
+    merged = runner.invoke(
+        app,
+        [
+            "merge",
+            "--pretrained",
+            str(PRETRAINED),
+            "--model",
+            f"mnist={tmp_path / 'mnist'}",
+            "--method",
+            "task_arithmetic",
+            "--lambda",
+            "1",
+            "--out",
+            str(tmp_path / "merged"),
+            "--quiet",
+        ],
+    )
+    assert merged.exit_code == 0, merged.output
+    again = evaluate(str(tmp_path / "merged"), [task])["mnist"]["accuracy"]
+    assert again == pytest.approx(after, abs=0.01)
+
+
+def test_resume_ends_with_the_same_weights(digits, tmp_path, monkeypatch):
+    task = replace(get_tasks("mnist")[0], data=str(digits))
+    options = dict(steps=6, batch_size=16, lr=1e-3, checkpoint_every=3)
+    finetune(str(PRETRAINED), task, tmp_path / "straight", **options)
+    assert not (tmp_path / "straight.checkpoints").exists()
+
+    real_save = finetune_module._save_checkpoint
+
+    def save_then_stop(*args):
+        real_save(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune_module, "_save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(str(PRETRAINED), task, tmp_path / "resumed", **options)
+    assert (
+        not (tmp_path / "resumed").exists() and (tmp_path / "resumed.checkpoints/step-3").is_dir()
+    )
+    monkeypatch.setattr(finetune_module, "_save_checkpoint", real_save)
+    result = finetune(str(PRETRAINED), task, tmp_path / "resumed", resume=True, **options)
+    assert result["resumed_from"] == 3
+    assert (tmp_path / "resumed/model.safetensors").read_bytes() == (
+        tmp_path / "straight/model.safetensors"
+    ).read_bytes()
+
+
+def test_finetune_needs_exactly_one_task(tmp_path):
+    result = runner.invoke(
+        app, ["finetune", str(PRETRAINED), "--tasks", "mnist,svhn", "--out", str(tmp_path / "x")]
+    )
+    assert result.exit_code == 1 and "one task at a time" in result.stderr
