@@ -396,6 +396,10 @@ def eval_(
         return evaluate(model, chosen, pretrained=pretrained, **options), False
 
     report, is_pool = _run(call)
+    from clipship.eval.evaluate import distributed_rank
+
+    if distributed_rank()[0] != 0:  # under torchrun, rank 0 reports for everyone
+        return
     if out is not None:
         from clipship.outputs import write_text_atomic
 

@@ -275,11 +275,13 @@ class TaskImages(torch.utils.data.Dataset):
 
 def collate(
     items: list[tuple[Any, int, int]],
-) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, str]]]:
-    good = [(x, label) for x, label, _ in items if isinstance(x, torch.Tensor)]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, str]]]:
+    """(uint8 images, labels, their indices, [(index, error)] for images that failed)."""
+    good = [(x, label, index) for x, label, index in items if isinstance(x, torch.Tensor)]
     bad = [(index, x) for x, _, index in items if not isinstance(x, torch.Tensor)]
     if not good:
-        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), bad
-    images = torch.stack([x for x, _ in good])
-    labels = torch.tensor([label for _, label in good], dtype=torch.long)
-    return images, labels, bad
+        empty = torch.empty(0, dtype=torch.long)
+        return torch.empty(0, dtype=torch.uint8), empty, empty, bad
+    images = torch.stack([x for x, _, _ in good])
+    labels = torch.tensor([label for _, label, _ in good], dtype=torch.long)
+    return images, labels, torch.tensor([index for _, _, index in good]), bad

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from clipship.errors import ClipshipError, PoolMismatchError
 from clipship.eval.data import DataError, ImageSource, Preprocess, TaskImages, collate
@@ -104,7 +105,7 @@ def evaluate(
         raise ClipshipError(f"--precision {precision}: choose fp32, fp16 or bf16")
     if batch_size < 1 or (limit is not None and limit < 1):
         raise ClipshipError("--batch-size and --limit must be positive")
-    device = pick_device(device)
+    device = init_distributed(pick_device(device))
     if precision == "fp16" and device == "cpu":
         raise ClipshipError("--precision fp16 needs a GPU (use bf16 or fp32 on CPU)")
     torch.manual_seed(seed)
@@ -154,64 +155,111 @@ def evaluate_task(
     skip_bad_images: bool,
     quiet: bool,
 ) -> dict[str, Any]:
-    source = ImageSource(task)
-    images = TaskImages(source, preprocess, limit)
+    images = TaskImages(ImageSource(task), preprocess, limit)
+    rank, world = distributed_rank()
+    shard = (
+        torch.utils.data.Subset(images, range(rank, len(images), world)) if world > 1 else images
+    )
     if workers is None:
-        workers = min(8, max(0, (torch.get_num_threads() or 1) - 1)) if len(images) > 256 else 0
+        workers = min(8, max(0, (torch.get_num_threads() or 1) - 1)) if len(shard) > 256 else 0
     loader = torch.utils.data.DataLoader(
-        images,
+        shard,
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
         collate_fn=collate,
         pin_memory=device.startswith("cuda"),
-        persistent_workers=False,
     )
     table = preprocess.lookup_table().to(device)
     head = head.to(device)
     classes = head.shape[0]
-    correct, loss_sum, seen, skipped = 0, 0.0, 0, []
-    batch_means: list[float] = []
+    ids, losses, right, skipped = [], [], [], []
     autocast = torch.autocast(
         device.split(":")[0], dtype=PRECISIONS[precision], enabled=precision != "fp32"
     )
     started = time.perf_counter()
-    with _progress(task.name, len(images), quiet) as advance:
-        for batch, labels, bad in loader:
-            for index, message in bad:
+    with _progress(task.name, len(shard), quiet or rank > 0) as advance:
+        for batch, labels, index, bad in loader:
+            for position, message in bad:
                 if not skip_bad_images:
                     raise DataError(
-                        f"task {task.name}: image {index} cannot be read ({message}); "
+                        f"task {task.name}: image {position} cannot be read ({message}); "
                         "pass --skip-bad-images to skip it"
                     )
-                skipped.append(index)
-            if not len(labels):
-                continue
-            if int(labels.min()) < 0 or int(labels.max()) >= classes:
-                label = int(labels.max()) if int(labels.max()) >= classes else int(labels.min())
-                raise DataError(f"task {task.name}: label {label} is outside the {classes} classes")
-            pixels = preprocess.normalize(batch.to(device, non_blocking=True), table)
-            with autocast:
-                embeds = zero_shot.embed(pixels)
-            logits = zero_shot.logits(embeds.float(), head)
-            labels = labels.to(device)
-            correct += int((logits.argmax(dim=1) == labels).sum())
-            losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
-            loss_sum += float(losses.double().sum())
-            batch_means.append(float(torch.nn.functional.cross_entropy(logits, labels)))
-            seen += len(labels)
+                skipped.append(position)
+            if len(labels):
+                if int(labels.min()) < 0 or int(labels.max()) >= classes:
+                    label = int(labels.max()) if int(labels.max()) >= classes else int(labels.min())
+                    raise DataError(
+                        f"task {task.name}: label {label} is outside the {classes} classes"
+                    )
+                pixels = preprocess.normalize(batch.to(device, non_blocking=True), table)
+                with autocast:
+                    embeds = zero_shot.embed(pixels)
+                logits = zero_shot.logits(embeds.float(), head)
+                labels = labels.to(device)
+                losses.append(F.cross_entropy(logits, labels, reduction="none").cpu())
+                right.append((logits.argmax(dim=1) == labels).cpu())
+                ids.append(index)
             advance(len(labels) + len(bad))
-    if seen == 0:
-        raise DataError(f"task {task.name}: no images were evaluated")
     seconds = time.perf_counter() - started
+    parts = (_cat(ids, torch.long), _cat(losses, torch.float32), _cat(right, torch.bool), skipped)
+    index, loss, correct, skipped = _gather(parts) if world > 1 else parts
+    if len(index) == 0:
+        raise DataError(f"task {task.name}: no images were evaluated")
+    order = torch.argsort(index)
+    index, loss, correct = index[order], loss[order], correct[order]
+    # FusionBench's figure: the mean of per-batch means, batches as one process forms them.
+    batch_of = index // batch_size
+    batch_means = [float(loss[batch_of == b].mean()) for b in torch.unique(batch_of).tolist()]
     return {
-        "accuracy": correct / seen,
-        "loss": loss_sum / seen,
+        "accuracy": int(correct.sum()) / len(index),
+        "loss": float(loss.double().sum()) / len(index),
         "loss_batch_mean": sum(batch_means) / len(batch_means),
-        "samples": seen,
-        "skipped": skipped,
-        "images_per_second": round(seen / seconds, 1) if seconds > 0 else math.inf,
+        "samples": len(index),
+        "skipped": sorted(skipped),
+        "images_per_second": round(len(index) / seconds, 1) if seconds > 0 else math.inf,
     }
+
+
+def _cat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.empty(0, dtype=dtype)
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) when launched by torchrun / accelerate, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str) -> str:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); returns this rank's device."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    cuda = device.startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else device
+
+
+def _gather(parts: tuple) -> tuple:
+    """Every rank's (indices, losses, correct, skipped), concatenated, on every rank."""
+    import torch.distributed as dist
+
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, parts)
+    return (
+        torch.cat([p[0] for p in everyone]),
+        torch.cat([p[1] for p in everyone]),
+        torch.cat([p[2] for p in everyone]),
+        [i for p in everyone for i in p[3]],
+    )
 
 
 class _progress:

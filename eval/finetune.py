@@ -163,7 +163,7 @@ def finetune(
         pin_memory=device.startswith("cuda"),
     )
     step = start
-    for batch, labels, bad in loader:
+    for batch, labels, _, bad in loader:
         if bad:
             index, message = bad[0]
             raise DataError(f"task {task.name}: training image {index} cannot be read ({message})")

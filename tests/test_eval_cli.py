@@ -276,3 +276,55 @@ def names_file(tmp_path):
     path = tmp_path / "digit_names.txt"
     path.write_text("".join(f"{i}\n" for i in range(10)))
     return path
+
+
+def test_two_processes_under_torchrun_give_the_one_process_report(data, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    base = [
+        "eval",
+        MNIST,
+        "--pretrained",
+        PRETRAINED,
+        "--tasks",
+        "mnist",
+        "--data-dir",
+        data["data_dir"],
+        "--batch-size",
+        "24",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--quiet",
+    ]
+    single = cli(*base, "--json")
+    assert single.exit_code == 0, single.output
+    env = {**os.environ, "CLIPSHIP_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "clipship.cli",
+            *map(str, base),
+            "--out",
+            str(tmp_path / "report.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    ours = json.loads((tmp_path / "report.json").read_text())["mnist"]
+    theirs = json.loads(single.stdout)["mnist"]
+    assert ours["samples"] == theirs["samples"] == 64 and ours["accuracy"] == theirs["accuracy"]
+    for key in ("loss", "loss_batch_mean"):
+        assert ours[key] == pytest.approx(theirs[key], abs=1e-6)
