@@ -149,10 +149,6 @@ class ImageSource:
         self._open()
 
     def _open(self) -> None:
-        import datasets
-
-        datasets.disable_progress_bars()
-        datasets.logging.set_verbosity_error()
         task = self.task
         if task.data is not None:
             path = Path(task.data)
@@ -161,7 +157,7 @@ class ImageSource:
             if path.is_dir() and (
                 (path / "state.json").exists() or (path / "dataset_dict.json").exists()
             ):
-                from datasets import load_from_disk
+                load_from_disk = _datasets().load_from_disk
 
                 rows = load_from_disk(str(path))
                 if hasattr(rows, "keys"):
@@ -183,7 +179,7 @@ class ImageSource:
                 raise DataError(
                     f"task {task.name}: no dataset source; give its data with --data-dir or --task"
                 )
-            from datasets import load_dataset
+            load_dataset = _datasets().load_dataset
 
             spec = task.dataset
             try:
@@ -224,11 +220,19 @@ class ImageSource:
         return image, int(label)
 
 
+def _datasets():
+    """The ``datasets`` library, quiet (ImageFolder data never needs it)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    return datasets
+
+
 def _read_parquet(path: Path, split: str) -> Any:
     """One split of parquet data: the files named after it (``test-00000-of-00001.parquet``),
     or every file when none is."""
-    from datasets import Dataset
-
+    Dataset = _datasets().Dataset
     files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
     named = [f for f in files if f.name.startswith(f"{split}-") or f.parent.name == split]
     chosen = named or files
