@@ -212,3 +212,18 @@ def test_taskpool_yaml(tmp_path):
         "processor: openai/clip-vit-base-patch32\nclip_model: openai/clip-vit-base-patch32\n"
     )
     assert read_taskpool_yaml(pool) == standard_tasks()
+
+
+def test_hub_style_sources_go_through_load_dataset(digits):
+    """A task's dataset source is read with datasets.load_dataset (here a local repo folder)."""
+    task = replace(
+        get_tasks("mnist")[0],
+        dataset={
+            "path": str(digits["parquet"]),
+            "split": "test",
+            "image_column": "image",
+            "label_column": "label",
+        },
+    )
+    report = evaluate(str(MNIST), [task], pretrained=str(PRETRAINED))
+    assert report["mnist"]["samples"] == 64 and report["mnist"]["accuracy"] == 0.0625
