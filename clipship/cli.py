@@ -290,6 +290,9 @@ CustomOpt = Annotated[
 ClassnamesOpt = Annotated[
     Path | None, typer.Option("--classnames", help="Custom tasks: one class name per line.")
 ]
+TaskfileOpt = Annotated[
+    Path | None, typer.Option("--taskfile", help="JSON task file (e.g. the mini-benchmark's).")
+]
 TemplatesOpt = Annotated[
     Path | None, typer.Option("--templates", help="Custom tasks: one template per line, with {c}.")
 ]
@@ -345,6 +348,7 @@ def eval_(
     data_dir: Annotated[
         Path | None, typer.Option("--data-dir", help="Local data: DIR/<task>.")
     ] = None,
+    taskfile: TaskfileOpt = None,
     heads_dir: Annotated[
         Path | None, typer.Option("--heads", help="Heads from `clipship heads`.")
     ] = None,
@@ -372,7 +376,7 @@ def eval_(
 
         if out is not None:
             check_target(out, force)
-        chosen = select_tasks(tasks, taskpool, task, classnames, templates, data_dir)
+        chosen = select_tasks(tasks, taskpool, task, classnames, templates, data_dir, taskfile)
         options = dict(
             heads=heads_dir,
             device=device,

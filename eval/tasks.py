@@ -140,6 +140,26 @@ def with_local_data(tasks: list[Task], data_dir: Path | None) -> list[Task]:
     return out
 
 
+def read_taskfile(path: Path) -> list[Task]:
+    """Tasks from a JSON task file: ``{"tasks": {name: {classnames, templates, data?}}}``;
+    ``data`` paths are relative to the file (the mini-benchmark writes one)."""
+    try:
+        spec = json.loads(Path(path).read_text())["tasks"]
+    except FileNotFoundError:
+        raise TaskError(f"{path}: no such task file") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise TaskError(f"{path}: not a task file (expected {{'tasks': {{name: ...}}}})") from None
+    tasks = []
+    for name, t in spec.items():
+        data = t.get("data")
+        if data is not None and not Path(data).is_absolute():
+            data = str(Path(path).parent / data)
+        tasks.append(
+            Task(name, tuple(t["classnames"]), tuple(t["templates"]), t.get("dataset"), data)
+        )
+    return tasks
+
+
 def select_tasks(
     names: str | None = None,
     taskpool: Path | None = None,
@@ -147,13 +167,21 @@ def select_tasks(
     classnames: Path | None = None,
     templates: Path | None = None,
     data_dir: Path | None = None,
+    taskfile: Path | None = None,
 ) -> list[Task]:
-    """The tasks a command runs on: built-in names (or a FusionBench task pool) plus custom
-    ``NAME=PATH`` ImageFolder tasks; ``data_dir/<task>`` replaces a hub source when present."""
+    """The tasks a command runs on: built-in names (or a FusionBench task pool, or a task file)
+    plus custom ``NAME=PATH`` ImageFolder tasks; ``data_dir/<task>`` replaces a hub source."""
     chosen: list[Task] = []
     if taskpool is not None:
         chosen += get_tasks(read_taskpool_yaml(taskpool))
-    if names:
+    if taskfile is not None:
+        listed = read_taskfile(taskfile)
+        wanted = [n for n in (names or "").split(",") if n and n != "all"]
+        unknown = [n for n in wanted if n not in {t.name for t in listed}]
+        if unknown:
+            raise TaskError(f"unknown task {unknown[0]!r} in {taskfile}")
+        chosen += [t for t in listed if not wanted or t.name in wanted]
+    elif names:
         chosen += get_tasks(names)
     for item in custom or []:
         name, sep, path = item.partition("=")

@@ -1,0 +1,1 @@
+"""The offline mini-benchmark: a real, CPU-sized miniature of the eight-task setup."""

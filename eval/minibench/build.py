@@ -1,0 +1,377 @@
+"""`clipship minibench build`: a complete, real, CPU-sized pool of the eight-task kind.
+
+Four (five with Debian's Fashion-MNIST) real image tasks, a tiny CLIP with the real CLIP BPE
+tokenizer pretrained contrastively on a small labelled slice of each task (so zero-shot accuracy
+is above chance but far from solved, like ``openai/clip-vit-base-patch32`` on the eight tasks),
+and one task encoder per task fine-tuned with ``clipship finetune``. The output is what the real
+benchmark looks like on disk: ``pretrained/`` (CLIPModel + tokenizer + processor), one
+CLIPVisionModel folder per task, parquet test/train data with ``image``/``label`` columns, a
+FusionBench-shaped ``pool.yaml`` and a ``tasks.json`` that ``clipship eval --taskfile`` reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clipship.eval.heads import cache_dir
+from clipship.eval.minibench import sources
+from clipship.eval.tasks import Task
+from clipship.outputs import atomic_folder, library_versions
+
+RECIPE_VERSION = 1
+IMAGE_SIZE = 32
+CONTEXT = 32
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much data and training a build uses."""
+
+    name: str
+    train_cap: int | None  # images per task for fine-tuning (None: all)
+    test_cap: int | None
+    pretrain_per_class: int
+    pretrain_steps: int
+    finetune_steps: int
+    finetune_lr: float = 1e-4
+
+
+BUDGETS = {
+    "smoke": Budget("smoke", 300, 150, 12, 60, 25, 3e-4),
+    "full": Budget("full", None, None, 40, 900, 400, 1e-4),
+}
+
+VISION = {
+    "image_size": IMAGE_SIZE,
+    "patch_size": 4,
+    "hidden_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "intermediate_size": 256,
+    "projection_dim": 64,
+    "hidden_act": "quick_gelu",
+}
+TEXT = {
+    "vocab_size": 49408,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 256,
+    "max_position_embeddings": CONTEXT,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 49407,
+    "projection_dim": 64,
+    "hidden_act": "quick_gelu",
+}
+
+
+def task_definitions() -> dict[str, dict[str, Any]]:
+    text = resources.files("clipship.eval.minibench").joinpath("tasks.json").read_text("utf-8")
+    return json.loads(text)["tasks"]
+
+
+def stratified_split(
+    labels: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for label in np.unique(labels):
+        index = rng.permutation(np.flatnonzero(labels == label))
+        cut = int(round(len(index) * test_fraction))
+        test.append(index[:cut])
+        train.append(index[cut:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def texture_patches(seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """32×32 patches (stride 16) of each texture: left half → train, right half → test."""
+    out: dict[str, list] = {"train": [[], []], "test": [[], []]}
+    for label, (_, photo) in enumerate(sorted(sources.skimage_textures().items())):
+        for split, (lo, hi) in (("train", (0, 256)), ("test", (256, 512))):
+            for top in range(0, photo.shape[0] - 32 + 1, 16):
+                for left in range(lo, hi - 32 + 1, 16):
+                    out[split][0].append(photo[top : top + 32, left : left + 32])
+                    out[split][1].append(label)
+    return {k: (np.stack(v[0]), np.array(v[1])) for k, v in out.items()}
+
+
+def load_task_data(seed: int) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Every available task as {split: (uint8 images [N, H, W], labels)}."""
+    data: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    sets = {
+        "mnist": sources.mnist_5k(),
+        "animals": sources.animal_mnist(),
+        "digits": sources.sklearn_digits(),
+    }
+    fashion = sources.fashion_mnist()
+    if fashion is not None:
+        sets["fashion"] = fashion
+    for name, (images, labels) in sets.items():
+        train, test = stratified_split(labels, 0.3 if name == "digits" else 0.2, seed)
+        data[name] = {"train": (images[train], labels[train]), "test": (images[test], labels[test])}
+    data["textures"] = texture_patches(seed)
+    return data
+
+
+def cap(
+    images: np.ndarray, labels: np.ndarray, limit: int | None, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``limit`` images, keeping every class (a seeded stratified subset)."""
+    if limit is None or len(labels) <= limit:
+        return images, labels
+    keep, _ = stratified_split(labels, 1 - limit / len(labels), seed)
+    return images[keep], labels[keep]
+
+
+def write_parquet(
+    path: Path, images: np.ndarray, labels: np.ndarray, classnames: list[str]
+) -> None:
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
+    from PIL import Image
+
+    from clipship.eval.data import _datasets
+
+    _datasets()
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=classnames)})
+    rows = {"image": [Image.fromarray(x) for x in images], "label": labels.tolist()}
+    Dataset.from_dict(rows, features=features).to_parquet(str(path))
+
+
+def write_tokenizer(folder: Path) -> None:
+    """The CLIP BPE tokenizer (49,408 ids) built from open_clip's merges file."""
+    from transformers import CLIPTokenizer
+
+    from clipship.synthetic import _bytes_to_unicode
+
+    lines = sources.clip_bpe()
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    chars = _bytes_to_unicode()
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(
+        json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False)
+    )
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=CONTEXT)
+    tokenizer.save_pretrained(folder)
+
+
+def pretrain(folder: Path, tasks: list[Task], data: dict, budget: Budget, seed: int, log) -> None:
+    """A tiny CLIPModel trained with a CLIP loss on (image, prompt) pairs of a labelled slice."""
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+    )
+
+    from clipship.eval.data import Preprocess
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=64)
+    model = CLIPModel(config)
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    preprocess = Preprocess.from_config(processor.to_dict())
+    table = preprocess.lookup_table()
+    from PIL import Image
+
+    pixels, targets = [], []
+    classes: list[tuple[str, str]] = []  # one entry per (task, class)
+    for task in tasks:
+        images, labels = data[task.name]["train"]
+        images, labels = cap(images, labels, budget.pretrain_per_class * len(task.classnames), seed)
+        batch = torch.stack(
+            [torch.from_numpy(preprocess.to_uint8(Image.fromarray(x))) for x in images]
+        )
+        pixels.append(preprocess.normalize(batch, table))
+        targets += [len(classes) + int(y) for y in labels]
+        classes += [(task.name, c) for c in task.classnames]
+    pixels_all, target = torch.cat(pixels), torch.tensor(targets)
+    prompts = [
+        [t.replace("{c}", c) for t in next(x for x in tasks if x.name == n).templates]
+        for n, c in classes
+    ]
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    model.train()
+    for step in range(budget.pretrain_steps):
+        index = torch.randint(len(target), (128,), generator=gen)
+        cls = target[index]
+        captions = [
+            prompts[c][int(torch.randint(len(prompts[c]), (1,), generator=gen))]
+            for c in cls.tolist()
+        ]
+        tokens = tokenizer(captions, padding=True, return_tensors="pt")
+        image = model.visual_projection(model.vision_model(pixel_values=pixels_all[index])[1])
+        text = model.text_projection(model.text_model(**tokens)[1])
+        image = image / image.norm(dim=-1, keepdim=True)
+        text = text / text.norm(dim=-1, keepdim=True)
+        logits = model.logit_scale.exp().clamp(max=100) * image @ text.T
+        same = (cls[:, None] == cls[None, :]).float()  # pairs of one class are all positives
+        loss = (
+            torch.sum(-same / same.sum(1, keepdim=True) * logits.log_softmax(1), 1).mean()
+            + torch.sum(-same / same.sum(0, keepdim=True) * logits.log_softmax(0), 0).mean()
+        ) / 2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % 100 == 0:
+            log(
+                f"pretraining step {step + 1}/{budget.pretrain_steps}, loss {float(loss.detach()):.3f}"
+            )
+    model.eval()
+    model.save_pretrained(folder)
+    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folder)
+
+
+def build_key(budget: Budget, seed: int) -> str:
+    spec = {
+        "recipe": RECIPE_VERSION,
+        "budget": budget.__dict__,
+        "seed": seed,
+        "vision": VISION,
+        "text": TEXT,
+        "tasks": task_definitions(),
+        "wheels": {k: w.sha256 for k, w in sources.WHEELS.items()},
+        "fashion": sources.fashion_mnist.__defaults__[0].is_dir(),  # type: ignore[index]
+        "versions": {k: v for k, v in library_versions().items() if k in ("torch", "transformers")},
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def build(
+    out: Path | None = None,
+    budget: str = "full",
+    seed: int = 0,
+    force: bool = False,
+    quiet: bool = True,
+) -> Path:
+    """Build (or reuse from the cache) the mini-benchmark pool; returns its folder."""
+    from clipship.eval.finetune import finetune
+
+    plan = BUDGETS[budget]
+    key = build_key(plan, seed)
+    cached = cache_dir() / "minibench" / f"{budget}-seed{seed}-{key[:12]}"
+
+    def log(message: str) -> None:
+        if not quiet:
+            print(message, flush=True)
+
+    if not (cached / "build.json").is_file() or force:
+        started = time.perf_counter()
+        defs = task_definitions()
+        log(f"building the {budget} mini-benchmark (seed {seed}) in {cached}")
+        data = load_task_data(seed)
+        with atomic_folder(cached, force=True) as tmp:
+            tasks = []
+            for name, split in data.items():
+                spec = defs[name]
+                (tmp / "data" / name).mkdir(parents=True)
+                for part, limit in (("train", plan.train_cap), ("test", plan.test_cap)):
+                    images, labels = cap(*split[part], limit, seed)
+                    write_parquet(
+                        tmp / "data" / name / f"{part}-00000-of-00001.parquet",
+                        images,
+                        labels,
+                        spec["classnames"],
+                    )
+                tasks.append(
+                    Task(
+                        name,
+                        tuple(spec["classnames"]),
+                        tuple(spec["templates"]),
+                        None,
+                        str(tmp / "data" / name),
+                    )
+                )
+            log(f"data: {', '.join(f'{t.name}' for t in tasks)}")
+            write_tokenizer(tmp / "pretrained")
+            pretrain(tmp / "pretrained", tasks, data, plan, seed, log)
+            for task in tasks:
+                log(f"fine-tuning the {task.name} encoder ({plan.finetune_steps} steps)")
+                finetune(
+                    str(tmp / "pretrained"),
+                    task,
+                    tmp / task.name,
+                    steps=plan.finetune_steps,
+                    batch_size=32,
+                    lr=plan.finetune_lr,
+                    seed=seed,
+                    device="cpu",
+                    checkpoint_every=0,
+                    quiet=True,
+                )
+            write_pool_files(tmp, tasks)
+            (tmp / "build.json").write_text(
+                json.dumps(
+                    {
+                        "key": key,
+                        "budget": plan.__dict__,
+                        "seed": seed,
+                        "seconds": round(time.perf_counter() - started, 1),
+                        "versions": library_versions(),
+                        "sha256": weight_hashes(tmp),
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
+        log(f"built in {time.perf_counter() - started:.0f}s")
+    if out is None or Path(out).resolve() == cached.resolve():
+        return cached
+    with atomic_folder(Path(out), force) as tmp:
+        shutil.copytree(cached, tmp, dirs_exist_ok=True)
+    return Path(out)
+
+
+def write_pool_files(folder: Path, tasks: list[Task]) -> None:
+    lines = [
+        "_target_: fusion_bench.modelpool.CLIPVisionModelPool",
+        "_recursive_: false",
+        "processor: pretrained",
+        "models:",
+        "  _pretrained_: pretrained",
+    ]
+    lines += [f"  {t.name}: {t.name}" for t in tasks]
+    (folder / "pool.yaml").write_text("\n".join(lines) + "\n")
+    spec = {
+        "tasks": {
+            t.name: {
+                "classnames": list(t.classnames),
+                "templates": list(t.templates),
+                "data": f"data/{t.name}",
+            }
+            for t in tasks
+        }
+    }
+    (folder / "tasks.json").write_text(json.dumps(spec, indent=1, ensure_ascii=False) + "\n")
+
+
+def weight_hashes(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): sources.sha256_file(p)
+        for p in sorted(folder.rglob("model.safetensors"))
+    }
+
+
+def pool_tasks(folder: Path) -> list[Task]:
+    from clipship.eval.tasks import read_taskfile
+
+    return read_taskfile(Path(folder) / "tasks.json")

@@ -1,0 +1,116 @@
+"""`clipship minibench run`: merge the pool with each method and tabulate zero-shot accuracy.
+
+Evaluates the pretrained model, every fine-tuned model on every task, and every merge, then
+writes the table in the shape of the merging papers' results tables (method × task, with the
+average) as ``results.md``, ``results.json`` and ``results.png``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from clipship.eval.evaluate import evaluate
+from clipship.eval.minibench.build import pool_tasks
+from clipship.outputs import write_text_atomic
+from clipship.pool import read_pool_yaml
+
+DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
+    "task_arithmetic": {"scaling_factor": 0.3},
+    "ties": {"scaling_factor": 0.3, "threshold": 20},
+}
+
+
+def run(
+    pool_dir: Path, methods: list[str], out: Path | None = None, quiet: bool = True
+) -> dict[str, Any]:
+    """Merge with every method, evaluate everything, write the tables; returns the results."""
+    from clipship.merge import merge
+
+    pool_dir = Path(pool_dir)
+    out = Path(out) if out else pool_dir / "results"
+    pretrained, models = read_pool_yaml(pool_dir / "pool.yaml")
+    tasks = pool_tasks(pool_dir)
+    names = [t.name for t in tasks]
+
+    def accuracy(model: str, pretrained_for: str | None = None) -> dict[str, float]:
+        report = evaluate(model, tasks, pretrained=pretrained_for, device="cpu", workers=0)
+        return {t: report[t]["accuracy"] for t in names}
+
+    def log(message: str) -> None:
+        if not quiet:
+            print(message, flush=True)
+
+    log("evaluating the pretrained model")
+    results: dict[str, Any] = {"tasks": names, "pretrained": accuracy(pretrained)}
+    results["finetuned"] = {}
+    for task, source in models.items():
+        log(f"evaluating the {task} encoder on every task")
+        results["finetuned"][task] = accuracy(source, pretrained)
+    results["individual"] = {
+        t: results["finetuned"][t][t] for t in names if t in results["finetuned"]
+    }
+    results["merged"] = {}
+    for method in methods:
+        log(f"merging with {method}")
+        folder = out / "merged" / method
+        merge(pretrained, models, method, folder, DEFAULT_PARAMS.get(method, {}), force=True)
+        results["merged"][method] = accuracy(str(folder))
+    results["chance"] = {t.name: 1 / len(t.classnames) for t in tasks}
+    write_tables(out, results)
+    return results
+
+
+def rows(results: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
+    table = [
+        ("Chance", results["chance"]),
+        ("Pretrained", results["pretrained"]),
+        ("Individual (fine-tuned)", results["individual"]),
+    ]
+    table += [(name, acc) for name, acc in results["merged"].items()]
+    return table
+
+
+def markdown(results: dict[str, Any]) -> str:
+    names = results["tasks"]
+    lines = ["| Method | " + " | ".join(names) + " | Avg. |", "|---" * (len(names) + 2) + "|"]
+    for label, acc in rows(results):
+        values = [100 * acc[t] for t in names]
+        cells = " | ".join(f"{v:.1f}" for v in values)
+        lines.append(f"| {label} | {cells} | {sum(values) / len(values):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(out: Path, results: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    write_text_atomic(out / "results.md", markdown(results))
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = results["tasks"]
+    table = rows(results)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(names), 4), dpi=110)
+    width = 0.8 / len(table)
+    for i, (label, acc) in enumerate(table):
+        ax.bar(
+            [j + i * width for j in range(len(names))],
+            [100 * acc[t] for t in names],
+            width,
+            label=label,
+        )
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names)
+    ax.set_ylabel("zero-shot accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7, ncols=2)
+    ax.set_title("clipship mini-benchmark")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": None})
+    plt.close(fig)
+    (out / "results.png").write_bytes(buffer.getvalue())
