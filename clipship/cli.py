@@ -26,6 +26,10 @@ app = typer.Typer(
 )
 analyze_app = typer.Typer(help="Analyses of a model pool.", no_args_is_help=True)
 app.add_typer(analyze_app, name="analyze")
+minibench_app = typer.Typer(
+    help="The offline mini-benchmark: real data, a tiny CLIP, task encoders.", no_args_is_help=True
+)
+app.add_typer(minibench_app, name="minibench")
 
 _debug = {"on": False}
 T = TypeVar("T")
@@ -510,17 +514,74 @@ def finetune(
         print(f"fine-tuned {result['task']} for {result['steps']} steps → {result['out']}/")
 
 
+BudgetOpt = Annotated[str, typer.Option("--budget", help="smoke (tests, < 1 min) or full (demo).")]
+
+
+@minibench_app.command("build")
+def minibench_build(
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Copy the pool here (default: cache).")
+    ] = None,
+    budget: BudgetOpt = "full",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Build (or reuse from the cache) the mini-benchmark pool."""
+
+    def call():
+        from clipship.eval.minibench.build import BUDGETS, build
+
+        if budget not in BUDGETS:
+            raise MethodError(f"--budget {budget}: choose {' or '.join(BUDGETS)}")
+        return build(out, budget, seed, force=force, quiet=quiet)
+
+    folder = _run(call)
+    print(folder)
+
+
+@minibench_app.command("run")
+def minibench_run(
+    methods: Annotated[
+        str, typer.Option("--methods", help="Comma-separated merge methods.")
+    ] = "task_arithmetic,ties",
+    pool_dir: Annotated[
+        Path | None, typer.Option("--pool-dir", help="A built pool (default: build).")
+    ] = None,
+    budget: BudgetOpt = "full",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    out: Annotated[Path | None, typer.Option("--out", help="Results folder.")] = None,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Merge the pool with each method, evaluate everything, write results.{md,json,png}."""
+
+    def call():
+        from clipship.eval.minibench.build import build
+        from clipship.eval.minibench.run import markdown, run
+        from clipship.merge import get_method
+
+        chosen = [m for m in methods.split(",") if m]
+        for method in chosen:
+            get_method(method)
+        folder = pool_dir or build(None, budget, seed, quiet=quiet)
+        results = run(folder, chosen, out, quiet=quiet)
+        return results, markdown(results)
+
+    results, table = _run(call)
+    print(json.dumps(results, indent=2) if json_out else table, end="" if not json_out else "\n")
+
+
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", help="Folder for the demo pool and merge.")] = Path(
-        "demo_out"
-    ),
+    out: Annotated[Path, typer.Option("--out", help="Folder for the results.")] = Path("demo_out"),
+    budget: BudgetOpt = "full",
     force: ForceOpt = False,
 ) -> None:
-    """Offline demo: build a small seeded pool, merge it with TIES, load the result."""
+    """Offline demo: build the mini-benchmark (cached), merge with TA and TIES, print the table."""
     from clipship.demo import run_demo
 
-    _run(lambda: run_demo(out, force=force))
+    _run(lambda: run_demo(out, budget=budget, force=force))
 
 
 def main() -> None:

@@ -48,7 +48,7 @@ class Budget:
 
 BUDGETS = {
     "smoke": Budget("smoke", 300, 150, 12, 60, 25, 3e-4),
-    "full": Budget("full", None, None, 40, 900, 400, 1e-4),
+    "full": Budget("full", None, None, 10, 300, 600, 3e-4),
 }
 
 VISION = {
@@ -204,23 +204,24 @@ def pretrain(folder: Path, tasks: list[Task], data: dict, budget: Budget, seed: 
         targets += [len(classes) + int(y) for y in labels]
         classes += [(task.name, c) for c in task.classnames]
     pixels_all, target = torch.cat(pixels), torch.tensor(targets)
-    prompts = [
-        [t.replace("{c}", c) for t in next(x for x in tasks if x.name == n).templates]
-        for n, c in classes
-    ]
+    templates = {t.name: t.templates for t in tasks}
+    captions = [(i, t.replace("{c}", c)) for i, (n, c) in enumerate(classes) for t in templates[n]]
+    caption_class = torch.tensor([i for i, _ in captions])
+    by_class = [torch.flatnonzero(caption_class == i) for i in range(len(classes))]
+    tokens = tokenizer([text for _, text in captions], padding=True, return_tensors="pt")
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     model.train()
     for step in range(budget.pretrain_steps):
         index = torch.randint(len(target), (128,), generator=gen)
         cls = target[index]
-        captions = [
-            prompts[c][int(torch.randint(len(prompts[c]), (1,), generator=gen))]
-            for c in cls.tolist()
-        ]
-        tokens = tokenizer(captions, padding=True, return_tensors="pt")
+        # Every distinct prompt is encoded once per step; each image takes one of its class's.
+        pick = torch.randint(1 << 30, (len(cls),), generator=gen).tolist()
+        chosen = torch.stack(
+            [by_class[c][p % len(by_class[c])] for c, p in zip(cls.tolist(), pick)]
+        )
         image = model.visual_projection(model.vision_model(pixel_values=pixels_all[index])[1])
-        text = model.text_projection(model.text_model(**tokens)[1])
+        text = model.text_projection(model.text_model(**tokens)[1])[chosen]
         image = image / image.norm(dim=-1, keepdim=True)
         text = text / text.norm(dim=-1, keepdim=True)
         logits = model.logit_scale.exp().clamp(max=100) * image @ text.T
@@ -233,9 +234,8 @@ def pretrain(folder: Path, tasks: list[Task], data: dict, budget: Budget, seed: 
         loss.backward()
         optimizer.step()
         if (step + 1) % 100 == 0:
-            log(
-                f"pretraining step {step + 1}/{budget.pretrain_steps}, loss {float(loss.detach()):.3f}"
-            )
+            value = float(loss.detach())
+            log(f"pretraining step {step + 1}/{budget.pretrain_steps}, loss {value:.3f}")
     model.eval()
     model.save_pretrained(folder)
     CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folder)

