@@ -48,7 +48,7 @@ class Budget:
 
 BUDGETS = {
     "smoke": Budget("smoke", 300, 150, 12, 60, 25, 3e-4),
-    "full": Budget("full", None, None, 10, 300, 600, 3e-4),
+    "full": Budget("full", None, None, 10, 300, 1500, 5e-4),
 }
 
 VISION = {
@@ -207,7 +207,7 @@ def pretrain(folder: Path, tasks: list[Task], data: dict, budget: Budget, seed: 
     templates = {t.name: t.templates for t in tasks}
     captions = [(i, t.replace("{c}", c)) for i, (n, c) in enumerate(classes) for t in templates[n]]
     caption_class = torch.tensor([i for i, _ in captions])
-    by_class = [torch.flatnonzero(caption_class == i) for i in range(len(classes))]
+    by_class = [torch.nonzero(caption_class == i).flatten() for i in range(len(classes))]
     tokens = tokenizer([text for _, text in captions], padding=True, return_tensors="pt")
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
