@@ -167,7 +167,12 @@ def clip_bpe() -> list[str]:
 
 def sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's bundled 8×8 digits (1797), scaled to uint8."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DownloadError(
+            "the digits task needs scikit-learn: pip install 'clipship[minibench]'"
+        ) from None
 
     data = load_digits()
     return np.rint(data.images * 255 / 16).astype(np.uint8), data.target.astype(np.int64)
@@ -175,7 +180,12 @@ def sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
 
 def skimage_textures() -> dict[str, np.ndarray]:
     """scikit-image's bundled brick, grass and gravel photos (512×512 grey)."""
-    from skimage import data
+    try:
+        from skimage import data
+    except ImportError:
+        raise DownloadError(
+            "the textures task needs scikit-image: pip install 'clipship[minibench]'"
+        ) from None
 
     return {name: getattr(data, name)() for name in ("brick", "grass", "gravel")}
 
