@@ -167,20 +167,15 @@ def write_processor(folder: Path, image_size: int) -> None:
 
 
 def _bytes_to_unicode() -> list[str]:
-    """GPT-2/CLIP's printable stand-in character for every byte, in byte order."""
+    """GPT-2/CLIP's stand-in character for every byte, in CLIP's vocabulary order: the printable
+    bytes as themselves first, then the others mapped to chr(256 + n) in byte order."""
     printable = [
         *range(ord("!"), ord("~") + 1),
         *range(ord("¡"), ord("¬") + 1),
         *range(ord("®"), ord("ÿ") + 1),
     ]
-    chars, extra = [], 0
-    for b in range(256):
-        if b in printable:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
+    others = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
 
 
 def build_pool(

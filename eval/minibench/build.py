@@ -28,7 +28,7 @@ from clipship.eval.minibench import sources
 from clipship.eval.tasks import Task
 from clipship.outputs import atomic_folder, library_versions
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # bump whenever the build changes what it produces
 IMAGE_SIZE = 32
 CONTEXT = 32
 
