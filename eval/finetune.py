@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,7 @@ def finetune(
     force: bool = False,
     quiet: bool = True,
     train_limit: int | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Tune the vision tower on ``task``'s train split; writes a CLIPVisionModel folder."""
     from safetensors.torch import load_file
@@ -181,6 +182,8 @@ def finetune(
         scaler.update()
         losses.append(float(loss.detach()))
         step += 1
+        if on_step is not None:
+            on_step(step)
         if checkpoint_every and step % checkpoint_every == 0 and step < steps:
             checkpoints.mkdir(parents=True, exist_ok=True)
             _save_checkpoint(checkpoints / f"step-{step}", vision, optimizer, step)

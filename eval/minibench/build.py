@@ -48,7 +48,7 @@ class Budget:
 
 BUDGETS = {
     "smoke": Budget("smoke", 300, 150, 12, 60, 25, 3e-4),
-    "full": Budget("full", None, None, 10, 300, 1500, 5e-4),
+    "full": Budget("full", None, None, 10, 150, 1500, 5e-4),
 }
 
 VISION = {
@@ -169,7 +169,9 @@ def write_tokenizer(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def pretrain(folder: Path, tasks: list[Task], data: dict, budget: Budget, seed: int, log) -> None:
+def pretrain(
+    folder: Path, tasks: list[Task], data: dict, budget: Budget, seed: int, log, tick=None
+) -> None:
     """A tiny CLIPModel trained with a CLIP loss on (image, prompt) pairs of a labelled slice."""
     from transformers import (
         CLIPConfig,
@@ -233,6 +235,8 @@ def pretrain(folder: Path, tasks: list[Task], data: dict, budget: Budget, seed: 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if tick is not None:
+            tick()
         if (step + 1) % 100 == 0:
             value = float(loss.detach())
             log(f"pretraining step {step + 1}/{budget.pretrain_steps}, loss {value:.3f}")
@@ -303,21 +307,24 @@ def build(
                 )
             log(f"data: {', '.join(f'{t.name}' for t in tasks)}")
             write_tokenizer(tmp / "pretrained")
-            pretrain(tmp / "pretrained", tasks, data, plan, seed, log)
-            for task in tasks:
-                log(f"fine-tuning the {task.name} encoder ({plan.finetune_steps} steps)")
-                finetune(
-                    str(tmp / "pretrained"),
-                    task,
-                    tmp / task.name,
-                    steps=plan.finetune_steps,
-                    batch_size=32,
-                    lr=plan.finetune_lr,
-                    seed=seed,
-                    device="cpu",
-                    checkpoint_every=0,
-                    quiet=True,
-                )
+            total = plan.pretrain_steps + len(tasks) * plan.finetune_steps
+            with _bar(total, quiet) as tick:
+                pretrain(tmp / "pretrained", tasks, data, plan, seed, log, tick)
+                for task in tasks:
+                    log(f"fine-tuning the {task.name} encoder ({plan.finetune_steps} steps)")
+                    finetune(
+                        str(tmp / "pretrained"),
+                        task,
+                        tmp / task.name,
+                        steps=plan.finetune_steps,
+                        batch_size=32,
+                        lr=plan.finetune_lr,
+                        seed=seed,
+                        device="cpu",
+                        checkpoint_every=0,
+                        quiet=True,
+                        on_step=lambda _: tick(),
+                    )
             write_pool_files(tmp, tasks)
             (tmp / "build.json").write_text(
                 json.dumps(
@@ -339,6 +346,36 @@ def build(
     with atomic_folder(Path(out), force) as tmp:
         shutil.copytree(cached, tmp, dirs_exist_ok=True)
     return Path(out)
+
+
+class _bar:
+    """One rich progress bar over every training step of the build (terminal only)."""
+
+    def __init__(self, total: int, quiet: bool):
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        self.bar = None
+        if not quiet and console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+            self.bar = Progress(
+                "building",
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=console,
+            )
+            self.task = self.bar.add_task("steps", total=total)
+
+    def __enter__(self):
+        if self.bar:
+            self.bar.start()
+        return lambda: self.bar.advance(self.task) if self.bar else None
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar:
+            self.bar.stop()
 
 
 def write_pool_files(folder: Path, tasks: list[Task]) -> None:
