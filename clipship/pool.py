@@ -42,6 +42,15 @@ ARCH_KEYS = (
     "intermediate_size",
     "num_channels",
 )
+# The files that make a folder's tokenizer (copied into merged models, hashed for heads).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 

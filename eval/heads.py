@@ -22,18 +22,11 @@ import torch
 from clipship.errors import CheckpointError, ClipshipError
 from clipship.eval.tasks import Task
 from clipship.outputs import atomic_folder, library_versions
+from clipship.pool import TOKENIZER_FILES
 from clipship.safetensors_io import Checkpoint
 
 HEADS_FILE = "text_heads.safetensors"
 HEADS_META = "text_heads.json"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-)
 
 
 class PromptTooLongError(ClipshipError):

@@ -23,7 +23,7 @@ import torch
 from clipship.errors import MethodError, PoolMismatchError, RecipeError
 from clipship.merge.registry import Method, TensorInputs, get_method
 from clipship.outputs import atomic_folder, check_target, library_versions
-from clipship.pool import Model, ModelPool, open_pool
+from clipship.pool import TOKENIZER_FILES, Model, ModelPool, open_pool
 from clipship.safetensors_io import Checkpoint, ShardedWriter, parse_size
 
 RECIPE_NAME = "clipship_recipe.json"
@@ -31,14 +31,6 @@ RECIPE_FORMAT = "clipship-recipe/1"
 CHUNK = 1 << 18  # elements per streamed piece (1 MiB of float32 per model)
 # Files of the pretrained folder that make the output a loadable CLIPModel (and processor).
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-)
 
 
 @dataclass

@@ -7,14 +7,13 @@ names as header row and first column) and a heatmap PNG beside it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from clipship.errors import MethodError
 from clipship.merge.engine import iter_inputs
-from clipship.outputs import check_target
+from clipship.outputs import check_target, write_bytes_atomic
 from clipship.pool import ModelPool, open_pool
 
 CSV_NAME = "task_vector_cos_similarity.csv"
@@ -35,7 +34,7 @@ def cosine_similarity_matrix(pool: ModelPool) -> torch.Tensor:
 def write_csv(path: Path, names: list[str], matrix: torch.Tensor) -> None:
     rows = ["," + ",".join(names)]
     rows += [name + "," + ",".join(repr(float(v)) for v in row) for name, row in zip(names, matrix)]
-    _write_atomic(path, ("\n".join(rows) + "\n").encode())
+    write_bytes_atomic(path, ("\n".join(rows) + "\n").encode())
 
 
 def write_heatmap(path: Path, names: list[str], matrix: torch.Tensor) -> None:
@@ -70,16 +69,7 @@ def write_heatmap(path: Path, names: list[str], matrix: torch.Tensor) -> None:
     # No timestamp or software version in the file, so reruns give the same bytes.
     fig.savefig(buffer, format="png", metadata={"Software": None})
     plt.close(fig)
-    _write_atomic(path, buffer.getvalue())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def analyze_similarity(

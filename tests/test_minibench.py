@@ -128,3 +128,29 @@ def test_building_twice_gives_identical_weights(smoke, tmp_path, monkeypatch):
     first = json.loads((folder / "build.json").read_text())["sha256"]
     second = json.loads((again / "build.json").read_text())["sha256"]
     assert first == second and len(first) == 5
+
+
+def test_eval_reads_the_pool_task_file(smoke):
+    from typer.testing import CliRunner
+
+    from clipship.cli import app
+
+    folder, cache = smoke
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            str(folder / "mnist"),
+            "--pretrained",
+            str(folder / "pretrained"),
+            "--taskfile",
+            str(folder / "tasks.json"),
+            "--tasks",
+            "mnist",
+            "--json",
+        ],
+        env={"CLIPSHIP_CACHE": str(cache)},
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert set(report) == {"mnist", "average", "model_info"} and report["mnist"]["samples"] == 150

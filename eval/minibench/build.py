@@ -48,8 +48,11 @@ class Budget:
 
 BUDGETS = {
     "smoke": Budget("smoke", 300, 150, 12, 60, 25, 3e-4),
-    "full": Budget("full", None, None, 10, 150, 1500, 5e-4),
+    "full": Budget("full", None, None, 10, 300, 1500, 5e-4),
 }
+# The 3-class texture task sees fewer labelled images in pretraining, so that, as on the real
+# benchmark, every task has room between zero-shot and fine-tuned accuracy.
+PRETRAIN_SHARE = {"textures": 0.6}
 
 VISION = {
     "image_size": IMAGE_SIZE,
@@ -198,7 +201,8 @@ def pretrain(
     classes: list[tuple[str, str]] = []  # one entry per (task, class)
     for task in tasks:
         images, labels = data[task.name]["train"]
-        images, labels = cap(images, labels, budget.pretrain_per_class * len(task.classnames), seed)
+        per_class = max(1, round(budget.pretrain_per_class * PRETRAIN_SHARE.get(task.name, 1.0)))
+        images, labels = cap(images, labels, per_class * len(task.classnames), seed)
         batch = torch.stack(
             [torch.from_numpy(preprocess.to_uint8(Image.fromarray(x))) for x in images]
         )
@@ -249,6 +253,7 @@ def build_key(budget: Budget, seed: int) -> str:
     spec = {
         "recipe": RECIPE_VERSION,
         "budget": budget.__dict__,
+        "pretrain_share": PRETRAIN_SHARE,
         "seed": seed,
         "vision": VISION,
         "text": TEXT,
