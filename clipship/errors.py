@@ -39,3 +39,7 @@ class OutputExistsError(ClipshipError):
 
 class RecipeError(ClipshipError):
     """A recipe file that is malformed or whose sources changed since it was written."""
+
+
+class DataError(ClipshipError):
+    """A dataset that cannot be read, lacks the expected columns, or has a bad label or image."""
