@@ -47,7 +47,7 @@ class Budget:
 
 
 BUDGETS = {
-    "smoke": Budget("smoke", 300, 150, 12, 60, 25, 3e-4),
+    "smoke": Budget("smoke", 300, 150, 12, 60, 150, 1e-3),
     "full": Budget("full", None, None, 10, 300, 1500, 5e-4),
 }
 # The 3-class texture task sees fewer labelled images in pretraining, so that, as on the real
