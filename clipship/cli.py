@@ -514,6 +514,104 @@ def finetune(
         print(f"fine-tuned {result['task']} for {result['steps']} steps → {result['out']}/")
 
 
+@app.command()
+def export(
+    model: Annotated[
+        str, typer.Argument(help="Merged CLIPModel folder (or encoder + --pretrained).")
+    ],
+    heads_dir: Annotated[Path, typer.Option("--heads", help="Heads from `clipship heads`.")],
+    out: Annotated[Path, typer.Option("--out", help="Export folder (written atomically).")],
+    onnx: Annotated[bool, typer.Option("--onnx", help="Write the ONNX graph (the format).")] = True,
+    tensorrt: Annotated[bool, typer.Option("--tensorrt", help="Also a TensorRT engine.")] = False,
+    precision: Annotated[str, typer.Option("--precision", help="fp32,fp16,int8")] = "fp32",
+    pretrained: PretrainedOpt = None,
+    tasks: TasksOpt = None,
+    taskfile: TaskfileOpt = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="DIR/<task> data.")] = None,
+    validation_data: Annotated[
+        Path | None, typer.Option("--validation-data", help="Images or a dataset.")
+    ] = None,
+    validation_size: Annotated[int, typer.Option("--validation-size")] = 64,
+    max_logit_diff: Annotated[float, typer.Option("--max-logit-diff", help="fp32 gate.")] = 1e-3,
+    min_agreement_fp16: Annotated[float, typer.Option("--min-agreement-fp16")] = 0.995,
+    min_agreement_int8: Annotated[float, typer.Option("--min-agreement-int8")] = 0.99,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Export encoder + text heads as one ONNX graph, validated against PyTorch first."""
+
+    def call():
+        from clipship.eval.tasks import get_tasks, read_taskfile, with_local_data
+        from clipship.exporter.onnx_export import Gates
+        from clipship.exporter.onnx_export import export as run
+
+        if not onnx:
+            raise MethodError("nothing to export: --onnx is the format clipship writes")
+        if tensorrt:
+            from clipship.exporter.tensorrt import require_tensorrt
+
+            require_tensorrt()
+        names = [n for n in (tasks or "").split(",") if n and n != "all"] or None
+        val_tasks = read_taskfile(taskfile) if taskfile else []
+        if data_dir is not None:
+            val_tasks = with_local_data(val_tasks or get_tasks(names or "all"), data_dir)
+        gates = Gates(
+            max_logit_diff=max_logit_diff,
+            min_agreement_fp16=min_agreement_fp16,
+            min_agreement_int8=min_agreement_int8,
+        )
+        return run(
+            model,
+            heads_dir,
+            out,
+            pretrained=pretrained,
+            tasks=names,
+            precisions=[p for p in precision.split(",") if p],
+            validation_tasks=val_tasks,
+            validation_data=validation_data,
+            validation_size=validation_size,
+            gates=gates,
+            force=force,
+        )
+
+    result = _run(call)
+    if json_out:
+        print(json.dumps(result["report"], indent=2))
+        return
+    for variant, rows in result["report"]["variants"].items():
+        per_task = [r for r in rows.values() if isinstance(r, dict)]
+        worst = min(r["top1_agreement"] for r in per_task)
+        diff = max(r["max_abs_logit_diff"] for r in per_task)
+        print(f"{variant}: max |Δlogit| {diff:.2e}, top-1 agreement ≥ {100 * worst:.2f} %")
+    print(f"exported → {result['out']}/")
+
+
+@app.command()
+def predict(
+    export_dir: Annotated[Path, typer.Argument(help="Folder written by `clipship export`.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    task: Annotated[str | None, typer.Option("--task", help="Which exported task.")] = None,
+    top_k: Annotated[int, typer.Option("--top-k")] = 5,
+    variant: Annotated[str, typer.Option("--variant", help="fp32, fp16 or int8.")] = "fp32",
+    provider: Annotated[str, typer.Option("--provider", help="cpu, cuda, tensorrt.")] = "cpu",
+    json_out: JsonOpt = False,
+) -> None:
+    """Classify images with the exported graph (onnxruntime, numpy and Pillow only)."""
+
+    def call():
+        from clipship.exporter.predict import predict as run
+
+        return run(export_dir, images, task=task, top_k=top_k, variant=variant, provider=provider)
+
+    results = _run(call)
+    if json_out:
+        print(json.dumps(results, indent=2, ensure_ascii=False))
+        return
+    for row in results:
+        top = ", ".join(f"{t['label']} {100 * t['score']:.1f}%" for t in row["top"])
+        print(f"{row['image']}: {top}")
+
+
 BudgetOpt = Annotated[str, typer.Option("--budget", help="smoke (tests, < 1 min) or full (demo).")]
 
 

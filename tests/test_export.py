@@ -1,0 +1,211 @@
+"""`clipship export` and `clipship predict` on the tiny fixture and real digit images."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from clipship.cli import app
+
+from .test_eval import MNIST, PRETRAINED, REF
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Heads for three tasks, 64 real digit images as PNG files, and a merged (TA) model."""
+    import os
+
+    root = tmp_path_factory.mktemp("export")
+    os.environ["CLIPSHIP_CACHE"] = str(root / "cache")
+    images = root / "digits"
+    images.mkdir()
+    for i, u8 in enumerate(REF["images"].numpy()):
+        Image.fromarray(u8).save(images / f"{i:02d}.png")
+    assert (
+        runner.invoke(
+            app,
+            [
+                "heads",
+                str(PRETRAINED),
+                "--tasks",
+                "mnist,svhn,eurosat",
+                "--out",
+                str(root / "heads"),
+            ],
+        ).exit_code
+        == 0
+    )
+    merged = runner.invoke(
+        app,
+        [
+            "merge",
+            "--pretrained",
+            str(PRETRAINED),
+            "--model",
+            f"mnist={MNIST}",
+            "--method",
+            "task_arithmetic",
+            "--lambda",
+            "1",
+            "--out",
+            str(root / "merged"),
+            "--quiet",
+        ],
+    )
+    assert merged.exit_code == 0, merged.output
+    yield root
+    os.environ.pop("CLIPSHIP_CACHE", None)
+
+
+def export_args(root, out, *extra):
+    return [
+        "export",
+        str(root / "merged"),
+        "--heads",
+        str(root / "heads"),
+        "--out",
+        str(out),
+        "--validation-data",
+        str(root / "digits"),
+        *extra,
+    ]
+
+
+def test_export_all_variants_validated_and_reloadable(setup):
+    import onnx
+    import onnxruntime as ort
+
+    out = setup / "out"
+    # Random-weight fixture: logit margins are tiny, so fp16/int8 gates are relaxed here; the
+    # mini-benchmark's trained models meet the default gates (benchmarks/export_speed.py).
+    result = runner.invoke(
+        app,
+        export_args(
+            setup,
+            out,
+            "--precision",
+            "fp32,fp16,int8",
+            "--min-agreement-fp16",
+            "0.9",
+            "--min-agreement-int8",
+            "0.8",
+            "--json",
+        ),
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    fp32 = report["variants"]["fp32"]
+    assert all(
+        fp32[t]["max_abs_logit_diff"] <= 1e-3 and fp32[t]["top1_agreement"] == 1.0
+        for t in ("mnist", "svhn", "eurosat")
+    )
+    assert fp32["batch_1_7_vs_32_max_diff"] <= 1e-4
+    record = json.loads((out / "export.json").read_text())
+    assert record["tasks"] == ["mnist", "svhn", "eurosat"]
+    assert record["class_offsets"] == {"mnist": [0, 10], "svhn": [10, 20], "eurosat": [20, 30]}
+    assert record["preprocessing"]["crop"] == [32, 32] and record["opset"] == 20
+    assert record["variants"] == {
+        "fp32": "model.onnx",
+        "fp16": "model_fp16.onnx",
+        "int8": "model_int8.onnx",
+    }
+    graph = onnx.load(str(out / "model.onnx"))
+    onnx.checker.check_model(graph, full_check=True)
+    assert {p.key for p in graph.metadata_props} >= {"clipship.tasks", "clipship.class_offsets"}
+    assert [o.name for o in graph.graph.output] == [
+        "image_embeds",
+        "logits",
+        "logits_mnist",
+        "logits_svhn",
+        "logits_eurosat",
+    ]
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    for batch in (1, 5):
+        embeds, logits, *parts = session.run(
+            None, {"pixel_values": REF["pixel_values"][:batch].numpy()}
+        )
+        assert logits.shape == (batch, 30) and np.allclose(
+            np.linalg.norm(embeds, axis=1), 1, atol=1e-5
+        )
+        assert np.array_equal(np.concatenate(parts, axis=1), logits)
+
+
+def test_predict_agrees_with_eval_and_needs_no_torch(setup):
+    from clipship.eval.data import Preprocess
+    from clipship.eval.evaluate import load_zero_shot
+    from clipship.eval.heads import load_heads
+
+    out = setup / "out_fp32"
+    assert runner.invoke(app, export_args(setup, out)).exit_code == 0
+    files = sorted((setup / "digits").glob("*.png"))
+    result = runner.invoke(
+        app, ["predict", str(out), *map(str, files), "--task", "svhn", "--top-k", "3", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    predicted = [row["top"][0]["index"] for row in json.loads(result.stdout)]
+    model, folder, _ = load_zero_shot(str(setup / "merged"), None, "cpu")
+    pre = Preprocess.from_pretrained(folder)
+    batch = torch.stack([torch.from_numpy(pre.to_uint8(Image.open(f))) for f in files])
+    with torch.no_grad():
+        logits = model.logits(
+            model.embed(pre.normalize(batch, pre.lookup_table())),
+            load_heads(setup / "heads")[0]["svhn"],
+        )
+    assert predicted == logits.argmax(1).tolist()
+    code = (
+        "import sys, runpy; sys.argv = ['clipship', 'predict', sys.argv[1], sys.argv[2], '--json']\n"
+        "try:\n    runpy.run_module('clipship.cli', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(out), str(files[0])], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_failed_gate_writes_nothing(setup):
+    result = runner.invoke(app, export_args(setup, setup / "strict", "--max-logit-diff", "1e-12"))
+    assert result.exit_code == 1 and "fp32 export differs from PyTorch" in result.stderr
+    assert not (setup / "strict").exists()
+    assert not [p for p in setup.iterdir() if p.name.startswith(".strict")]
+
+
+def test_refusals(setup, tmp_path):
+    from .conftest import load_weights, write_model
+
+    def error(*args):
+        result = runner.invoke(app, list(map(str, args)))
+        assert result.exit_code != 0 and result.stderr.startswith("error: "), result.output
+        return result.stderr
+
+    assert "unknown task 'dtd'" in error(*export_args(setup, tmp_path / "a", "--tasks", "dtd"))
+    weights = load_weights(PRETRAINED)
+    weights["text_projection.weight"] = weights["text_projection.weight"] * 3
+    write_model(tmp_path / "other", weights, PRETRAINED)
+    assert "heads were built for another model" in error(
+        "export",
+        tmp_path / "other",
+        "--heads",
+        setup / "heads",
+        "--out",
+        tmp_path / "b",
+        "--validation-data",
+        setup / "digits",
+    )
+    (tmp_path / "exists").mkdir()
+    assert "already exists" in error(*export_args(setup, tmp_path / "exists"))
+    assert "not an export folder" in error("predict", tmp_path, setup / "digits" / "00.png")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        assert "--tensorrt needs the tensorrt package" in error(
+            *export_args(setup, tmp_path / "c", "--tensorrt")
+        )
