@@ -1,0 +1,151 @@
+"""Images/s of the exported graph vs PyTorch eager, and the export's validation on real images.
+
+Part 1 (speed): a ViT-B/32-shaped encoder with the eight tasks' 758 classes of heads (random
+weights: speed does not depend on them), exported the way `clipship export` does; PyTorch eager
+fp32 (`inference_mode`), onnxruntime fp32 and onnxruntime int8 (dynamic, per-channel) at batch 1
+and 32, all with the same thread count, timed side by side in one run.
+
+Part 2 (validation): the mini-benchmark's trained models (task arithmetic merge of its task
+encoders, its heads), exported in fp32/fp16/int8 by `clipship export` and compared with PyTorch
+on its real test images: max |Δlogit| and top-1 agreement per task.
+
+    python benchmarks/export_speed.py [--budget full|smoke] [--threads 2] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def speed(threads: int, repeats: int) -> None:
+    import onnxruntime as ort
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from clipship.eval.evaluate import ZeroShotModel
+    from clipship.exporter.onnx_export import FILES, DeployModel, _onnx_export, _to_int8
+    from clipship.synthetic import B32
+
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    vision = CLIPVisionModel(CLIPVisionConfig(**B32["vision_config"])).eval()
+    projection = torch.nn.Linear(768, 512, bias=False)
+    sizes = {
+        "sun397": 397,
+        "stanford-cars": 196,
+        "resisc45": 45,
+        "eurosat": 10,
+        "svhn": 10,
+        "gtsrb": 43,
+        "mnist": 10,
+        "dtd": 47,
+    }
+    heads = {k: torch.nn.functional.normalize(torch.randn(n, 512), dim=1) for k, n in sizes.items()}
+    model = DeployModel(ZeroShotModel(vision, projection, torch.tensor(4.6052)), heads).eval()
+    outputs = ["image_embeds", "logits", *[f"logits_{k}" for k in heads]]
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, int8 = Path(tmp) / FILES["fp32"], Path(tmp) / FILES["int8"]
+        _onnx_export(model, torch.randn(2, 3, 224, 224), fp32, outputs)
+        _to_int8(fp32, int8)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        sessions = {
+            name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            for name, path in (("ORT fp32", fp32), ("ORT int8", int8))
+        }
+        print(f"ViT-B/32 + 758-class heads, {threads} threads, {repeats} timed runs each")
+        header = f"{'batch':>5} {'PyTorch eager':>14} {'ORT fp32':>10} {'ORT int8':>10}"
+        print(header + "   (images/s; × eager)")
+        for batch in (1, 32):
+            x = torch.randn(batch, 3, 224, 224)
+
+            def eager(x=x):
+                with torch.inference_mode():
+                    model(x)
+
+            base = batch / timed(eager, repeats)
+            rates = {
+                name: batch
+                / timed(lambda s=s, x=x: s.run(["logits"], {"pixel_values": x.numpy()}), repeats)
+                for name, s in sessions.items()
+            }
+            print(
+                f"{batch:>5} {base:>14.1f} {rates['ORT fp32']:>10.1f} {rates['ORT int8']:>10.1f}"
+                f"   (fp32 {rates['ORT fp32'] / base:.2f}×, int8 {rates['ORT int8'] / base:.2f}×)"
+            )
+
+
+def validation(budget: str) -> None:
+    from clipship.eval.heads import build_heads, save_heads
+    from clipship.eval.minibench.build import build, pool_tasks
+    from clipship.exporter.onnx_export import Gates, export
+    from clipship.merge import merge
+    from clipship.pool import read_pool_yaml
+
+    pool = build(None, budget, 0)
+    pretrained, models = read_pool_yaml(pool / "pool.yaml")
+    tasks = pool_tasks(pool)
+    with tempfile.TemporaryDirectory() as tmp:
+        merged = Path(tmp) / "merged"
+        merge(pretrained, models, "task_arithmetic", merged, {"scaling_factor": 0.3})
+        heads, meta = build_heads(pretrained, tasks)
+        save_heads(Path(tmp) / "heads", heads, meta, force=False)
+        result = export(
+            str(merged),
+            Path(tmp) / "heads",
+            Path(tmp) / "out",
+            precisions=["fp32", "fp16", "int8"],
+            validation_tasks=tasks,
+            validation_size=2000,
+            gates=Gates(0.0 + 1e-3, 1.0, 0.0, 0.0),
+        )
+    print(
+        f"\nvalidation on the {budget} mini-benchmark's real test images "
+        f"({result['report']['validation_images']} images), task-arithmetic merge:"
+    )
+    print(f"{'variant':8s} " + " ".join(f"{t.name:>22s}" for t in tasks))
+    for variant, rows in result["report"]["variants"].items():
+        cells = []
+        for t in tasks:
+            row = rows[t.name]
+            cells.append(f"{row['max_abs_logit_diff']:.1e} / {100 * row['top1_agreement']:6.2f}%")
+        print(f"{variant:8s} " + " ".join(f"{c:>22s}" for c in cells))
+    print("(max |Δlogit| / top-1 agreement with PyTorch)")
+    print(
+        json.dumps(
+            {
+                v: {k: r for k, r in rows.items() if not isinstance(r, dict)}
+                for v, rows in result["report"]["variants"].items()
+            }
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--budget", default="full", choices=["full", "smoke"])
+    parser.add_argument("--skip-speed", action="store_true")
+    args = parser.parse_args()
+    if not args.skip_speed:
+        speed(args.threads, args.repeats)
+    validation(args.budget)
+
+
+if __name__ == "__main__":
+    main()
