@@ -152,7 +152,7 @@ def write_processor(folder: Path, image_size: int) -> None:
     """A byte-level CLIP tokenizer (no merges) and a CLIPImageProcessor for ``image_size``."""
     from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
 
-    byte_chars = _bytes_to_unicode()
+    byte_chars = bytes_to_unicode()
     vocab = {c: i for i, c in enumerate(byte_chars)}
     vocab.update({c + "</w>": 256 + i for i, c in enumerate(byte_chars)})
     vocab.update({"<|startoftext|>": 512, "<|endoftext|>": 513})
@@ -166,7 +166,7 @@ def write_processor(folder: Path, image_size: int) -> None:
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
 
 
-def _bytes_to_unicode() -> list[str]:
+def bytes_to_unicode() -> list[str]:
     """GPT-2/CLIP's stand-in character for every byte, in CLIP's vocabulary order: the printable
     bytes as themselves first, then the others mapped to chr(256 + n) in byte order."""
     printable = [

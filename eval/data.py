@@ -61,7 +61,7 @@ class ImageSource:
             if path.is_dir() and (
                 (path / "state.json").exists() or (path / "dataset_dict.json").exists()
             ):
-                load_from_disk = _datasets().load_from_disk
+                load_from_disk = quiet_datasets().load_from_disk
 
                 rows = load_from_disk(str(path))
                 if hasattr(rows, "keys"):
@@ -83,7 +83,7 @@ class ImageSource:
                 raise DataError(
                     f"task {task.name}: no dataset source; give its data with --data-dir or --task"
                 )
-            load_dataset = _datasets().load_dataset
+            load_dataset = quiet_datasets().load_dataset
 
             spec = task.dataset
             try:
@@ -124,7 +124,7 @@ class ImageSource:
         return image, int(label)
 
 
-def _datasets():
+def quiet_datasets():
     """The ``datasets`` library, quiet (ImageFolder data never needs it)."""
     import datasets
 
@@ -136,7 +136,7 @@ def _datasets():
 def _read_parquet(path: Path, split: str) -> Any:
     """One split of parquet data: the files named after it (``test-00000-of-00001.parquet``),
     or every file when none is."""
-    Dataset = _datasets().Dataset
+    Dataset = quiet_datasets().Dataset
     files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
     named = [f for f in files if f.name.startswith(f"{split}-") or f.parent.name == split]
     chosen = named or files

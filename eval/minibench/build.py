@@ -144,9 +144,9 @@ def write_parquet(
     from datasets import Image as ImageFeature
     from PIL import Image
 
-    from clipship.eval.data import _datasets
+    from clipship.eval.data import quiet_datasets
 
-    _datasets()
+    quiet_datasets()
     features = Features({"image": ImageFeature(), "label": ClassLabel(names=classnames)})
     rows = {"image": [Image.fromarray(x) for x in images], "label": labels.tolist()}
     Dataset.from_dict(rows, features=features).to_parquet(str(path))
@@ -156,11 +156,11 @@ def write_tokenizer(folder: Path) -> None:
     """The CLIP BPE tokenizer (49,408 ids) built from open_clip's merges file."""
     from transformers import CLIPTokenizer
 
-    from clipship.synthetic import _bytes_to_unicode
+    from clipship.synthetic import bytes_to_unicode
 
     lines = sources.clip_bpe()
     merges = lines[1 : 49152 - 256 - 2 + 1]
-    chars = _bytes_to_unicode()
+    chars = bytes_to_unicode()
     tokens = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     folder.mkdir(parents=True, exist_ok=True)
