@@ -15,6 +15,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -327,16 +328,21 @@ def load_model(name: str, source: str, allow_pickle: bool = False) -> Model:
     return Model(name, source, folder, repo_id, revision, ckpt, config, keys)
 
 
-def read_pool_yaml(path: Path) -> tuple[str, dict[str, str]]:
-    """Read a FusionBench modelpool YAML: ``(pretrained source, {task: source})`` in file order."""
+def read_yaml(path: Path, error: type[Exception], what: str) -> Any:
+    """A YAML file's data, or one ``error`` line for a missing or malformed file."""
     import yaml
 
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        return yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
-        raise SourceNotFoundError(f"{path}: no such pool file") from None
+        raise error(f"{path}: no such {what}") from None
     except yaml.YAMLError as e:
-        raise SourceNotFoundError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise error(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+def read_pool_yaml(path: Path) -> tuple[str, dict[str, str]]:
+    """Read a FusionBench modelpool YAML: ``(pretrained source, {task: source})`` in file order."""
+    data = read_yaml(path, SourceNotFoundError, "pool file")
     models = data.get("models") if isinstance(data, dict) else None
     if not isinstance(models, dict):
         raise SourceNotFoundError(f"{path}: a modelpool needs a 'models:' mapping")

@@ -71,14 +71,9 @@ def get_tasks(names: str | list[str]) -> list[Task]:
 
 def read_taskpool_yaml(path: Path) -> list[str]:
     """Task names from a FusionBench taskpool YAML (``clip-vit-classification_TA8`` shape)."""
-    import yaml
+    from clipship.pool import read_yaml
 
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise TaskError(f"{path}: no such task pool file") from None
-    except yaml.YAMLError as e:
-        raise TaskError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    data = read_yaml(path, TaskError, "task pool file")
     names: list[str] = []
     for item in (data or {}).get("defaults", []) or []:
         if isinstance(item, dict):
