@@ -612,6 +612,24 @@ def predict(
         print(f"{row['image']}: {top}")
 
 
+@app.command()
+def card(
+    run_dir: Annotated[Path, typer.Argument(help="Release folder (a merged model folder).")],
+    license: Annotated[
+        str | None, typer.Option("--license", help="When the base's is unknown.")
+    ] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Model name in the card.")] = None,
+) -> None:
+    """Write README.md (Hub model card) offline from the recipe, eval and export reports."""
+
+    def call():
+        from clipship.cards.card import write_card
+
+        return write_card(run_dir, license=license, name=name)
+
+    print(_run(call))
+
+
 BudgetOpt = Annotated[str, typer.Option("--budget", help="smoke (tests, < 1 min) or full (demo).")]
 
 

@@ -1,0 +1,219 @@
+"""`clipship card`: a Hub model card for a release folder, written offline from the stages' files.
+
+Reads ``clipship_recipe.json`` (required), ``eval_report.json`` (optional; one FusionBench-shaped
+report, or one per pool member) and ``export/export_report.json`` (optional), and writes
+``README.md`` with front matter that ``huggingface_hub.ModelCard`` parses (license, library,
+pipeline tag, base model with ``base_model_relation: merge``, tags, datasets and a model-index
+with one accuracy result per evaluated task) plus ``accuracy.png``. Missing inputs give a card
+without those sections.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from clipship.errors import ClipshipError
+from clipship.outputs import write_bytes_atomic, write_text_atomic
+
+RECIPE = "clipship_recipe.json"
+EVAL_REPORT = "eval_report.json"
+EXPORT_REPORT = "export/export_report.json"
+
+
+def _read(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError:
+        raise ClipshipError(f"{path}: not valid JSON") from None
+
+
+def _base_license(recipe: dict[str, Any]) -> str | None:
+    """The pretrained model's license, from its local model card when it has one."""
+    from huggingface_hub import metadata_load
+
+    source = recipe["pretrained"]
+    folder = Path(source.get("path") or source["source"])
+    readme = folder / "README.md"
+    if readme.is_file():
+        return (metadata_load(readme) or {}).get("license")
+    return None
+
+
+def _accuracy_rows(report: dict[str, Any] | None) -> dict[str, dict[str, float]]:
+    """{row label: {task: accuracy}} from a single report or a pool report."""
+    if not report:
+        return {}
+    if "average" in report:
+        return {
+            "merged": {
+                t: r["accuracy"] for t, r in report.items() if t not in ("average", "model_info")
+            }
+        }
+    return {
+        name: {t: r["accuracy"] for t, r in rep.items() if t not in ("average", "model_info")}
+        for name, rep in report.items()
+    }
+
+
+def write_card(run_dir: Path | str, license: str | None = None, name: str | None = None) -> Path:
+    """Write ``README.md`` (and ``accuracy.png`` when there are results) into ``run_dir``."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    from clipship.eval.tasks import builtin_tasks
+
+    run = Path(run_dir)
+    recipe = _read(run / RECIPE)
+    if recipe is None:
+        raise ClipshipError(f"{run}: no {RECIPE} (is this a merged model folder?)")
+    license = license or _base_license(recipe)
+    if not license:
+        raise ClipshipError("the base model's license is unknown here: pass --license (e.g. mit)")
+    report = _read(run / EVAL_REPORT)
+    rows = _accuracy_rows(report)
+    merged = rows.get("merged") or {}
+    name = name or run.resolve().name
+    base = recipe["pretrained"].get("repo_id") or recipe["pretrained"]["source"]
+    known = builtin_tasks()
+    results, datasets = [], []
+    for task, accuracy in merged.items():
+        hub = (known[task].dataset or {}).get("path") if task in known else None
+        if hub:
+            datasets.append(hub)
+        results.append(
+            EvalResult(
+                task_type="zero-shot-image-classification",
+                task_name="Zero-shot image classification",
+                dataset_type=hub or task,
+                dataset_name=task,
+                dataset_split="test",
+                metric_type="accuracy",
+                metric_name="accuracy",
+                metric_value=round(100 * accuracy, 2),
+            )
+        )
+    data = ModelCardData(
+        license=license,
+        library_name="transformers",
+        pipeline_tag="zero-shot-image-classification",
+        base_model=base,
+        base_model_relation="merge",
+        tags=["clip", "model-merging", recipe["method"], "clipship"],
+        datasets=sorted(set(datasets)) or None,
+        model_name=name,
+        eval_results=results or None,
+    )
+    body = _body(name, base, recipe, rows, _read(run / EXPORT_REPORT))
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+    if rows:
+        write_bytes_atomic(run / "accuracy.png", _chart(rows))
+    write_text_atomic(run / "README.md", str(card))
+    return run / "README.md"
+
+
+def _body(name: str, base: str, recipe: dict[str, Any], rows: dict, export: dict | None) -> str:
+    params = ", ".join(f"`{k}={v}`" for k, v in recipe["parameters"].items()) or "none"
+    lines = [
+        f"# {name}",
+        "",
+        f"A CLIP model whose vision encoder merges {len(recipe['models'])} task encoders tuned "
+        f"from [{base}](https://huggingface.co/{base}) with **{recipe['method']}** ({params}); the "
+        "text tower, projections and logit scale are the base model's. Built with clipship.",
+        "",
+        "## Merge recipe",
+        "",
+        "| model | source | revision | weights sha256 |",
+        "|---|---|---|---|",
+    ]
+    for entry in [recipe["pretrained"], *recipe["models"]]:
+        hashes = ", ".join(f"`{v[:12]}…`" for v in entry["files"].values())
+        lines.append(
+            f"| {entry['name']} | {entry['source']} | {entry.get('revision') or '—'} | {hashes} |"
+        )
+    lines += [
+        "",
+        f"Seed {recipe['seed']}; `clipship merge --recipe clipship_recipe.json` rebuilds the "
+        "same bytes.",
+        "",
+    ]
+    if rows:
+        tasks = list(next(iter(rows.values())))
+        lines += [
+            "## Zero-shot accuracy (%)",
+            "",
+            "| model | " + " | ".join(tasks) + " | avg. |",
+            "|---" * (len(tasks) + 2) + "|",
+        ]
+        for label, acc in rows.items():
+            values = [100 * acc[t] for t in tasks if t in acc]
+            cells = " | ".join(f"{100 * acc[t]:.1f}" if t in acc else "—" for t in tasks)
+            lines.append(f"| {label} | {cells} | {sum(values) / max(1, len(values)):.1f} |")
+        lines += ["", "![per-task accuracy](accuracy.png)", ""]
+    if export:
+        lines += [
+            "## Export validation (ONNX vs PyTorch)",
+            "",
+            "| variant | task | max abs Δlogit | top-1 agreement |",
+            "|---|---|---|---|",
+        ]
+        for variant, result in export.get("variants", {}).items():
+            for task, row in result.items():
+                if isinstance(row, dict):
+                    lines.append(
+                        f"| {variant} | {task} | {row['max_abs_logit_diff']:.2e} | "
+                        f"{100 * row['top1_agreement']:.2f} % |"
+                    )
+        lines.append("")
+    lines += [
+        "## Usage",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        f'classify = pipeline("zero-shot-image-classification", model="{name}")',
+        'classify("photo.jpg", candidate_labels=["a cat", "a dog"])',
+        "```",
+        "",
+    ]
+    if export:
+        lines += [
+            "```python",
+            "import onnxruntime as ort",
+            'session = ort.InferenceSession("export/model.onnx")',
+            'logits = session.run(["logits"], {"pixel_values": pixel_values})[0]',
+            "```",
+            "",
+            "or `clipship predict export/ photo.jpg --task <task>`.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _chart(rows: dict[str, dict[str, float]]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(next(iter(rows.values())))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(tasks), 3.6), dpi=110)
+    width = 0.8 / len(rows)
+    for i, (label, acc) in enumerate(rows.items()):
+        ax.bar(
+            [j + i * width for j in range(len(tasks))],
+            [100 * acc.get(t, 0) for t in tasks],
+            width,
+            label=label,
+        )
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks, rotation=20)
+    ax.set_ylabel("zero-shot accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buffer.getvalue()
