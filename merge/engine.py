@@ -135,20 +135,20 @@ def merge(
                 f"{pretrained} is a vision-only model, so the output cannot be a full CLIPModel "
                 "(pass --vision-only)"
             )
-        with (
-            atomic_folder(out, force) as tmp,
-            ThreadPoolExecutor(1) as hasher,
-            _Progress(quiet) as bar,
-        ):
-            hashes = {m.name: hasher.submit(m.file_hashes) for m in pool.all}
-            files, stats = _merge_weights(
-                pool, spec, values, seed, vision_only, tmp, shard_bytes, bar
-            )
-            _copy_metadata(pool.pretrained, tmp, vision_only)
-            recipe = _recipe(pool, spec, values, seed, vision_only, shard_bytes, hashes, stats)
-            if expected_hashes is not None:
-                _check_hashes(recipe, expected_hashes)
-            (tmp / RECIPE_NAME).write_text(json.dumps(recipe, indent=2) + "\n")
+        hasher = ThreadPoolExecutor(1)
+        try:
+            with atomic_folder(out, force) as tmp, _Progress(quiet) as bar:
+                hashes = {m.name: hasher.submit(m.file_hashes) for m in pool.all}
+                files, stats = _merge_weights(
+                    pool, spec, values, seed, vision_only, tmp, shard_bytes, bar
+                )
+                _copy_metadata(pool.pretrained, tmp, vision_only)
+                recipe = _recipe(pool, spec, values, seed, vision_only, shard_bytes, hashes, stats)
+                if expected_hashes is not None:
+                    _check_hashes(recipe, expected_hashes)
+                (tmp / RECIPE_NAME).write_text(json.dumps(recipe, indent=2) + "\n")
+        finally:
+            hasher.shutdown(wait=False, cancel_futures=True)  # an error need not wait for hashes
         return MergeResult(
             out,
             spec.name,
