@@ -17,6 +17,12 @@ REFERENCE = PARITY / "reference"
 TASKS = ["task_a", "task_b", "task_c", "task_d"]
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Every test caches heads and downloads in its own folder, never in ~/.cache."""
+    monkeypatch.setenv("CLIPSHIP_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="session")
 def fixture_pool() -> tuple[str, dict[str, str]]:
     """The parity fixture: (pretrained folder, {task: folder}) in FusionBench's pool order."""

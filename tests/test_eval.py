@@ -24,11 +24,6 @@ REF = load_file(str(EVALREF / "reference/mnist_logits.safetensors"))
 METRICS = json.loads((EVALREF / "reference/metrics.json").read_text())["metrics"]
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("CLIPSHIP_CACHE", str(tmp_path / "cache"))
-
-
 def digits_formats(root):
     """The 64 reference digit images as parquet, a save_to_disk folder and an ImageFolder tree."""
     from datasets import ClassLabel, Dataset, DatasetDict, Features

@@ -14,11 +14,6 @@ from .test_eval import MNIST, PRETRAINED, REF, digits_formats
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("CLIPSHIP_CACHE", str(tmp_path / "cache"))
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")

@@ -17,11 +17,6 @@ from .test_eval import PRETRAINED
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("CLIPSHIP_CACHE", str(tmp_path / "cache"))
-
-
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     """scikit-learn's real 8×8 digits: 400 to train on, 297 held out, as parquet splits."""
