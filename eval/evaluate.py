@@ -22,6 +22,7 @@ from clipship.eval.data import DataError, ImageSource, Preprocess, TaskImages, c
 from clipship.eval.heads import build_heads, check_heads, load_heads
 from clipship.eval.tasks import Task
 from clipship.pool import load_model, resolve_folder
+from clipship.progress import Bars
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -178,7 +179,17 @@ def evaluate_task(
         device.split(":")[0], dtype=PRECISIONS[precision], enabled=precision != "fp32"
     )
     started = time.perf_counter()
-    with _progress(task.name, len(shard), quiet or rank > 0) as advance:
+    with Bars(quiet or rank > 0, "rate") as bars:
+        bar = bars.add(task.name, len(shard), rate="")
+
+        done = 0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            bars.advance(bar, n, rate=f"{rate:,.0f} img/s")
+
         for batch, labels, index, bad in loader:
             for position, message in bad:
                 if not skip_bad_images:
@@ -260,55 +271,6 @@ def _gather(parts: tuple) -> tuple:
         torch.cat([p[2] for p in everyone]),
         [i for p in everyone for i in p[3]],
     )
-
-
-class _progress:
-    """A rich progress bar with images/s for one task (terminal only)."""
-
-    def __init__(self, name: str, total: int, quiet: bool):
-        self.bar = None
-        from rich.console import Console
-
-        console = Console(stderr=True)
-        if not quiet and console.is_terminal:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TaskProgressColumn,
-                TextColumn,
-            )
-
-            self.bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TaskProgressColumn(),
-                TextColumn("{task.fields[rate]}"),
-                console=console,
-                transient=False,
-            )
-            self.task = self.bar.add_task(name, total=total, rate="")
-        self.start = time.perf_counter()
-        self.done = 0
-
-    def __enter__(self):
-        if self.bar:
-            self.bar.start()
-
-        def advance(n: int) -> None:
-            self.done += n
-            if self.bar:
-                rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-                self.bar.update(self.task, advance=n, rate=f"{rate:,.0f} img/s")
-
-        return advance
-
-    def __exit__(self, kind: object, *exc: object) -> None:
-        if self.bar:
-            if kind is not None:
-                self.bar.live.transient = True
-            self.bar.stop()
 
 
 def evaluate_pool(

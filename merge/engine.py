@@ -24,6 +24,7 @@ from clipship.errors import MethodError, PoolMismatchError, RecipeError
 from clipship.merge.registry import Method, TensorInputs, get_method
 from clipship.outputs import atomic_folder, check_target, library_versions
 from clipship.pool import TOKENIZER_FILES, Model, ModelPool, open_pool
+from clipship.progress import Bars
 from clipship.safetensors_io import Checkpoint, ShardedWriter, parse_size
 
 RECIPE_NAME = "clipship_recipe.json"
@@ -53,45 +54,6 @@ class MergeResult:
             "seconds": round(self.seconds, 3),
             "statistics": self.statistics,
         }
-
-
-class _Progress:
-    """A rich progress bar per pass over the tensors, or nothing when quiet."""
-
-    def __init__(self, quiet: bool):
-        self.bar = None
-        from rich.console import Console
-
-        console = Console(stderr=True)
-        if not quiet and console.is_terminal:  # no bars in logs and pipes
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-            self.bar = Progress(
-                "[progress.description]{task.description}",
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=console,
-                transient=False,
-            )
-
-    def __enter__(self) -> _Progress:
-        if self.bar:
-            self.bar.start()
-        return self
-
-    def __exit__(self, kind: object, *exc: object) -> None:
-        if self.bar:
-            if kind is not None:  # an error: leave only its one-line message on the terminal
-                self.bar.live.transient = True
-            self.bar.stop()
-
-    def add(self, label: str, total: int) -> int | None:
-        return self.bar.add_task(label, total=total) if self.bar else None
-
-    def advance(self, task: int | None) -> None:
-        if self.bar is not None and task is not None:
-            self.bar.advance(task)
 
 
 def merge(
@@ -137,7 +99,7 @@ def merge(
             )
         hasher = ThreadPoolExecutor(1)
         try:
-            with atomic_folder(out, force) as tmp, _Progress(quiet) as bar:
+            with atomic_folder(out, force) as tmp, Bars(quiet, "elapsed") as bar:
                 hashes = {m.name: hasher.submit(m.file_hashes) for m in pool.all}
                 files, stats = _merge_weights(
                     pool, spec, values, seed, vision_only, tmp, shard_bytes, bar
@@ -265,7 +227,7 @@ def _merge_weights(
     vision_only: bool,
     folder: Path,
     shard_bytes: int,
-    bar: _Progress,
+    bar: Bars,
 ) -> tuple[list[str], dict[str, Any]]:
     pre = pool.pretrained
     vision = pool.tensor_names

@@ -27,6 +27,7 @@ from clipship.eval.heads import cache_dir
 from clipship.eval.minibench import sources
 from clipship.eval.tasks import Task
 from clipship.outputs import atomic_folder, library_versions
+from clipship.progress import Bars
 
 RECIPE_VERSION = 2  # bump whenever the build changes what it produces
 IMAGE_SIZE = 32
@@ -313,7 +314,12 @@ def build(
             log(f"data: {', '.join(f'{t.name}' for t in tasks)}")
             write_tokenizer(tmp / "pretrained")
             total = plan.pretrain_steps + len(tasks) * plan.finetune_steps
-            with _bar(total, quiet) as tick:
+            with Bars(quiet, "remaining") as bars:
+                steps = bars.add("building", total)
+
+                def tick() -> None:
+                    bars.advance(steps)
+
                 pretrain(tmp / "pretrained", tasks, data, plan, seed, log, tick)
                 for task in tasks:
                     log(f"fine-tuning the {task.name} encoder ({plan.finetune_steps} steps)")
@@ -351,36 +357,6 @@ def build(
     with atomic_folder(Path(out), force) as tmp:
         shutil.copytree(cached, tmp, dirs_exist_ok=True)
     return Path(out)
-
-
-class _bar:
-    """One rich progress bar over every training step of the build (terminal only)."""
-
-    def __init__(self, total: int, quiet: bool):
-        from rich.console import Console
-
-        console = Console(stderr=True)
-        self.bar = None
-        if not quiet and console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-            self.bar = Progress(
-                "building",
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-                console=console,
-            )
-            self.task = self.bar.add_task("steps", total=total)
-
-    def __enter__(self):
-        if self.bar:
-            self.bar.start()
-        return lambda: self.bar.advance(self.task) if self.bar else None
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar:
-            self.bar.stop()
 
 
 def write_pool_files(folder: Path, tasks: list[Task]) -> None:
