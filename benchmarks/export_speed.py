@@ -10,6 +10,7 @@ encoders, its heads), exported in fp32/fp16/int8 by `clipship export` and compar
 on its real test images: max |Δlogit| and top-1 agreement per task.
 
     python benchmarks/export_speed.py [--budget full|smoke] [--threads 2] [--repeats 5]
+        [--skip-speed] [--skip-validation]
 """
 
 from __future__ import annotations
@@ -141,10 +142,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budget", default="full", choices=["full", "smoke"])
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-validation", action="store_true")
     args = parser.parse_args()
     if not args.skip_speed:
         speed(args.threads, args.repeats)
-    validation(args.budget)
+    if not args.skip_validation:
+        validation(args.budget)
 
 
 if __name__ == "__main__":

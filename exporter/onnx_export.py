@@ -147,10 +147,19 @@ def _to_fp16(source: Path, target: Path) -> None:
 
 
 def _to_int8(source: Path, target: Path) -> None:
+    """Dynamic per-channel int8 weights for the encoder's MatMuls. The patch Conv stays fp32
+    (onnxruntime's ConvInteger is slower than its fp32 Conv, and the first layer is the most
+    sensitive), as do the projection (a Gemm) and the heads (the weight is MatMul's first input)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with _quiet():
-        quantize_dynamic(str(source), str(target), per_channel=True, weight_type=QuantType.QInt8)
+        quantize_dynamic(
+            str(source),
+            str(target),
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul"],
+        )
 
 
 def _session(path: Path, provider: str = "CPUExecutionProvider"):
