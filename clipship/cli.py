@@ -630,6 +630,70 @@ def card(
     print(_run(call))
 
 
+@app.command()
+def push(
+    run_dir: Annotated[Path, typer.Argument(help="Release folder (a merged model folder).")],
+    repo_id: Annotated[str, typer.Option("--repo-id", help="owner/name on the Hub.")],
+    revision: Annotated[
+        str | None, typer.Option("--revision", help="Branch (created if needed).")
+    ] = None,
+    tag: Annotated[str | None, typer.Option("--tag", help="Tag the pushed commit.")] = None,
+    private: Annotated[bool, typer.Option("--private", help="Create the repo private.")] = False,
+    message: Annotated[str | None, typer.Option("--message", help="Commit summary.")] = None,
+    token: Annotated[
+        str | None, typer.Option("--token", help="Default: HF_TOKEN, then the saved login.")
+    ] = None,
+    endpoint: Annotated[
+        str | None, typer.Option("--endpoint", help="Default: HF_ENDPOINT, then huggingface.co.")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what would be uploaded; contact no server.")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Upload a release folder to the Hugging Face Hub in one commit (none if nothing changed)."""
+
+    def call():
+        from clipship.cards.push import push as push_folder
+
+        return push_folder(
+            run_dir,
+            repo_id,
+            token=token,
+            endpoint=endpoint,
+            revision=revision,
+            tag=tag,
+            private=private,
+            dry_run=dry_run,
+            message=message,
+        )
+
+    result = _run(call)
+    if json_out:
+        print(json.dumps(result, indent=2))
+        return
+    _print_push(result)
+
+
+def _print_push(result: dict[str, Any]) -> None:
+    from clipship.outputs import human_size
+
+    if result["dry_run"]:
+        where = f"{result['endpoint']}/{result['repo_id']} ({result['revision']})"
+        print(f"dry run: would upload {len(result['files'])} files to {where}")
+        for f in result["files"]:
+            print(f"  {human_size(f['size']):>10}  {f['path']}")
+        print(f"  {human_size(result['bytes']):>10}  total")
+        return
+    if result["committed"]:
+        print(f"pushed {len(result['uploaded'])} changed file(s) in commit {result['commit'][:12]}")
+    else:
+        print(f"nothing to push: {result['repo_id']} already has these files")
+    if result["tag"]:
+        print(f"tag {result['tag']} → {result['commit'][:12]}")
+    print(result["url"])
+
+
 BudgetOpt = Annotated[str, typer.Option("--budget", help="smoke (tests, < 1 min) or full (demo).")]
 
 

@@ -1,0 +1,231 @@
+"""`clipship push`: a release folder to a Hugging Face Hub model repo, in one commit or none.
+
+Every call goes through one ``HfApi(endpoint=..., token=...)``: the endpoint is read from
+``--endpoint`` / ``HF_ENDPOINT`` when the command runs (``huggingface_hub``'s module-level helpers
+read it once, at import). The remote tree is compared with the folder first (git-sha1 for regular
+files, sha256 for LFS ones), so pushing the same folder twice makes no second commit. The token
+comes from ``--token``, ``HF_TOKEN`` or the saved login and is never printed or written: error
+lines are built here from the HTTP status, and any echo of the token is masked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clipship.errors import ClipshipError
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+class PushError(ClipshipError):
+    """The Hub refused the push, or could not be reached."""
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    path: str  # in the repo, POSIX
+    file: Path
+    size: int
+
+
+def release_files(folder: Path) -> list[LocalFile]:
+    """The files a push uploads: every regular file under ``folder`` outside hidden folders."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ClipshipError(f"{folder}: not a folder")
+    files = []
+    for file in sorted(folder.rglob("*")):
+        rel = file.relative_to(folder)
+        if (
+            file.is_file()
+            and not file.is_symlink()
+            and not any(p.startswith(".") for p in rel.parts)
+        ):
+            files.append(LocalFile(rel.as_posix(), file, file.stat().st_size))
+    if not files:
+        raise ClipshipError(f"{folder}: nothing to push (no files)")
+    return files
+
+
+def git_sha1(path: Path) -> str:
+    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _unchanged(local: LocalFile, remote: Any) -> bool:
+    if remote is None or remote.size != local.size:
+        return False
+    if getattr(remote, "lfs", None):
+        return remote.lfs.sha256 == _sha256(local.file)
+    return remote.blob_id == git_sha1(local.file)
+
+
+def resolve_token(token: str | None) -> str:
+    from huggingface_hub import get_token
+
+    token = token or get_token()  # HF_TOKEN, then the saved login
+    if not token:
+        raise PushError("no Hugging Face token: pass --token, set HF_TOKEN or run `hf auth login`")
+    return token
+
+
+def commit_message(folder: Path) -> tuple[str, str]:
+    """A summary line from the merge recipe (when there is one) and a description."""
+    recipe_file = Path(folder) / "clipship_recipe.json"
+    if not recipe_file.is_file():
+        return f"clipship: upload {Path(folder).name}", ""
+    recipe = json.loads(recipe_file.read_text())
+    params = ", ".join(f"{k}={v}" for k, v in recipe.get("parameters", {}).items())
+    summary = f"clipship: {recipe['method']} merge of {len(recipe['models'])} task encoders" + (
+        f" ({params})" if params else ""
+    )
+    sources = [f"- {m['name']}: {m['source']}" for m in recipe["models"]]
+    base = recipe["pretrained"].get("repo_id") or recipe["pretrained"]["source"]
+    return summary, "\n".join([f"Base model: {base}", "Task encoders:", *sources])
+
+
+class _Hub:
+    """Translates the client's exceptions into one clear line (and masks the token)."""
+
+    def __init__(self, endpoint: str, token: str, repo_id: str):
+        self.endpoint, self.token, self.repo_id = endpoint, token, repo_id
+
+    def __enter__(self) -> _Hub:
+        return self
+
+    def __exit__(self, kind, error, tb) -> bool:
+        if error is None or isinstance(error, ClipshipError):
+            return False
+        raise PushError(self._mask(self._explain(error))) from None
+
+    def _mask(self, text: str) -> str:
+        return text.replace(self.token, "***") if self.token else text
+
+    def _explain(self, error: BaseException) -> str:
+        from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+        response = getattr(error, "response", None)
+        status = getattr(response, "status_code", None)
+        if isinstance(error, HfHubHTTPError) and status is not None:
+            if status == 401 and not isinstance(error, RepositoryNotFoundError):
+                return (
+                    f"the Hub at {self.endpoint} rejected the token (401 Unauthorized): "
+                    "check --token / HF_TOKEN"
+                )
+            if status == 403:
+                return (
+                    f"not allowed to write to {self.repo_id} (403 Forbidden): it belongs to "
+                    "another user or organization, or the token cannot write"
+                )
+            if isinstance(error, RepositoryNotFoundError) or status == 404:
+                return f"{self.repo_id}: not found on {self.endpoint} ({status})"
+            server = (response.headers.get("X-Error-Message") or "").strip()
+            return f"the Hub at {self.endpoint} answered {status}" + (
+                f": {server}" if server else ""
+            )
+        module = type(error).__module__
+        if isinstance(error, OSError) or module.startswith(("httpx", "httpcore")):
+            return f"cannot reach the Hub at {self.endpoint}: {type(error).__name__}: {error}"
+        return f"push failed: {type(error).__name__}: {error}"
+
+
+def push(
+    folder: Path | str,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    endpoint: str | None = None,
+    revision: str | None = None,
+    tag: str | None = None,
+    private: bool = False,
+    dry_run: bool = False,
+    message: str | None = None,
+) -> dict[str, Any]:
+    """Upload ``folder`` to ``repo_id`` in one commit (none if nothing changed): a summary."""
+    folder = Path(folder)
+    files = release_files(folder)
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ClipshipError(f"--repo-id {repo_id!r}: expected owner/name")
+    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    branch = revision or "main"
+    summary = {
+        "repo_id": repo_id,
+        "endpoint": endpoint,
+        "revision": branch,
+        "files": [{"path": f.path, "size": f.size} for f in files],
+        "bytes": sum(f.size for f in files),
+        "dry_run": dry_run,
+    }
+    if dry_run:
+        return summary
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    from clipship import __version__
+
+    token = resolve_token(token)
+    api = HfApi(
+        endpoint=endpoint, token=token, library_name="clipship", library_version=__version__
+    )
+    with _Hub(endpoint, token, repo_id):
+        me = api.whoami()
+        owner = repo_id.split("/")[0]
+        if owner not in {me.get("name"), *(o.get("name") for o in me.get("orgs", []))}:
+            raise PushError(
+                f"not allowed to write to {repo_id}: it belongs to {owner}, and the token is "
+                f"{me.get('name')}'s (not a member of {owner})"
+            )
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if branch != "main":
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
+        remote = {
+            entry.path: entry
+            for entry in api.list_repo_tree(repo_id, revision=branch, recursive=True)
+            if hasattr(entry, "blob_id")
+        }
+        changed = [f for f in files if not _unchanged(f, remote.get(f.path))]
+        if changed:
+            title, description = commit_message(folder)
+            info = api.create_commit(
+                repo_id,
+                [CommitOperationAdd(f.path, str(f.file)) for f in changed],
+                commit_message=message or title,
+                commit_description=description,
+                revision=branch,
+            )
+            commit = info.oid
+        else:
+            commit = api.repo_info(repo_id, revision=branch).sha
+        if tag:
+            tags = {t.name: t.target_commit for t in api.list_repo_refs(repo_id).tags}
+            if tag in tags and tags[tag] != commit:
+                raise PushError(
+                    f"tag {tag} already exists on {repo_id} at {tags[tag][:12]}, not at the pushed "
+                    f"commit {commit[:12]}"
+                )
+            if tag not in tags:
+                api.create_tag(repo_id, tag=tag, revision=commit)
+    suffix = "" if branch == "main" else f"/tree/{branch}"
+    summary.update(
+        committed=bool(changed),
+        uploaded=[f.path for f in changed],
+        commit=commit,
+        tag=tag,
+        url=f"{endpoint}/{repo_id}{suffix}",
+    )
+    return summary
