@@ -63,3 +63,29 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
     return max(
         float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0 for k in a
     )
+
+
+HUB_TOKENS = {"hf_alice_secret_token_123": "alice", "hf_bob_secret_token_456": "bob"}
+
+
+@pytest.fixture(scope="session")
+def hub():
+    """A local Hub API server (tests/hubserver.py) on a free port, for the whole session."""
+    from .hubserver import HubServer
+
+    with HubServer(HUB_TOKENS) as server:
+        yield server
+
+
+@pytest.fixture
+def hub_env(hub, tmp_path):
+    """Environment for a `clipship` subprocess that talks to the local Hub as alice."""
+    import os
+
+    return {
+        **os.environ,
+        "HF_ENDPOINT": hub.url,
+        "HF_TOKEN": "hf_alice_secret_token_123",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }

@@ -1,0 +1,5 @@
+"""`python -m clipship`: the command line."""
+
+from clipship.cli import main
+
+main()

@@ -1,0 +1,158 @@
+"""`clipship push` against a local Hub API server with the unmodified huggingface_hub client."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from huggingface_hub import HfApi, snapshot_download
+from typer.testing import CliRunner
+
+from clipship.cli import app
+
+from .conftest import FIXTURE, HUB_TOKENS, TASKS
+
+runner = CliRunner()
+ALICE, BOB = list(HUB_TOKENS)
+
+
+def clipship(*args: str, env: dict) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "clipship", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("release") / "run"
+    args = ["merge", "--pretrained", str(FIXTURE / "pretrained"), "--method", "task_arithmetic"]
+    args += [a for t in TASKS for a in ("--model", f"{t}={FIXTURE / t}")]
+    assert runner.invoke(app, [*args, "--out", str(run), "--quiet"]).exit_code == 0
+    assert runner.invoke(app, ["card", str(run), "--license", "mit"]).exit_code == 0
+    return run
+
+
+def files_under(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in folder.rglob("*")
+        if p.is_file() and not p.relative_to(folder).as_posix().startswith(".")
+    }
+
+
+def test_push_uploads_one_commit_then_nothing_and_downloads_identically(
+    hub, hub_env, release, tmp_path
+):
+    from transformers import CLIPModel
+
+    first = clipship("push", str(release), "--repo-id", "alice/ta", "--tag", "v1", env=hub_env)
+    assert first.returncode == 0, first.stderr
+    assert "pushed" in first.stdout and "tag v1" in first.stdout
+    second = clipship("push", str(release), "--repo-id", "alice/ta", "--json", env=hub_env)
+    assert second.returncode == 0, second.stderr
+    summary = json.loads(second.stdout)
+    assert summary["committed"] is False and summary["uploaded"] == []
+
+    api = HfApi(endpoint=hub.url, token=ALICE)
+    commits = api.list_repo_commits("alice/ta")
+    assert len(commits) == 2 and commits[0].title.startswith("clipship: task_arithmetic merge")
+    refs = api.list_repo_refs("alice/ta")
+    assert {t.name: t.target_commit for t in refs.tags} == {"v1": commits[0].commit_id}
+
+    folder = Path(
+        snapshot_download("alice/ta", endpoint=hub.url, token=ALICE, cache_dir=tmp_path / "dl")
+    )
+    downloaded = files_under(folder)
+    downloaded.pop(".gitattributes", None)
+    assert downloaded == files_under(release)
+    model = CLIPModel.from_pretrained(folder)
+    assert model.config.projection_dim > 0
+    assert api.model_info("alice/ta").card_data.license == "mit"
+
+
+def test_changed_file_makes_one_commit_with_only_that_file(hub, hub_env, release, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name, data in files_under(release).items():
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_bytes(data)
+    assert clipship("push", str(run), "--repo-id", "alice/edit", env=hub_env).returncode == 0
+    (run / "notes.txt").write_text("second version\n")
+    result = clipship("push", str(run), "--repo-id", "alice/edit", "--json", env=hub_env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["uploaded"] == ["notes.txt"]
+    assert len(HfApi(endpoint=hub.url, token=ALICE).list_repo_commits("alice/edit")) == 3
+
+
+def test_branch_private_and_dry_run(hub, hub_env, release):
+    before = len(hub.state.requests)
+    dry = clipship(
+        "push", str(release), "--repo-id", "alice/p", "--dry-run", env={**hub_env, "HF_TOKEN": ""}
+    )
+    assert dry.returncode == 0 and "model.safetensors" in dry.stdout and "total" in dry.stdout
+    assert len(hub.state.requests) == before  # talked to no server, needed no token
+
+    result = clipship(
+        "push", str(release), "--repo-id", "alice/p", "--private", "--revision", "rc", env=hub_env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("/alice/p/tree/rc")
+    owner = HfApi(endpoint=hub.url, token=ALICE)
+    assert owner.model_info("alice/p").private
+    assert {b.name for b in owner.list_repo_refs("alice/p").branches} == {"main", "rc"}
+    assert "model.safetensors" in owner.list_repo_files("alice/p", revision="rc")
+    assert "model.safetensors" not in owner.list_repo_files("alice/p")  # main untouched
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    with pytest.raises(RepositoryNotFoundError):
+        HfApi(endpoint=hub.url, token=False).model_info("alice/p")  # invisible to anonymous
+
+
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("wrong-token", "rejected the token (401"),
+        ("not-owner", "not allowed to write to alice/ta"),
+        ("no-token", "no Hugging Face token"),
+        ("network-down", "cannot reach the Hub at http://127.0.0.1:9"),
+    ],
+)
+def test_push_errors_are_one_line_and_never_show_the_token(
+    hub, hub_env, release, tmp_path, case, expect
+):
+    env = dict(hub_env)
+    if case == "wrong-token":
+        env["HF_TOKEN"] = "hf_wrong_secret_token_789"
+    elif case == "not-owner":
+        env["HF_TOKEN"] = BOB
+    elif case == "no-token":
+        env.pop("HF_TOKEN")
+    else:
+        env["HF_ENDPOINT"] = "http://127.0.0.1:9"
+    api = HfApi(endpoint=hub.url, token=ALICE)
+    before = api.list_repo_commits("alice/ta") if api.repo_exists("alice/ta") else []
+    result = clipship("push", str(release), "--repo-id", "alice/ta", env=env)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0]
+    token = env.get("HF_TOKEN", "")
+    if token:
+        assert token not in result.stdout + result.stderr
+        for path in [*release.rglob("*"), *Path(env["HF_HOME"]).rglob("*")]:
+            assert not path.is_file() or token.encode() not in path.read_bytes()
+    after = api.list_repo_commits("alice/ta") if api.repo_exists("alice/ta") else []
+    assert len(after) == len(before)  # nothing reached the Hub
+
+
+def test_token_from_option_is_not_written_or_printed(hub, hub_env, release):
+    env = {k: v for k, v in hub_env.items() if k != "HF_TOKEN"}
+    result = clipship(
+        "push", str(release), "--repo-id", "alice/opt", "--token", ALICE, "--json", env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert ALICE not in result.stdout + result.stderr
+    home = Path(env["HF_HOME"])
+    for path in [*release.rglob("*"), *(home.rglob("*") if home.exists() else [])]:
+        assert not path.is_file() or ALICE.encode() not in path.read_bytes()
+    assert os.environ.get("HF_TOKEN") != ALICE
