@@ -694,6 +694,55 @@ def _print_push(result: dict[str, Any]) -> None:
     print(result["url"])
 
 
+@app.command()
+def release(
+    config: Annotated[Path, typer.Argument(help="Release YAML (see examples/release.yaml).")],
+    run_dir: Annotated[
+        Path | None, typer.Option("--run-dir", help="Default: release_out/<name>.")
+    ] = None,
+    repo_id: Annotated[str | None, typer.Option("--repo-id", help="Override hub.repo_id.")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Everything but the upload (lists it instead).")
+    ] = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Merge → eval → export → card → push in one command, stopping at the first failed gate."""
+
+    def call():
+        from clipship.release import release as run_release
+
+        return run_release(config, run_dir, repo_id=repo_id, dry_run=dry_run, quiet=quiet)
+
+    summary = _run(call)
+    if json_out:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_release(summary)
+    if summary["status"] == "gate_failed":
+        print(f"error: release gate failed: {'; '.join(summary['failed'])}", file=sys.stderr)
+        raise typer.Exit(3)
+
+
+def _print_release(summary: dict[str, Any]) -> None:
+    accuracy = summary.get("accuracy") or {}
+    if accuracy:
+        tasks = list(accuracy.get("merged", {}))
+        print("| model | " + " | ".join(tasks) + " |")
+        print("|---" * (len(tasks) + 1) + "|")
+        for label, row in accuracy.items():
+            cells = " | ".join(f"{100 * row[t]:.1f}" if t in row else "—" for t in tasks)
+            print(f"| {label} | {cells} |")
+    for gate in summary.get("gates", []):
+        from clipship.release import describe
+
+        print(f"gate {'pass' if gate['passed'] else 'FAIL'}: {describe(gate)}")
+    if summary.get("card"):
+        print(f"card: {summary['card']}")
+    if summary.get("push"):
+        _print_push(summary["push"])
+
+
 BudgetOpt = Annotated[str, typer.Option("--budget", help="smoke (tests, < 1 min) or full (demo).")]
 
 

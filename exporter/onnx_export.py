@@ -121,19 +121,22 @@ def _onnx_export(model: DeployModel, example: torch.Tensor, path: Path, names: l
 
 @contextlib.contextmanager
 def _quiet():
-    """onnxruntime's converters log advice to the root logger and stdout; keep the CLI clean."""
+    """The exporter and onnxruntime's converters log advice (and torchvision's absence) to
+    loggers and stdout; keep the CLI clean."""
     import logging
     import warnings
 
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(), logging.getLogger("torch.onnx")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
-        root.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _to_fp16(source: Path, target: Path) -> None:
@@ -256,7 +259,7 @@ def export(
         start += heads[name].shape[0]
     record = {
         "format": "clipship-export/1",
-        "model": str(model),
+        "model": Path(model).name if Path(model).is_dir() else str(model),  # no local paths
         "opset": OPSET,
         "input": {
             "name": "pixel_values",

@@ -1,0 +1,420 @@
+"""`clipship release RELEASE.yaml`: merge → eval → export → card → push in one gated command.
+
+Each stage writes its own folder under ``RUN_DIR/stages/`` atomically, with a ``stage.json`` that
+holds the hash of everything the stage read (configuration, input weights, task definitions,
+the previous stage's key). A re-run reuses every stage whose key is unchanged, so the same inputs
+give the same bytes. The release folder ``RUN_DIR/release/`` (what is pushed) is assembled from
+the stages, the card is written into it, and the push happens only when every gate passed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from clipship.errors import ClipshipError
+from clipship.outputs import atomic_folder
+
+SECTIONS = {
+    "name": None,
+    "pool": {"minibench", "seed", "yaml", "pretrained", "models"},
+    "method": None,
+    "parameters": None,
+    "seed": None,
+    "eval": {"tasks", "taskfile", "data_dir", "baselines", "batch_size", "limit", "device"},
+    "gates": {"min_average_accuracy", "min_accuracy", "max_drop", "export"},
+    "export": {"precisions", "validation_size", "validation_data"},
+    "card": {"license", "name"},
+    "hub": {"repo_id", "private", "revision", "tag", "message"},
+}
+EXPORT_GATES = {"max_logit_diff", "min_agreement_fp32", "min_agreement_fp16", "min_agreement_int8"}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
+
+
+class ReleaseConfigError(ClipshipError):
+    """A release YAML that cannot be run."""
+
+
+class GateFailed(ClipshipError):
+    """A release gate failed: nothing was pushed."""
+
+    exit_code = 3
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    from clipship.pool import read_yaml
+
+    path = Path(path)
+    config = read_yaml(path, ReleaseConfigError, "release file")
+    if not isinstance(config, dict):
+        raise ReleaseConfigError(f"{path}: a release file is a mapping (pool:, method:, ...)")
+    for key, value in config.items():
+        if key not in SECTIONS:
+            raise ReleaseConfigError(f"{path}: unknown key {key!r} (known: {', '.join(SECTIONS)})")
+        allowed = SECTIONS[key]
+        if allowed is not None:
+            if not isinstance(value, dict):
+                raise ReleaseConfigError(f"{path}: {key}: expected a mapping")
+            extra = sorted(set(value) - allowed)
+            if extra:
+                raise ReleaseConfigError(
+                    f"{path}: {key}.{extra[0]}: unknown (known: {', '.join(sorted(allowed))})"
+                )
+    for required in ("pool", "method"):
+        if required not in config:
+            raise ReleaseConfigError(f"{path}: missing {required}:")
+    export_gates = config.get("gates", {}).get("export") or {}
+    extra = sorted(set(export_gates) - EXPORT_GATES)
+    if extra:
+        raise ReleaseConfigError(f"{path}: gates.export.{extra[0]}: unknown")
+    config["_base"] = path.resolve().parent
+    return config
+
+
+def _path(config: dict[str, Any], value: str | None) -> Path | None:
+    """Paths in a release file are relative to the file."""
+    if value is None:
+        return None
+    path = Path(os.path.expanduser(str(value)))
+    return path if path.is_absolute() else config["_base"] / path
+
+
+def _source(config: dict[str, Any], source: str) -> str:
+    local = _path(config, source)
+    return str(local) if local is not None and local.exists() else source
+
+
+def resolve_pool(config: dict[str, Any], quiet: bool) -> tuple[str, dict[str, str], Path | None]:
+    """(pretrained, {task: source}, taskfile or None) for the pool the release names."""
+    from clipship.pool import read_pool_yaml
+
+    pool = config["pool"]
+    chosen = [k for k in ("minibench", "yaml", "pretrained") if k in pool]
+    if len(chosen) != 1:
+        raise ReleaseConfigError(
+            "pool: give exactly one of minibench:, yaml:, pretrained: + models:"
+        )
+    if "minibench" in pool:
+        from clipship.eval.minibench.build import BUDGETS, build
+
+        budget = str(pool["minibench"])
+        if budget not in BUDGETS:
+            raise ReleaseConfigError(f"pool.minibench: {budget!r}: choose {', '.join(BUDGETS)}")
+        folder = build(None, budget, int(pool.get("seed", 0)), quiet=quiet)
+        pretrained, models = read_pool_yaml(folder / "pool.yaml")
+        return pretrained, models, folder / "tasks.json"
+    if "yaml" in pool:
+        pretrained, models = read_pool_yaml(_path(config, pool["yaml"]))
+        return pretrained, models, None
+    models = pool.get("models")
+    if not isinstance(models, dict) or not models:
+        raise ReleaseConfigError("pool.models: a mapping of task name → source")
+    return (
+        _source(config, pool["pretrained"]),
+        {name: _source(config, src) for name, src in models.items()},
+        None,
+    )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint(source: str) -> Any:
+    """What identifies a source: its weight and config files' sha256 (local), or its id@revision."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return source
+    return {
+        p.relative_to(folder).as_posix(): _sha256(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.suffix in WEIGHT_SUFFIXES
+    }
+
+
+def key_of(*parts: Any) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class Stages:
+    """Stage folders under ``root`` reused when their input key is unchanged."""
+
+    def __init__(self, root: Path, log):
+        self.root, self.log, self.record = root, log, {}
+
+    def run(self, name: str, key: str, build) -> Path:
+        folder = self.root / name
+        marker = folder / "stage.json"
+        if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
+            self.log(f"{name}: reused (inputs unchanged)")
+            self.record[name] = {"key": key, "reused": True}
+            return folder
+        self.log(f"{name}: running")
+        started = time.perf_counter()
+        with atomic_folder(folder, force=True) as tmp:
+            build(tmp)
+            (tmp / "stage.json").write_text(json.dumps({"key": key}) + "\n")
+        seconds = round(time.perf_counter() - started, 1)
+        self.log(f"{name}: done in {seconds} s")
+        self.record[name] = {"key": key, "reused": False, "seconds": seconds}
+        return folder
+
+
+def _tasks(config: dict[str, Any], models: dict[str, str], taskfile: Path | None):
+    from clipship.eval.tasks import select_tasks
+
+    spec = config.get("eval", {})
+    names = spec.get("tasks", "pool")
+    if names == "pool":
+        names = list(models)
+    names = ",".join(names) if isinstance(names, list) else str(names)
+    return select_tasks(
+        names,
+        data_dir=_path(config, spec.get("data_dir")),
+        taskfile=_path(config, spec.get("taskfile")) or taskfile,
+    )
+
+
+def _evaluate(stage: Path, model: Path, pretrained: str, models: dict, tasks, spec: dict) -> None:
+    from clipship.eval import build_heads, evaluate, save_heads
+
+    heads, meta = build_heads(pretrained, tasks)
+    save_heads(stage / "heads", heads, meta, force=False)
+    options = {
+        "heads": stage / "heads",
+        "device": spec.get("device", "auto"),
+        "batch_size": int(spec.get("batch_size", 128)),
+        "limit": spec.get("limit"),
+        "workers": 0,
+    }
+    report: dict[str, Any] = {"merged": evaluate(str(model), tasks, **options)}
+    if spec.get("baselines", True):
+        report["pretrained"] = evaluate(pretrained, tasks, **options)
+        report["individual"] = {
+            t.name: evaluate(models[t.name], [t], pretrained=pretrained, **options)[t.name]
+            for t in tasks
+            if t.name in models
+        }
+    timings = {}  # kept out of the report, which must be the same bytes on every run
+    for label, rows in report.items():
+        for task, row in rows.items():
+            if isinstance(row, dict) and "images_per_second" in row:
+                timings[f"{label}/{task}"] = row.pop("images_per_second")
+    (stage / "eval_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (stage / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+
+
+def accuracies(report: dict[str, Any]) -> dict[str, float]:
+    """{task: accuracy} from a FusionBench-shaped report (without its average)."""
+    return {
+        t: r["accuracy"]
+        for t, r in report.items()
+        if t != "average" and isinstance(r, dict) and "accuracy" in r
+    }
+
+
+def accuracy_gates(gates: dict[str, Any], report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every accuracy gate with its value, limit and verdict (accuracies are fractions)."""
+    merged = accuracies(report["merged"])
+    out = []
+
+    def check(name: str, value: float, limit: float, at_least: bool) -> None:
+        passed = value >= limit if at_least else value <= limit
+        op = "≥" if at_least else "≤"
+        out.append({"gate": name, "value": value, "limit": limit, "op": op, "passed": passed})
+
+    if "min_average_accuracy" in gates:
+        average = report["merged"]["average"]["accuracy"]
+        check("average accuracy", average, float(gates["min_average_accuracy"]), True)
+    minimum = gates.get("min_accuracy")
+    if minimum is not None:
+        limits = minimum if isinstance(minimum, dict) else dict.fromkeys(merged, minimum)
+        for task, limit in limits.items():
+            if task not in merged:
+                raise ReleaseConfigError(f"gates.min_accuracy.{task}: not an evaluated task")
+            check(f"{task} accuracy", merged[task], float(limit), True)
+    if "max_drop" in gates:
+        individual = report.get("individual")
+        if not individual:
+            raise ReleaseConfigError("gates.max_drop needs eval.baselines: true")
+        for task, row in individual.items():
+            drop = row["accuracy"] - merged[task]
+            check(f"{task} drop vs its fine-tuned model", drop, float(gates["max_drop"]), False)
+    return out
+
+
+def _assemble(out: Path, merged: Path, evaluated: Path, exported: Path | None, card: dict) -> Path:
+    """The release folder: model files, heads, eval report, export, then the card."""
+    from clipship.cards.card import write_card
+
+    def link(source: Path, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
+
+    parts = [(merged / "model", ""), (evaluated / "heads", "heads/")]
+    if exported is not None:
+        parts.append((exported / "export", "export/"))
+    with atomic_folder(out, force=True) as tmp:
+        for folder, prefix in parts:
+            for file in sorted(folder.rglob("*")):
+                if file.is_file():
+                    link(file, tmp / prefix / file.relative_to(folder))
+        link(evaluated / "eval_report.json", tmp / "eval_report.json")
+        write_card(tmp, license=card.get("license"), name=card.get("name"))
+    return out
+
+
+def release(
+    config_path: Path | str,
+    run_dir: Path | str | None = None,
+    *,
+    repo_id: str | None = None,
+    dry_run: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Run the release; returns the summary (``status`` is ``released``, ``dry_run``,
+    ``built`` without a hub target, or ``gate_failed``)."""
+    from clipship.merge import merge
+
+    config = read_config(Path(config_path))
+    name = str(config.get("name") or Path(config_path).stem)
+    run = Path(run_dir) if run_dir else Path("release_out") / name
+
+    def log(message: str) -> None:
+        if not quiet:
+            print(f"[release] {message}", file=sys.stderr, flush=True)
+
+    pretrained, models, taskfile = resolve_pool(config, quiet)
+    tasks = _tasks(config, models, taskfile)
+    stages = Stages(run / "stages", log)
+    summary: dict[str, Any] = {"name": name, "run_dir": str(run), "stages": stages.record}
+    method, params = config["method"], dict(config.get("parameters") or {})
+    seed = int(config.get("seed", 0))
+
+    merge_key = key_of(
+        "merge/1",
+        {n: fingerprint(s) for n, s in {"pretrained": pretrained, **models}.items()},
+        list(models),
+        method,
+        params,
+        seed,
+    )
+    merged = stages.run(
+        "merge",
+        merge_key,
+        lambda tmp: merge(pretrained, models, method, tmp / "model", params, seed=seed),
+    )
+    spec = config.get("eval", {})
+    eval_key = key_of(
+        "eval/1", merge_key, [dataclasses.asdict(t) for t in tasks], spec, fingerprint(pretrained)
+    )
+    evaluated = stages.run(
+        "eval",
+        eval_key,
+        lambda tmp: _evaluate(tmp, merged / "model", pretrained, models, tasks, spec),
+    )
+    report = json.loads((evaluated / "eval_report.json").read_text())
+    summary["accuracy"] = {label: accuracies(rows) for label, rows in report.items()}
+    gates = config.get("gates") or {}
+    summary["gates"] = accuracy_gates(gates, report)
+    failed = [g for g in summary["gates"] if not g["passed"]]
+    if failed:
+        return _failed(summary, failed)
+
+    exported = None
+    if config.get("export") is not None:
+        exported, failure = _export_stage(config, stages, eval_key, merged, evaluated, tasks)
+        if exported is not None:
+            summary["export"] = _export_figures(exported / "export" / "export_report.json")
+        if failure:
+            summary["gates"].append(failure)
+            return _failed(summary, [failure])
+
+    card = dict(config.get("card") or {})
+    hub = config.get("hub") or {}
+    repo = repo_id or hub.get("repo_id")
+    card.setdefault("name", repo or name)
+    out = _assemble(run / "release", merged, evaluated, exported, card)
+    summary.update(status="built", release_dir=str(out), card=str(out / "README.md"))
+    log(f"release folder: {out}")
+    if repo:
+        from clipship.cards.push import push
+
+        log(f"push: {repo}" + (" (dry run)" if dry_run else ""))
+        summary["push"] = push(
+            out,
+            repo,
+            revision=hub.get("revision"),
+            tag=hub.get("tag"),
+            private=bool(hub.get("private", False)),
+            message=hub.get("message"),
+            dry_run=dry_run,
+        )
+        summary["status"] = "dry_run" if dry_run else "released"
+    return summary
+
+
+def _export_stage(config, stages: Stages, eval_key: str, merged: Path, evaluated: Path, tasks):
+    from clipship.exporter.onnx_export import ExportValidationError, Gates, export
+
+    spec = config["export"] or {}
+    limits = {**dataclasses.asdict(Gates()), **(config.get("gates", {}).get("export") or {})}
+    precisions = spec.get("precisions", ["fp32"])
+    key = key_of("export/1", eval_key, spec, limits)
+    data = _path(config, spec.get("validation_data"))
+
+    def build(tmp: Path) -> None:
+        export(
+            str(merged / "model"),
+            evaluated / "heads",
+            tmp / "export",
+            precisions=list(precisions),
+            validation_tasks=tasks,
+            validation_data=data,
+            validation_size=int(spec.get("validation_size", 64)),
+            gates=Gates(**{k: float(v) for k, v in limits.items()}),
+        )
+
+    try:
+        return stages.run("export", key, build), None
+    except ExportValidationError as e:
+        return None, {"gate": "export validation", "passed": False, "message": str(e)}
+
+
+def _export_figures(path: Path) -> dict[str, Any]:
+    report = json.loads(path.read_text())
+    out = {}
+    for variant, rows in report["variants"].items():
+        tasks = {t: r for t, r in rows.items() if isinstance(r, dict)}
+        out[variant] = {
+            "max_abs_logit_diff": max(r["max_abs_logit_diff"] for r in tasks.values()),
+            "min_top1_agreement": min(r["top1_agreement"] for r in tasks.values()),
+        }
+    return out
+
+
+def _failed(summary: dict[str, Any], failed: list[dict[str, Any]]) -> dict[str, Any]:
+    summary["status"] = "gate_failed"
+    summary["failed"] = [describe(g) for g in failed]
+    return summary
+
+
+def describe(gate: dict[str, Any]) -> str:
+    if "message" in gate:
+        return f"{gate['gate']}: {gate['message']}"
+    return f"{gate['gate']} {gate['value']:.4f} (needs {gate['op']} {gate['limit']})"
