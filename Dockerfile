@@ -1,32 +1,43 @@
-# clipship on CPU: `docker build -t clipship .` then `docker run --rm clipship --help`.
-# For GPUs, build FROM an NVIDIA CUDA runtime image and set TORCH_INDEX to a CUDA wheel index;
-# replace onnxruntime with onnxruntime-gpu.
-FROM python:3.11-slim
+# clipship: `docker build -t clipship .` (CPU) or `docker build --build-arg VARIANT=cuda -t
+# clipship:cuda .` (CUDA base, CUDA torch, onnxruntime-gpu); then `docker run --rm clipship --help`.
+# The install is scripts/install.sh, the same script `make` runs.
+ARG VARIANT=cpu
 
-ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+FROM python:3.11-slim AS base-cpu
+ENV TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" \
+    ORT_GPU="" \
+    PYTHON=python3
 
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS base-cuda
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+ENV TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" \
+    ORT_GPU="onnxruntime-gpu==1.31.1" \
+    PYTHON=python3
+
+# hadolint ignore=DL3006
+FROM base-${VARIANT}
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    HF_HUB_DISABLE_TELEMETRY=1
+    HF_HUB_DISABLE_TELEMETRY=1 \
+    VENV=/opt/venv \
+    EXTRAS=minibench \
+    EDITABLE=0 \
+    PATH=/opt/venv/bin:$PATH
 
-RUN useradd --create-home --uid 1000 clipship
-WORKDIR /opt/clipship
-
-# torch first, from the index that matches the hardware, so the project's range is already met.
-RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
-
+WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY scripts ./scripts
 COPY clipship ./clipship
 COPY merge ./merge
 COPY eval ./eval
 COPY exporter ./exporter
 COPY cards ./cards
-RUN pip install ".[minibench]"
-
-USER clipship
+RUN sh scripts/install.sh && useradd --create-home --uid 10001 clipship
+USER 10001
 WORKDIR /home/clipship
 ENTRYPOINT ["clipship"]
 CMD ["--help"]

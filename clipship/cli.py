@@ -701,6 +701,7 @@ def release(
         Path | None, typer.Option("--run-dir", help="Default: release_out/<name>.")
     ] = None,
     repo_id: Annotated[str | None, typer.Option("--repo-id", help="Override hub.repo_id.")] = None,
+    tag: Annotated[str | None, typer.Option("--tag", help="Override hub.tag.")] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Everything but the upload (lists it instead).")
     ] = False,
@@ -712,7 +713,7 @@ def release(
     def call():
         from clipship.release import release as run_release
 
-        return run_release(config, run_dir, repo_id=repo_id, dry_run=dry_run, quiet=quiet)
+        return run_release(config, run_dir, repo_id=repo_id, tag=tag, dry_run=dry_run, quiet=quiet)
 
     summary = _run(call)
     if json_out:

@@ -284,6 +284,7 @@ def release(
     run_dir: Path | str | None = None,
     *,
     repo_id: str | None = None,
+    tag: str | None = None,
     dry_run: bool = False,
     quiet: bool = False,
 ) -> dict[str, Any]:
@@ -360,7 +361,7 @@ def release(
             out,
             repo,
             revision=hub.get("revision"),
-            tag=hub.get("tag"),
+            tag=tag or hub.get("tag"),
             private=bool(hub.get("private", False)),
             message=hub.get("message"),
             dry_run=dry_run,

@@ -358,7 +358,7 @@ def main() -> None:
     parser.add_argument("--user", default="demo")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args()
-    token = os.environ.get("HF_TOKEN") or "hf_demo_local_token"
+    token = "hf_demo_local_token"  # the caller's own HF_TOKEN is never handed to this server
     with HubServer({token: args.user}, args.port) as hub:
         command = [c for c in args.command if c != "--"]
         if not command:

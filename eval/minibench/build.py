@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -282,7 +283,7 @@ def build(
 
     def log(message: str) -> None:
         if not quiet:
-            print(message, flush=True)
+            print(message, file=sys.stderr, flush=True)  # stdout: results only
 
     if not (cached / "build.json").is_file() or force:
         started = time.perf_counter()

