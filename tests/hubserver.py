@@ -369,7 +369,9 @@ def main() -> None:
                 return
         env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": token}
         env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-        sys.exit(subprocess.call(command, env=env))
+        code = subprocess.call(command, env=env)
+        print(f"(the local Hub server at {hub.url} stops now)", file=sys.stderr)
+        sys.exit(code)
 
 
 if __name__ == "__main__":
