@@ -156,3 +156,12 @@ def test_token_from_option_is_not_written_or_printed(hub, hub_env, release):
     for path in [*release.rglob("*"), *(home.rglob("*") if home.exists() else [])]:
         assert not path.is_file() or ALICE.encode() not in path.read_bytes()
     assert os.environ.get("HF_TOKEN") != ALICE
+
+
+def test_token_from_the_saved_login(hub, hub_env, release):
+    env = {k: v for k, v in hub_env.items() if k != "HF_TOKEN"}
+    Path(env["HF_HOME"]).mkdir(parents=True, exist_ok=True)
+    (Path(env["HF_HOME"]) / "token").write_text(ALICE)  # what `hf auth login` saves
+    result = clipship("push", str(release), "--repo-id", "alice/saved", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["committed"] and ALICE not in result.stdout + result.stderr
