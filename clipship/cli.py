@@ -522,7 +522,12 @@ def export(
     heads_dir: Annotated[Path, typer.Option("--heads", help="Heads from `clipship heads`.")],
     out: Annotated[Path, typer.Option("--out", help="Export folder (written atomically).")],
     onnx: Annotated[bool, typer.Option("--onnx", help="Write the ONNX graph (the format).")] = True,
-    tensorrt: Annotated[bool, typer.Option("--tensorrt", help="Also a TensorRT engine.")] = False,
+    tensorrt: Annotated[
+        bool, typer.Option("--tensorrt", help="Also a TensorRT fp16 engine (needs a GPU).")
+    ] = False,
+    max_batch: Annotated[
+        int, typer.Option("--max-batch", help="TensorRT profile's largest batch.")
+    ] = 64,
     precision: Annotated[str, typer.Option("--precision", help="fp32,fp16,int8")] = "fp32",
     pretrained: PretrainedOpt = None,
     tasks: TasksOpt = None,
@@ -547,10 +552,6 @@ def export(
 
         if not onnx:
             raise MethodError("nothing to export: --onnx is the format clipship writes")
-        if tensorrt:
-            from clipship.exporter.tensorrt import require_tensorrt
-
-            require_tensorrt()
         names = [n for n in (tasks or "").split(",") if n and n != "all"] or None
         val_tasks = read_taskfile(taskfile) if taskfile else []
         if data_dir is not None:
@@ -572,6 +573,8 @@ def export(
             validation_size=validation_size,
             gates=gates,
             force=force,
+            tensorrt=tensorrt,
+            max_batch=max_batch,
         )
 
     result = _run(call)

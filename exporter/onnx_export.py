@@ -230,10 +230,19 @@ def export(
     validation_size: int = 64,
     gates: Gates = Gates(),
     force: bool = False,
+    tensorrt: bool = False,
+    max_batch: int = 64,
 ) -> dict[str, Any]:
-    """Export, validate against PyTorch, and write ``out`` (nothing is written if a gate fails)."""
+    """Export, validate against PyTorch, and write ``out`` (nothing is written if a gate fails).
+    With ``tensorrt``, also an fp16 engine (batch 1 … ``max_batch``), validated the same way."""
     out = Path(out)
     check_target(out, force)
+    if tensorrt:
+        from clipship.exporter.tensorrt import require_tensorrt
+
+        require_tensorrt()
+        if max_batch < 32:
+            raise ClipshipError("--max-batch must be at least 32 (validation runs batches of 32)")
     unknown = [p for p in precisions if p not in FILES]
     if unknown:
         raise ClipshipError(f"--precision {unknown[0]}: choose among {', '.join(FILES)}")
@@ -293,6 +302,22 @@ def export(
             result["batch_1_7_vs_32_max_diff"] = _batch_consistency(session, pixels)
             report["variants"][precision] = result
             _gate(precision, result, names, gates)
+        if tensorrt:
+            from clipship.exporter.tensorrt import ENGINE_FILE, EngineSession, build_engine
+
+            if "fp16" not in precisions:
+                _to_fp16(tmp / FILES["fp32"], tmp / FILES["fp16"])
+            shape = tuple(pixels.shape[1:])
+            record["tensorrt"] = build_engine(
+                tmp / FILES["fp16"], tmp / ENGINE_FILE, shape, max_batch
+            )
+            if "fp16" not in precisions:
+                (tmp / FILES["fp16"]).unlink()
+            session = EngineSession(tmp / ENGINE_FILE)
+            result = _compare(session, deploy, pixels, where, names)
+            result["batch_1_7_vs_32_max_diff"] = _batch_consistency(session, pixels)
+            report["variants"]["tensorrt_fp16"] = result
+            _gate("fp16", result, names, gates)  # the fp16 agreement gate
         if "fp32" not in precisions:
             (tmp / FILES["fp32"]).unlink()
         _embed_metadata(tmp, record)
