@@ -10,7 +10,7 @@ encoders, its heads), exported in fp32/fp16/int8 by `clipship export` and compar
 on its real test images: max |Δlogit| and top-1 agreement per task.
 
     python benchmarks/export_speed.py [--budget full|smoke] [--threads 2] [--repeats 5]
-        [--skip-speed] [--skip-validation]
+        [--skip-speed] [--skip-validation] [--gpu]
 """
 
 from __future__ import annotations
@@ -32,16 +32,16 @@ def timed(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def speed(threads: int, repeats: int) -> None:
-    import onnxruntime as ort
+def _b32_deploy():
+    """A ViT-B/32-shaped encoder with the eight tasks' 758 classes of heads (random weights:
+    speed does not depend on them) and the output names of the export."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     from clipship.eval.evaluate import ZeroShotModel
-    from clipship.exporter.onnx_export import FILES, DeployModel, _onnx_export, _to_int8
+    from clipship.exporter.onnx_export import DeployModel
     from clipship.synthetic import B32
 
     torch.manual_seed(0)
-    torch.set_num_threads(threads)
     vision = CLIPVisionModel(CLIPVisionConfig(**B32["vision_config"])).eval()
     projection = torch.nn.Linear(768, 512, bias=False)
     sizes = {
@@ -56,7 +56,16 @@ def speed(threads: int, repeats: int) -> None:
     }
     heads = {k: torch.nn.functional.normalize(torch.randn(n, 512), dim=1) for k, n in sizes.items()}
     model = DeployModel(ZeroShotModel(vision, projection, torch.tensor(4.6052)), heads).eval()
-    outputs = ["image_embeds", "logits", *[f"logits_{k}" for k in heads]]
+    return model, ["image_embeds", "logits", *[f"logits_{k}" for k in heads]]
+
+
+def speed(threads: int, repeats: int) -> None:
+    import onnxruntime as ort
+
+    from clipship.exporter.onnx_export import FILES, _onnx_export, _to_int8
+
+    torch.set_num_threads(threads)
+    model, outputs = _b32_deploy()
     with tempfile.TemporaryDirectory() as tmp:
         fp32, int8 = Path(tmp) / FILES["fp32"], Path(tmp) / FILES["int8"]
         _onnx_export(model, torch.randn(2, 3, 224, 224), fp32, outputs)
@@ -88,6 +97,50 @@ def speed(threads: int, repeats: int) -> None:
                 f"{batch:>5} {base:>14.1f} {rates['ORT fp32']:>10.1f} {rates['ORT int8']:>10.1f}"
                 f"   (fp32 {rates['ORT fp32'] / base:.2f}×, int8 {rates['ORT int8'] / base:.2f}×)"
             )
+
+
+def gpu(repeats: int) -> None:
+    """PyTorch CUDA fp16 (autocast) vs ORT CUDA fp16 vs TensorRT fp16, batch 1 and 32, where the
+    packages exist (onnxruntime-gpu, tensorrt); each missing one is reported, not faked."""
+    import onnxruntime as ort
+
+    from clipship.exporter.onnx_export import FILES, _onnx_export, _to_fp16
+
+    model, outputs = _b32_deploy()
+    model = model.cuda()
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, fp16 = Path(tmp) / FILES["fp32"], Path(tmp) / FILES["fp16"]
+        _onnx_export(model.cpu(), torch.randn(2, 3, 224, 224), fp32, outputs)
+        model.cuda()
+        _to_fp16(fp32, fp16)
+        runners: dict[str, object] = {}
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            session = ort.InferenceSession(str(fp16), providers=["CUDAExecutionProvider"])
+            runners["ORT CUDA fp16"] = lambda x: session.run(["logits"], {"pixel_values": x})
+        else:
+            print("ORT CUDA fp16: skipped (this onnxruntime has no CUDAExecutionProvider)")
+        try:
+            from clipship.exporter.tensorrt import EngineSession, build_engine
+
+            build_engine(fp16, Path(tmp) / "model.engine", (3, 224, 224), 64)
+            engine = EngineSession(Path(tmp) / "model.engine")
+            runners["TensorRT fp16"] = lambda x: engine.run(["logits"], {"pixel_values": x})
+        except ImportError:
+            print("TensorRT fp16: skipped (no tensorrt package)")
+        print(f"ViT-B/32 + 758-class heads on {torch.cuda.get_device_name()}, images/s")
+        for batch in (1, 32):
+            x = torch.randn(batch, 3, 224, 224)
+            gpu_x = x.cuda()
+
+            def eager(gpu_x=gpu_x):
+                with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+                    model(gpu_x)
+                torch.cuda.synchronize()
+
+            rates = {"PyTorch CUDA fp16": batch / timed(eager, repeats * 10)}
+            for name, run in runners.items():
+                rates[name] = batch / timed(lambda run=run, x=x: run(x.numpy()), repeats * 10)
+            print(f"batch {batch:>2}: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
 
 
 def validation(budget: str) -> None:
@@ -143,7 +196,10 @@ def main() -> None:
     parser.add_argument("--budget", default="full", choices=["full", "smoke"])
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-validation", action="store_true")
+    parser.add_argument("--gpu", action="store_true", help="Also the CUDA / TensorRT table.")
     args = parser.parse_args()
+    if args.gpu:
+        gpu(args.repeats)
     if not args.skip_speed:
         speed(args.threads, args.repeats)
     if not args.skip_validation:

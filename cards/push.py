@@ -34,7 +34,8 @@ class LocalFile:
 
 
 def release_files(folder: Path) -> list[LocalFile]:
-    """The files a push uploads: every regular file under ``folder`` outside hidden folders."""
+    """The files a push uploads: every file under ``folder`` (symlinks followed, as in a hub
+    cache snapshot) outside hidden files and folders."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ClipshipError(f"{folder}: not a folder")
