@@ -60,8 +60,20 @@ def _accuracy_rows(report: dict[str, Any] | None) -> dict[str, dict[str, float]]
     }
 
 
-def write_card(run_dir: Path | str, license: str | None = None, name: str | None = None) -> Path:
-    """Write ``README.md`` (and ``accuracy.png`` when there are results) into ``run_dir``."""
+def public_source(entry: dict[str, Any]) -> str:
+    """How a recipe source is shown in a published card: its hub id, or a local folder's name
+    (absolute local paths stay in the recipe file, for replays, and out of the prose)."""
+    return entry.get("repo_id") or f"local folder `{Path(entry['source']).name}`"
+
+
+def write_card(
+    run_dir: Path | str,
+    license: str | None = None,
+    name: str | None = None,
+    base_model: str | None = None,
+) -> Path:
+    """Write ``README.md`` (and ``accuracy.png`` when there are results) into ``run_dir``.
+    ``base_model`` names the hub id of a pretrained model that was merged from a local copy."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     from clipship.eval.tasks import builtin_tasks
@@ -77,7 +89,7 @@ def write_card(run_dir: Path | str, license: str | None = None, name: str | None
     rows = _accuracy_rows(report)
     merged = rows.get("merged") or {}
     name = name or run.resolve().name
-    base = recipe["pretrained"].get("repo_id") or recipe["pretrained"]["source"]
+    base = recipe["pretrained"].get("repo_id") or base_model  # a hub id, or no base_model field
     known = builtin_tasks()
     results, datasets = [], []
     for task, accuracy in merged.items():
@@ -101,13 +113,15 @@ def write_card(run_dir: Path | str, license: str | None = None, name: str | None
         library_name="transformers",
         pipeline_tag="zero-shot-image-classification",
         base_model=base,
-        base_model_relation="merge",
+        base_model_relation="merge" if base else None,
         tags=["clip", "model-merging", recipe["method"], "clipship"],
         datasets=sorted(set(datasets)) or None,
         model_name=name,
         eval_results=results or None,
     )
-    body = _body(name, base, recipe, rows, _read(run / EXPORT_REPORT))
+    body = _body(
+        name, base or public_source(recipe["pretrained"]), recipe, rows, _read(run / EXPORT_REPORT)
+    )
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
     if rows:
         write_bytes_atomic(run / "accuracy.png", _chart(rows))
@@ -121,7 +135,7 @@ def _body(name: str, base: str, recipe: dict[str, Any], rows: dict, export: dict
         f"# {name}",
         "",
         f"A CLIP model whose vision encoder merges {len(recipe['models'])} task encoders tuned "
-        f"from [{base}](https://huggingface.co/{base}) with **{recipe['method']}** ({params}); the "
+        f"from {_link(base)} with **{recipe['method']}** ({params}); the "
         "text tower, projections and logit scale are the base model's. Built with clipship.",
         "",
         "## Merge recipe",
@@ -132,7 +146,8 @@ def _body(name: str, base: str, recipe: dict[str, Any], rows: dict, export: dict
     for entry in [recipe["pretrained"], *recipe["models"]]:
         hashes = ", ".join(f"`{v[:12]}…`" for v in entry["files"].values())
         lines.append(
-            f"| {entry['name']} | {entry['source']} | {entry.get('revision') or '—'} | {hashes} |"
+            f"| {entry['name']} | {public_source(entry)} | {entry.get('revision') or '—'} | "
+            f"{hashes} |"
         )
     lines += [
         "",
@@ -190,6 +205,10 @@ def _body(name: str, base: str, recipe: dict[str, Any], rows: dict, export: dict
             "",
         ]
     return "\n".join(lines)
+
+
+def _link(base: str) -> str:
+    return base if base.startswith("local folder") else f"[{base}](https://huggingface.co/{base})"
 
 
 def _chart(rows: dict[str, dict[str, float]]) -> bytes:

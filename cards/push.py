@@ -96,23 +96,26 @@ def commit_message(folder: Path) -> tuple[str, str]:
     summary = f"clipship: {recipe['method']} merge of {len(recipe['models'])} task encoders" + (
         f" ({params})" if params else ""
     )
-    sources = [f"- {m['name']}: {m['source']}" for m in recipe["models"]]
-    base = recipe["pretrained"].get("repo_id") or recipe["pretrained"]["source"]
+    from clipship.cards.card import public_source
+
+    sources = [f"- {m['name']}: {public_source(m)}" for m in recipe["models"]]
+    base = public_source(recipe["pretrained"])
     return summary, "\n".join([f"Base model: {base}", "Task encoders:", *sources])
 
 
 class _Hub:
     """Translates the client's exceptions into one clear line (and masks the token)."""
 
-    def __init__(self, endpoint: str, token: str, repo_id: str):
-        self.endpoint, self.token, self.repo_id = endpoint, token, repo_id
+    def __init__(self, endpoint: str, repo_id: str):
+        self.endpoint, self.repo_id = endpoint, repo_id
+        self.token: str | None = None
 
     def __enter__(self) -> _Hub:
         return self
 
     def __exit__(self, kind, error, tb) -> bool:
-        if error is None or isinstance(error, ClipshipError):
-            return False
+        if error is None or isinstance(error, ClipshipError) or not isinstance(error, Exception):
+            return False  # ours already, or Ctrl-C / exit
         raise PushError(self._mask(self._explain(error))) from None
 
     def _mask(self, text: str) -> str:
@@ -128,6 +131,11 @@ class _Hub:
                 return (
                     f"the Hub at {self.endpoint} rejected the token (401 Unauthorized): "
                     "check --token / HF_TOKEN"
+                )
+            if status == 412:
+                return (
+                    f"{self.repo_id} changed while this push ran (412): nothing was pushed; "
+                    "run it again"
                 )
             if status == 403:
                 return (
@@ -157,6 +165,7 @@ def push(
     private: bool = False,
     dry_run: bool = False,
     message: str | None = None,
+    prune: bool = False,
 ) -> dict[str, Any]:
     """Upload ``folder`` to ``repo_id`` in one commit (none if nothing changed): a summary."""
     folder = Path(folder)
@@ -175,15 +184,16 @@ def push(
     }
     if dry_run:
         return summary
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     from clipship import __version__
 
-    token = resolve_token(token)
-    api = HfApi(
-        endpoint=endpoint, token=token, library_name="clipship", library_version=__version__
-    )
-    with _Hub(endpoint, token, repo_id):
+    hub = _Hub(endpoint, repo_id)
+    with hub:
+        hub.token = token = resolve_token(token)
+        api = HfApi(
+            endpoint=endpoint, token=token, library_name="clipship", library_version=__version__
+        )
         me = api.whoami()
         owner = repo_id.split("/")[0]
         if owner not in {me.get("name"), *(o.get("name") for o in me.get("orgs", []))}:
@@ -191,40 +201,51 @@ def push(
                 f"not allowed to write to {repo_id}: it belongs to {owner}, and the token is "
                 f"{me.get('name')}'s (not a member of {owner})"
             )
-        api.create_repo(repo_id, private=private, exist_ok=True)
+        # None keeps the namespace's default visibility; an existing repo is never re-published.
+        api.create_repo(repo_id, private=True if private else None, exist_ok=True)
+        if private and not api.repo_info(repo_id).private:
+            raise PushError(
+                f"{repo_id} already exists and is public: --private does not change an existing "
+                "repo (change its visibility in its settings, or push without --private)"
+            )
         if branch != "main":
             api.create_branch(repo_id, branch=branch, exist_ok=True)
+        head = api.repo_info(repo_id, revision=branch).sha
         remote = {
             entry.path: entry
-            for entry in api.list_repo_tree(repo_id, revision=branch, recursive=True)
+            for entry in api.list_repo_tree(repo_id, revision=head, recursive=True)
             if hasattr(entry, "blob_id")
         }
         changed = [f for f in files if not _unchanged(f, remote.get(f.path))]
-        if changed:
+        local = {f.path for f in files}
+        stale = sorted(p for p in remote if prune and p not in local and p != ".gitattributes")
+        tags = {t.name: t.target_commit for t in api.list_repo_refs(repo_id).tags} if tag else {}
+        if tag in tags and (changed or stale or tags[tag] != head):
+            raise PushError(
+                f"tag {tag} already exists on {repo_id} at {tags[tag][:12]}; the push would make "
+                "a new commit (nothing was pushed)"
+            )
+        commit = head
+        if changed or stale:
             title, description = commit_message(folder)
+            operations = [CommitOperationAdd(f.path, str(f.file)) for f in changed]
+            operations += [CommitOperationDelete(p) for p in stale]
             info = api.create_commit(
                 repo_id,
-                [CommitOperationAdd(f.path, str(f.file)) for f in changed],
+                operations,
                 commit_message=message or title,
                 commit_description=description,
                 revision=branch,
+                parent_commit=head,  # a commit that landed since the comparison fails this one
             )
             commit = info.oid
-        else:
-            commit = api.repo_info(repo_id, revision=branch).sha
-        if tag:
-            tags = {t.name: t.target_commit for t in api.list_repo_refs(repo_id).tags}
-            if tag in tags and tags[tag] != commit:
-                raise PushError(
-                    f"tag {tag} already exists on {repo_id} at {tags[tag][:12]}, not at the pushed "
-                    f"commit {commit[:12]}"
-                )
-            if tag not in tags:
-                api.create_tag(repo_id, tag=tag, revision=commit)
+        if tag and tag not in tags:
+            api.create_tag(repo_id, tag=tag, revision=commit)
     suffix = "" if branch == "main" else f"/tree/{branch}"
     summary.update(
-        committed=bool(changed),
+        committed=commit != head,
         uploaded=[f.path for f in changed],
+        deleted=stale,
         commit=commit,
         tag=tag,
         url=f"{endpoint}/{repo_id}{suffix}",

@@ -622,13 +622,17 @@ def card(
         str | None, typer.Option("--license", help="When the base's is unknown.")
     ] = None,
     name: Annotated[str | None, typer.Option("--name", help="Model name in the card.")] = None,
+    base_model: Annotated[
+        str | None,
+        typer.Option("--base-model", help="Hub id of a pretrained model merged from a local copy."),
+    ] = None,
 ) -> None:
     """Write README.md (Hub model card) offline from the recipe, eval and export reports."""
 
     def call():
         from clipship.cards.card import write_card
 
-        return write_card(run_dir, license=license, name=name)
+        return write_card(run_dir, license=license, name=name, base_model=base_model)
 
     print(_run(call))
 
@@ -652,6 +656,9 @@ def push(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="List what would be uploaded; contact no server.")
     ] = False,
+    prune: Annotated[
+        bool, typer.Option("--prune", help="Also delete remote files the folder does not have.")
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Upload a release folder to the Hugging Face Hub in one commit (none if nothing changed)."""
@@ -669,6 +676,7 @@ def push(
             private=private,
             dry_run=dry_run,
             message=message,
+            prune=prune,
         )
 
     result = _run(call)
@@ -689,7 +697,11 @@ def _print_push(result: dict[str, Any]) -> None:
         print(f"  {human_size(result['bytes']):>10}  total")
         return
     if result["committed"]:
-        print(f"pushed {len(result['uploaded'])} changed file(s) in commit {result['commit'][:12]}")
+        deleted = f", deleted {len(result['deleted'])}" if result["deleted"] else ""
+        print(
+            f"pushed {len(result['uploaded'])} changed file(s){deleted} in commit "
+            f"{result['commit'][:12]}"
+        )
     else:
         print(f"nothing to push: {result['repo_id']} already has these files")
     if result["tag"]:

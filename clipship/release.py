@@ -31,11 +31,10 @@ SECTIONS = {
     "eval": {"tasks", "taskfile", "data_dir", "baselines", "batch_size", "limit", "device"},
     "gates": {"min_average_accuracy", "min_accuracy", "max_drop", "export"},
     "export": {"precisions", "validation_size", "validation_data"},
-    "card": {"license", "name"},
+    "card": {"license", "name", "base_model"},
     "hub": {"repo_id", "private", "revision", "tag", "message"},
 }
 EXPORT_GATES = {"max_logit_diff", "min_agreement_fp32", "min_agreement_fp16", "min_agreement_int8"}
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
 
 
 class ReleaseConfigError(ClipshipError):
@@ -74,6 +73,8 @@ def read_config(path: Path) -> dict[str, Any]:
     extra = sorted(set(export_gates) - EXPORT_GATES)
     if extra:
         raise ReleaseConfigError(f"{path}: gates.export.{extra[0]}: unknown")
+    if export_gates and config.get("export") is None:
+        raise ReleaseConfigError(f"{path}: gates.export needs an export: section to gate")
     config["_base"] = path.resolve().parent
     return config
 
@@ -132,19 +133,45 @@ def _sha256(path: Path) -> str:
 
 
 def fingerprint(source: str) -> Any:
-    """What identifies a source: its weight and config files' sha256 (local), or its id@revision."""
-    folder = Path(source)
-    if not folder.is_dir():
-        return source
+    """What identifies a model source: a hub id's resolved commit, or every file's sha256 of a
+    local folder (hidden files aside)."""
+    from clipship.pool import resolve_folder
+
+    folder, repo_id, commit = resolve_folder(source)
+    if repo_id:
+        return f"{repo_id}@{commit}"
     return {
         p.relative_to(folder).as_posix(): _sha256(p)
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.suffix in WEIGHT_SUFFIXES
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     }
 
 
+def data_fingerprint(path: str | Path | None) -> Any:
+    """Local data (test sets, validation images) by name, size and modification time: cheap for
+    thousands of images, and any edit changes it."""
+    if path is None or not Path(path).exists():
+        return path
+    path = Path(path)
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    return [
+        (
+            f.relative_to(path).as_posix() if path.is_dir() else f.name,
+            f.stat().st_size,
+            f.stat().st_mtime_ns,
+        )
+        for f in files
+        if f.is_file()
+    ]
+
+
 def key_of(*parts: Any) -> str:
-    text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    """A stage key: its inputs, plus the versions that compute it."""
+    from clipship.outputs import library_versions
+
+    text = json.dumps(
+        [library_versions(), *parts], sort_keys=True, default=str, separators=(",", ":")
+    )
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -275,7 +302,12 @@ def _assemble(out: Path, merged: Path, evaluated: Path, exported: Path | None, c
                 if file.is_file():
                     link(file, tmp / prefix / file.relative_to(folder))
         link(evaluated / "eval_report.json", tmp / "eval_report.json")
-        write_card(tmp, license=card.get("license"), name=card.get("name"))
+        write_card(
+            tmp,
+            license=card.get("license"),
+            name=card.get("name"),
+            base_model=card.get("base_model"),
+        )
     return out
 
 
@@ -322,7 +354,11 @@ def release(
     )
     spec = config.get("eval", {})
     eval_key = key_of(
-        "eval/1", merge_key, [dataclasses.asdict(t) for t in tasks], spec, fingerprint(pretrained)
+        "eval/1",
+        merge_key,
+        [dataclasses.asdict(t) for t in tasks],
+        [data_fingerprint(t.data) for t in tasks],
+        spec,
     )
     evaluated = stages.run(
         "eval",
@@ -365,6 +401,7 @@ def release(
             private=bool(hub.get("private", False)),
             message=hub.get("message"),
             dry_run=dry_run,
+            prune=True,  # the release folder is the whole release: stale files go
         )
         summary["status"] = "dry_run" if dry_run else "released"
     return summary
@@ -376,8 +413,8 @@ def _export_stage(config, stages: Stages, eval_key: str, merged: Path, evaluated
     spec = config["export"] or {}
     limits = {**dataclasses.asdict(Gates()), **(config.get("gates", {}).get("export") or {})}
     precisions = spec.get("precisions", ["fp32"])
-    key = key_of("export/1", eval_key, spec, limits)
     data = _path(config, spec.get("validation_data"))
+    key = key_of("export/1", eval_key, spec, limits, data_fingerprint(data))
 
     def build(tmp: Path) -> None:
         export(

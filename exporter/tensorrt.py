@@ -85,6 +85,7 @@ class EngineSession:
 
     def __init__(self, path: Path):
         import tensorrt as trt
+        import torch
 
         self.trt = trt
         self.runtime = trt.Runtime(_logger())
@@ -92,14 +93,20 @@ class EngineSession:
         if self.engine is None:
             raise ClipshipError(f"{path}: not a TensorRT engine for this GPU and version")
         self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()  # not the legacy default stream: no implicit syncs
         self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
 
     def run(self, names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         import torch
 
         trt = self.trt
-        pixels = torch.from_numpy(np.ascontiguousarray(feeds["pixel_values"])).cuda()
-        self.context.set_input_shape("pixel_values", tuple(pixels.shape))
+        wanted_dtype = trt.nptype(self.engine.get_tensor_dtype("pixel_values"))
+        pixels = np.ascontiguousarray(feeds["pixel_values"], dtype=wanted_dtype)
+        pixels = torch.from_numpy(pixels).cuda(non_blocking=False)
+        if not self.context.set_input_shape("pixel_values", tuple(pixels.shape)):
+            raise ClipshipError(
+                f"batch {pixels.shape[0]} is outside the engine's profile (see export.json)"
+            )
         self.context.set_tensor_address("pixel_values", pixels.data_ptr())
         outputs = {}
         for name in self.names:
@@ -109,9 +116,9 @@ class EngineSession:
             shape = tuple(self.context.get_tensor_shape(name))
             outputs[name] = torch.empty(shape, dtype=dtype.dtype, device="cuda")
             self.context.set_tensor_address(name, outputs[name].data_ptr())
-        stream = torch.cuda.current_stream()
-        if not self.context.execute_async_v3(stream.cuda_stream):
+        self.stream.wait_stream(torch.cuda.current_stream())  # the input copy is done
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise ClipshipError("TensorRT engine execution failed")
-        stream.synchronize()
+        self.stream.synchronize()
         wanted = names or [n for n in self.names if n in outputs]
         return [outputs[n].float().cpu().numpy() for n in wanted]

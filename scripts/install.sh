@@ -2,8 +2,10 @@
 # The one install procedure, used by the Makefile and the Dockerfile. Environment:
 #   VENV        where the virtual environment goes (default .venv)
 #   PYTHON      the interpreter that creates it (default python3)
-#   TORCH_SPEC  torch, installed first so the project's torch range is already met; the default
-#               is the local CPU build (any other spec pulls a multi-GB CUDA build)
+#   TORCH_SPEC  torch, installed first so the project's torch range is already met. The default
+#               torch==2.13.0 resolves to a CPU build where pip's index serves one (as on our
+#               development machines); elsewhere PyPI serves the CUDA build, so pass
+#               "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" for CPU-only
 #   EXTRAS      the project's extras (default dev)
 #   EDITABLE    1 for an editable install (development; the default), 0 for a regular one
 #   ORT_GPU     e.g. onnxruntime-gpu==1.31.1: replaces the CPU onnxruntime (CUDA machines)

@@ -137,6 +137,10 @@ class Handler(BaseHTTPRequestHandler):
                 headers["X-Error-Code"] = e.code
             self._send(e.status, {"error": e.message, **e.extra}, headers)
             return
+        except Exception as e:  # a request this server cannot handle: answer, never hang up
+            message = f"{type(e).__name__}: {e}"
+            self._send(400, {"error": message}, {"X-Error-Message": message})
+            return
         self._send(status, payload, headers, raw)
 
     do_GET = do_POST = do_HEAD = do_DELETE = do_PUT = _dispatch
@@ -368,6 +372,7 @@ def main() -> None:
             except KeyboardInterrupt:
                 return
         env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": token}
+        env.pop("HF_OIDC_RESOURCE", None)  # no other token source may win over the demo's
         env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
         code = subprocess.call(command, env=env)
         print(f"(the local Hub server at {hub.url} stops now)", file=sys.stderr)

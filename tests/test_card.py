@@ -51,9 +51,13 @@ def test_card_round_trips_with_eval_results(tmp_path):
             }
         )
     )
-    result = runner.invoke(app, ["card", str(run), "--license", "mit", "--name", "tiny-ties"])
+    base = ["--base-model", "openai/clip-vit-base-patch32"]  # merged from a local copy of it
+    result = runner.invoke(
+        app, ["card", str(run), "--license", "mit", "--name", "tiny-ties", *base]
+    )
     assert result.exit_code == 0, result.output
     card = ModelCard.load(run / "README.md")
+    assert card.data.base_model == "openai/clip-vit-base-patch32"
     assert card.data.license == "mit" and card.data.library_name == "transformers"
     assert card.data.pipeline_tag == "zero-shot-image-classification"
     assert card.data.base_model_relation == "merge" and {
@@ -78,6 +82,10 @@ def test_card_without_reports_and_license_rules(tmp_path):
     assert runner.invoke(app, ["card", str(run), "--license", "apache-2.0"]).exit_code == 0
     card = ModelCard.load(run / "README.md")
     assert card.data.eval_results is None and "Zero-shot accuracy" not in card.text
+    # A local pretrained model and no --base-model: no base_model field, and no local paths.
+    assert card.data.base_model is None and "base_model_relation" not in card.data.to_dict()
+    assert str(FIXTURE) not in (run / "README.md").read_text()
+    assert "local folder `pretrained`" in card.text
     assert not (run / "accuracy.png").exists()
     base = tmp_path / "base"
     shutil.copytree(FIXTURE / "pretrained", base)

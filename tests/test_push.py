@@ -165,3 +165,39 @@ def test_token_from_the_saved_login(hub, hub_env, release):
     result = clipship("push", str(release), "--repo-id", "alice/saved", "--json", env=env)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["committed"] and ALICE not in result.stdout + result.stderr
+
+
+def copy_of(release: Path, target: Path) -> Path:
+    for name, data in files_under(release).items():
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        (target / name).write_bytes(data)
+    return target
+
+
+def test_prune_and_tags_that_would_move(hub, hub_env, release, tmp_path):
+    api = HfApi(endpoint=hub.url, token=ALICE)
+    run = copy_of(release, tmp_path / "run")
+    (run / "old_variant.onnx").write_bytes(b"stale")
+    assert clipship("push", str(run), "--repo-id", "alice/prune", env=hub_env).returncode == 0
+    (run / "old_variant.onnx").unlink()
+    kept = clipship("push", str(run), "--repo-id", "alice/prune", "--json", env=hub_env)
+    assert json.loads(kept.stdout)["committed"] is False  # without --prune nothing is deleted
+    pruned = clipship(
+        "push", str(run), "--repo-id", "alice/prune", "--prune", "--json", env=hub_env
+    )
+    assert json.loads(pruned.stdout)["deleted"] == ["old_variant.onnx"]
+    assert "old_variant.onnx" not in api.list_repo_files("alice/prune")
+
+    tagged = clipship("push", str(run), "--repo-id", "alice/prune", "--tag", "v1", env=hub_env)
+    assert tagged.returncode == 0, tagged.stderr  # nothing changed: the tag goes on the head
+    commits = len(api.list_repo_commits("alice/prune"))
+    (run / "README.md").write_text("changed\n")
+    moved = clipship("push", str(run), "--repo-id", "alice/prune", "--tag", "v1", env=hub_env)
+    assert moved.returncode == 1 and "tag v1 already exists" in moved.stderr
+    assert len(api.list_repo_commits("alice/prune")) == commits  # refused before committing
+
+
+def test_private_never_republishes_an_existing_public_repo(hub, hub_env, release):
+    assert clipship("push", str(release), "--repo-id", "alice/pub", env=hub_env).returncode == 0
+    result = clipship("push", str(release), "--repo-id", "alice/pub", "--private", env=hub_env)
+    assert result.returncode == 1 and "already exists and is public" in result.stderr
