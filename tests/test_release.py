@@ -193,3 +193,17 @@ def test_demo_server_wraps_a_command(tmp_path):
     assert result.returncode == 0, result.stderr
     endpoint, token = result.stdout.split()
     assert endpoint.startswith("http://127.0.0.1:") and token != "hf_users_own_token"
+
+
+def test_a_changed_input_reruns_its_stage_and_the_ones_after(hub_env, cache, tmp_path):
+    env = {**hub_env, "CLIPSHIP_CACHE": str(cache)}
+    run = tmp_path / "run"
+    first = release(config(tmp_path, "alice/keys"), run, env, "--dry-run")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["status"] == "dry_run"
+    changed = config(tmp_path, "alice/keys", export={"validation_size": 120})
+    second = json.loads(release(changed, run, env, "--dry-run").stdout)["stages"]
+    assert [second[s]["reused"] for s in ("merge", "eval", "export")] == [True, True, False]
+    changed = config(tmp_path, "alice/keys", parameters={"scaling_factor": 0.4})
+    third = json.loads(release(changed, run, env, "--dry-run").stdout)["stages"]
+    assert not any(third[s]["reused"] for s in ("merge", "eval", "export"))
