@@ -207,3 +207,32 @@ def test_a_changed_input_reruns_its_stage_and_the_ones_after(hub_env, cache, tmp
     changed = config(tmp_path, "alice/keys", parameters={"scaling_factor": 0.4})
     third = json.loads(release(changed, run, env, "--dry-run").stdout)["stages"]
     assert not any(third[s]["reused"] for s in ("merge", "eval", "export"))
+
+
+def test_a_fusionbench_pool_file_and_a_taskfile(cache, tmp_path, monkeypatch, hub_env):
+    from clipship.eval.minibench.build import build
+
+    monkeypatch.setenv("CLIPSHIP_CACHE", str(cache))
+    pool = build(None, "smoke", 0)  # built by the first test of this module, or now
+    path = tmp_path / "release.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "from-yaml",
+                "pool": {"yaml": str(pool / "pool.yaml")},
+                "method": "task_arithmetic",
+                "parameters": {"scaling_factor": 0.3},
+                "eval": {"taskfile": str(pool / "tasks.json"), "baselines": False},
+                "gates": {"min_accuracy": 0.05},
+                "card": {"license": "mit"},
+            }
+        )
+    )
+    env = {**hub_env, "CLIPSHIP_CACHE": str(cache)}
+    result = release(path, tmp_path / "run", env)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "built" and "push" not in summary
+    assert set(summary["accuracy"]) == {"merged"} and len(summary["gates"]) == 4
+    assert (tmp_path / "run/release/README.md").is_file()
+    assert not (tmp_path / "run/release/export").exists()
