@@ -10,7 +10,6 @@ lines are built here from the HTTP status, and any echo of the token is masked.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from clipship.errors import ClipshipError
+from clipship.hashing import file_sha256, git_sha1
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 
@@ -53,27 +53,11 @@ def release_files(folder: Path) -> list[LocalFile]:
     return files
 
 
-def git_sha1(path: Path) -> str:
-    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _unchanged(local: LocalFile, remote: Any) -> bool:
     if remote is None or remote.size != local.size:
         return False
     if getattr(remote, "lfs", None):
-        return remote.lfs.sha256 == _sha256(local.file)
+        return remote.lfs.sha256 == file_sha256(local.file)
     return remote.blob_id == git_sha1(local.file)
 
 

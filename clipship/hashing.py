@@ -1,0 +1,32 @@
+"""File digests shared by the stages (torch-free): sha256 as the Hub's LFS and our recipes use
+it, and git's blob sha1 as the Hub reports regular files."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+CHUNK = 1 << 23
+
+
+def file_sha256(path: Path | str) -> str:
+    """sha256 of a file; a Hub cache blob is named by it already, so that is read for free."""
+    resolved = Path(path).resolve()
+    if re.fullmatch(r"[0-9a-f]{64}", resolved.name) and resolved.parent.name == "blobs":
+        return resolved.name
+    digest = hashlib.sha256()
+    with open(resolved, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def git_sha1(path: Path | str) -> str:
+    """git's blob id of a file: sha1 of ``blob <size>\\0`` and the content."""
+    path = Path(path)
+    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
