@@ -71,9 +71,12 @@ def write_card(
     license: str | None = None,
     name: str | None = None,
     base_model: str | None = None,
+    task_datasets: dict[str, str | None] | None = None,
 ) -> Path:
     """Write ``README.md`` (and ``accuracy.png`` when there are results) into ``run_dir``.
-    ``base_model`` names the hub id of a pretrained model that was merged from a local copy."""
+    ``base_model`` names the hub id of a pretrained model that was merged from a local copy.
+    ``task_datasets`` maps each evaluated task to the hub dataset it was evaluated on (None: a
+    local dataset); without it, built-in task names stand for their FusionBench datasets."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     from clipship.eval.tasks import builtin_tasks
@@ -90,10 +93,11 @@ def write_card(
     merged = rows.get("merged") or {}
     name = name or run.resolve().name
     base = recipe["pretrained"].get("repo_id") or base_model  # a hub id, or no base_model field
-    known = builtin_tasks()
+    if task_datasets is None:
+        task_datasets = {n: (t.dataset or {}).get("path") for n, t in builtin_tasks().items()}
     results, datasets = [], []
     for task, accuracy in merged.items():
-        hub = (known[task].dataset or {}).get("path") if task in known else None
+        hub = task_datasets.get(task)
         if hub:
             datasets.append(hub)
         results.append(
