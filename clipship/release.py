@@ -30,7 +30,7 @@ SECTIONS = {
     "seed": None,
     "eval": {"tasks", "taskfile", "data_dir", "baselines", "batch_size", "limit", "device"},
     "gates": {"min_average_accuracy", "min_accuracy", "max_drop", "export"},
-    "export": {"precisions", "validation_size", "validation_data"},
+    "export": {"precisions", "validation_size", "validation_data", "tensorrt", "max_batch"},
     "card": {"license", "name", "base_model"},
     "hub": {"repo_id", "private", "revision", "tag", "message"},
 }
@@ -423,6 +423,8 @@ def _export_stage(config, stages: Stages, eval_key: str, merged: Path, evaluated
             validation_data=data,
             validation_size=int(spec.get("validation_size", 64)),
             gates=Gates(**{k: float(v) for k, v in limits.items()}),
+            tensorrt=bool(spec.get("tensorrt", False)),
+            max_batch=int(spec.get("max_batch", 64)),
         )
 
     try:
