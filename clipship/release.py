@@ -321,6 +321,10 @@ def release(
     from clipship.merge import merge
 
     config = read_config(Path(config_path))
+    if (config.get("export") or {}).get("tensorrt"):
+        from clipship.exporter.tensorrt import require_tensorrt
+
+        require_tensorrt()  # before any stage runs, not after the merge and eval
     name = str(config.get("name") or Path(config_path).stem)
     run = Path(run_dir) if run_dir else Path("release_out") / name
 

@@ -238,3 +238,18 @@ def test_a_fusionbench_pool_file_and_a_taskfile(cache, tmp_path, monkeypatch, hu
     assert set(summary["accuracy"]) == {"merged"} and len(summary["gates"]) == 4
     assert (tmp_path / "run/release/README.md").is_file()
     assert not (tmp_path / "run/release/export").exists()
+
+
+def test_tensorrt_without_the_package_fails_before_any_stage(tmp_path, hub_env):
+    pytest.importorskip("onnxruntime")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("tensorrt is installed here")
+    except ImportError:
+        pass
+    path = tmp_path / "release.yaml"
+    path.write_text("pool: {minibench: smoke}\nmethod: ties\nexport: {tensorrt: true}\n")
+    result = release(path, tmp_path / "run", hub_env)
+    assert result.returncode == 1 and "--tensorrt needs the tensorrt package" in result.stderr
+    assert not (tmp_path / "run").exists()
