@@ -241,7 +241,6 @@ def test_a_fusionbench_pool_file_and_a_taskfile(cache, tmp_path, monkeypatch, hu
 
 
 def test_tensorrt_without_the_package_fails_before_any_stage(tmp_path, hub_env):
-    pytest.importorskip("onnxruntime")
     try:
         import tensorrt  # noqa: F401
 
