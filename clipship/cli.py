@@ -749,9 +749,9 @@ def _print_release(summary: dict[str, Any]) -> None:
         for label, row in accuracy.items():
             cells = " | ".join(f"{100 * row[t]:.1f}" if t in row else "—" for t in tasks)
             print(f"| {label} | {cells} |")
-    for gate in summary.get("gates", []):
-        from clipship.release import describe
+    from clipship.release import describe
 
+    for gate in summary.get("gates", []):
         print(f"gate {'pass' if gate['passed'] else 'FAIL'}: {describe(gate)}")
     for variant, row in (summary.get("export") or {}).items():
         print(
