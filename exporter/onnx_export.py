@@ -149,20 +149,30 @@ def _to_fp16(source: Path, target: Path) -> None:
         model.save_model_to_file(str(target))
 
 
-def _to_int8(source: Path, target: Path) -> None:
-    """Dynamic per-channel int8 weights for the encoder's MatMuls. The patch Conv stays fp32
-    (onnxruntime's ConvInteger is slower than its fp32 Conv, and the first layer is the most
-    sensitive), as do the projection (a Gemm) and the heads (the weight is MatMul's first input)."""
+def _to_int8(source: Path, target: Path) -> dict[str, int]:
+    """Dynamic per-channel int8 weights for the encoder's matrix products, after the CPU rewrites
+    of :mod:`clipship.exporter.cpu_graph` (fused attention; the patch embedding as a MatMul, so it
+    is quantized too). The projection (a Gemm) and the heads (the weight is MatMul's first input)
+    stay fp32. Returns what was rewritten, for ``export.json``."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from clipship.exporter.cpu_graph import fuse_attention, patch_embedding_as_matmul
+
+    model = onnx.load(str(source))
+    rewrites = {
+        "fused_attention": fuse_attention(model),
+        "patch_embedding_matmul": patch_embedding_as_matmul(model),
+    }
     with _quiet():
         quantize_dynamic(
-            str(source),
+            model,
             str(target),
             per_channel=True,
             weight_type=QuantType.QInt8,
             op_types_to_quantize=["MatMul"],
         )
+    return rewrites
 
 
 def _session(path: Path, provider: str = "CPUExecutionProvider"):
@@ -295,7 +305,7 @@ def export(
         if "fp16" in precisions:
             _to_fp16(tmp / FILES["fp32"], tmp / FILES["fp16"])
         if "int8" in precisions:
-            _to_int8(tmp / FILES["fp32"], tmp / FILES["int8"])
+            record["int8_rewrites"] = _to_int8(tmp / FILES["fp32"], tmp / FILES["int8"])
         for precision in precisions:
             session = _session(tmp / FILES[precision])
             result = _compare(session, deploy, pixels, where, names)

@@ -126,9 +126,11 @@ def test_export_all_variants_validated_and_reloadable(setup):
         "logits_svhn",
         "logits_eurosat",
     ]
-    int8_ops = {n.op_type for n in onnx.load(str(out / "model_int8.onnx")).graph.node}
-    assert "DynamicQuantizeMatMul" in int8_ops or "MatMulInteger" in int8_ops
-    assert "Conv" in int8_ops and "ConvInteger" not in int8_ops  # the patch embedding stays fp32
+    int8_ops = [n.op_type for n in onnx.load(str(out / "model_int8.onnx")).graph.node]
+    assert "DynamicQuantizeLinear" in int8_ops or "DynamicQuantizeMatMul" in int8_ops
+    # Attention fused, the patch embedding a (quantized) MatMul: see exporter/cpu_graph.py.
+    assert record["int8_rewrites"] == {"fused_attention": 4, "patch_embedding_matmul": 1}
+    assert int8_ops.count("MultiHeadAttention") == 4 and "Conv" not in int8_ops
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     for batch in (1, 5):
         embeds, logits, *parts = session.run(
