@@ -3,7 +3,7 @@
 Part 1 (speed): a ViT-B/32-shaped encoder with the eight tasks' 758 classes of heads (random
 weights: speed does not depend on them), exported the way `clipship export` does; PyTorch eager
 fp32 (`inference_mode`), onnxruntime fp32 and onnxruntime int8 (dynamic, per-channel) at batch 1
-and 32, all with the same thread count, timed side by side in one run.
+and 32, all with the same thread count, timed in turns in one run (medians).
 
 Part 2 (validation): the mini-benchmark's trained models (task arithmetic merge of its task
 encoders, its heads), exported in fp32/fp16/int8 by `clipship export` and compared with PyTorch
@@ -61,6 +61,20 @@ def interleaved(contenders: dict, repeats: int, calls: int = 3) -> dict[str, flo
                 fn()
             seconds[name].append((time.perf_counter() - start) / calls)
     return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def _peak_note(sustained: float) -> str:
+    """How close that is to this CPU's fp32 peak, where /proc/cpuinfo tells: two 512-bit FMA
+    units per core (Xeon Scalable) = 64 FLOP per cycle at the reported clock."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    mhz = [float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz")]
+    if "avx512f" not in info or not mhz:
+        return ""
+    peak = 64 * mhz[0] / 1000
+    return f", {100 * sustained / peak:.0f} % of a 2×FMA-512 core's {peak:.0f} GFLOP/s"
 
 
 def _b32_deploy():
@@ -132,9 +146,10 @@ def speed(threads: int, repeats: int) -> None:
                 f"   (fp32 {rates['ORT fp32'] / base:.2f}×, int8 {rates['ORT int8'] / base:.2f}×)"
             )
             if batch == 32:
+                sustained = base * GFLOP_PER_IMAGE / threads
                 print(
-                    f"      eager fp32 sustains {base * GFLOP_PER_IMAGE / threads:.0f} GFLOP/s "
-                    f"per thread ({GFLOP_PER_IMAGE:.1f} GFLOP per image)"
+                    f"      eager fp32 sustains {sustained:.0f} GFLOP/s per thread "
+                    f"({GFLOP_PER_IMAGE:.1f} GFLOP per image){_peak_note(sustained)}"
                 )
 
 
@@ -210,14 +225,16 @@ def validation(budget: str) -> None:
         f"\nvalidation on the {budget} mini-benchmark's real test images "
         f"({result['report']['validation_images']} images), task-arithmetic merge:"
     )
-    print(f"{'variant':8s} " + " ".join(f"{t.name:>22s}" for t in tasks))
+    print(f"{'variant':8s} " + " ".join(f"{t.name:>22s}" for t in tasks) + f"{'all':>10s}")
     for variant, rows in result["report"]["variants"].items():
-        cells = []
+        cells, agreeing = [], 0.0
         for t in tasks:
             row = rows[t.name]
             cells.append(f"{row['max_abs_logit_diff']:.1e} / {100 * row['top1_agreement']:6.2f}%")
-        print(f"{variant:8s} " + " ".join(f"{c:>22s}" for c in cells))
-    print("(max |Δlogit| / top-1 agreement with PyTorch)")
+            agreeing += row["top1_agreement"] * row["images"]
+        overall = 100 * agreeing / sum(rows[t.name]["images"] for t in tasks)
+        print(f"{variant:8s} " + " ".join(f"{c:>22s}" for c in cells) + f"{overall:9.2f}%")
+    print("(max |Δlogit| / top-1 agreement with PyTorch, per task; agreement over all images)")
     print(
         json.dumps(
             {
