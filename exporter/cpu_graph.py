@@ -19,6 +19,7 @@ how many places it rewrote; the export's validation against PyTorch checks the r
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -30,26 +31,23 @@ class _Graph:
     """Producer/consumer maps, constants and inferred shapes of one ONNX graph."""
 
     def __init__(self, model: Any):
-        import onnx
-        from onnx import numpy_helper
-
         self.model, self.graph = model, model.graph
         self.producer = {out: node for node in self.graph.node for out in node.output}
         self.consumers: dict[str, list[Any]] = {}
         for node in self.graph.node:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
-        self.constants = {t.name: numpy_helper.to_array(t) for t in self.graph.initializer}
+        self.tensors = {t.name: t for t in self.graph.initializer}
         for node in self.graph.node:
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-                self.constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
-        self.shapes: dict[str, list[int | str | None]] = {}
-        for info in [*inferred.value_info, *inferred.input, *inferred.output]:
-            dims = info.type.tensor_type.shape.dim
-            self.shapes[info.name] = [
-                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims
-            ]
+                self.tensors[node.output[0]] = node.attribute[0].t
+        self.shapes = _inferred_shapes(model)
+
+    def constant(self, name: str) -> np.ndarray | None:
+        from onnx import numpy_helper
+
+        tensor = self.tensors.get(name)
+        return None if tensor is None else numpy_helper.to_array(tensor)
 
     def only_consumer(self, name: str) -> Any | None:
         users = self.consumers.get(name, [])
@@ -64,8 +62,39 @@ class _Graph:
         return node if node is not None and node.op_type == op_type else None
 
     def scalar(self, name: str) -> float | None:
-        value = self.constants.get(name)
-        return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
+        tensor = self.tensors.get(name)
+        if tensor is None or math.prod(tensor.dims) != 1:
+            return None
+        return float(self.constant(name).reshape(-1)[0])
+
+
+def _inferred_shapes(model: Any) -> dict[str, list[int | str | None]]:
+    """Every value's shape (ints, symbolic names, None where unknown), inferred on a copy of the
+    graph whose large initializers are bare inputs: shape inference copies the model, and only
+    small constants (shapes, axes) matter to it."""
+    import onnx
+    from onnx import helper
+
+    graph = onnx.GraphProto()
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    for tensor in model.graph.initializer:
+        if math.prod(tensor.dims) <= 64:
+            graph.initializer.append(tensor)
+        else:
+            graph.input.append(
+                helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+            )
+    light = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    inferred = onnx.shape_inference.infer_shapes(light, data_prop=True).graph
+    shapes = {}
+    for info in [*inferred.value_info, *inferred.input, *inferred.output]:
+        dims = info.type.tensor_type.shape.dim
+        shapes[info.name] = [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims
+        ]
+    return shapes
 
 
 def _attr(node: Any, name: str, default: Any = None) -> Any:
@@ -194,13 +223,9 @@ def patch_embedding_as_matmul(model: Any) -> int:
     g = _Graph(model)
     inputs = {i.name for i in g.graph.input}
     for conv in g.graph.node:
-        if (
-            conv.op_type != "Conv"
-            or conv.input[0] not in inputs
-            or conv.input[1] not in g.constants
-        ):
+        if conv.op_type != "Conv" or conv.input[0] not in inputs or conv.input[1] not in g.tensors:
             continue
-        weight = g.constants[conv.input[1]]
+        weight = g.constant(conv.input[1])
         image = g.shapes.get(conv.input[0])
         if weight.ndim != 4 or not image or len(image) != 4:
             continue
