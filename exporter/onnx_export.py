@@ -206,6 +206,7 @@ def _compare(
         report[task] = {
             "max_abs_logit_diff": float(diff.max()),
             "top1_agreement": float(agree.mean()),
+            "disagreements": int((~agree).sum()),
             "images": len(rows),
         }
     return report
@@ -347,7 +348,8 @@ def _gate(precision: str, result: dict[str, Any], names: list[str], gates: Gates
         if row["top1_agreement"] < need:
             raise ExportValidationError(
                 f"{precision} export disagrees with PyTorch on {name}: top-1 agreement "
-                f"{row['top1_agreement']:.4f} < {need}"
+                f"{row['top1_agreement']:.4f} < {need} ({row['disagreements']} of "
+                f"{row['images']} images)"
             )
         if precision == "fp32" and row["max_abs_logit_diff"] > gates.max_logit_diff:
             raise ExportValidationError(

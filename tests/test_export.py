@@ -107,6 +107,11 @@ def test_export_all_variants_validated_and_reloadable(setup):
         for t in ("mnist", "svhn", "eurosat")
     )
     assert fp32["batch_1_7_vs_32_max_diff"] <= 1e-4
+    for rows in report["variants"].values():
+        for t in ("mnist", "svhn", "eurosat"):
+            row = rows[t]
+            assert row["images"] == 64  # --validation-data: every image counts for every task
+            assert row["disagreements"] == round((1 - row["top1_agreement"]) * row["images"])
     record = json.loads((out / "export.json").read_text())
     assert record["tasks"] == ["mnist", "svhn", "eurosat"]
     assert record["class_offsets"] == {"mnist": [0, 10], "svhn": [10, 20], "eurosat": [20, 30]}
@@ -181,6 +186,19 @@ def test_a_failed_gate_writes_nothing(setup):
     assert result.exit_code == 1 and "fp32 export differs from PyTorch" in result.stderr
     assert not (setup / "strict").exists()
     assert not [p for p in setup.iterdir() if p.name.startswith(".strict")]
+
+
+def test_gate_names_the_task_and_counts_the_images():
+    from clipship.exporter.onnx_export import ExportValidationError, Gates, _gate
+
+    row = {"max_abs_logit_diff": 0.3, "top1_agreement": 15 / 16, "disagreements": 1, "images": 16}
+    result = {"mnist": {**row, "disagreements": 0, "top1_agreement": 1.0}, "svhn": row}
+    _gate("int8", result, ["mnist", "svhn"], Gates(min_agreement_int8=0.9))
+    with pytest.raises(ExportValidationError) as error:
+        _gate("int8", result, ["mnist", "svhn"], Gates())
+    assert str(error.value) == (
+        "int8 export disagrees with PyTorch on svhn: top-1 agreement 0.9375 < 0.99 (1 of 16 images)"
+    )
 
 
 def test_refusals(setup, tmp_path):
