@@ -74,7 +74,7 @@ def _peak_note(sustained: float) -> str:
     if "avx512f" not in info or not mhz:
         return ""
     peak = 64 * mhz[0] / 1000
-    return f", {100 * sustained / peak:.0f} % of a 2×FMA-512 core's {peak:.0f} GFLOP/s"
+    return f", ≈ {100 * sustained / peak:.0f} % of a 2×FMA-512 core's {peak:.0f} GFLOP/s"
 
 
 def _b32_deploy():

@@ -13,8 +13,9 @@ onnxruntime's own optimizer rewrites neither:
   11 % of int8 time. :func:`patch_embedding_as_matmul` writes it as patchify + ``MatMul``, which
   dynamic quantization then turns into an int8 product like every other.
 
-Each rewrite checks the exact shape of what it replaces and leaves anything else alone, returning
-how many places it rewrote; the export's validation against PyTorch checks the result.
+Each rewrite checks the operators, permutations and shapes of what it replaces, leaves anything
+else alone, and returns how many places it rewrote; the export's validation against PyTorch
+checks the result.
 """
 
 from __future__ import annotations
@@ -117,30 +118,46 @@ def _scaled(g: _Graph, name: str) -> tuple[str, float]:
     return name, 1.0
 
 
-def _head_split(g: _Graph, name: str) -> tuple[str, int] | None:
-    """``name`` = Transpose(0,2,1,3)(Reshape([b, s, heads, d])(x)) with x [b, s, heads*d]:
-    return (x, heads)."""
+def _known(*dims: Any) -> bool:
+    return all(isinstance(d, int) for d in dims)
+
+
+def _head_split(g: _Graph, name: str) -> tuple[str, int, int, int, Any] | None:
+    """``name`` = Transpose(0,2,1,3)(Reshape([b, s, heads, d])(x)) with x [b, s, heads·d]:
+    return (x, heads, d, s, b)."""
     transpose = g.made_by(name, "Transpose")
     if transpose is None or list(_attr(transpose, "perm", [])) != [0, 2, 1, 3]:
         return None
-    reshape = g.made_by(transpose.input[0], "Reshape")
+    return _split_heads(g, transpose.input[0])
+
+
+def _split_heads(g: _Graph, name: str) -> tuple[str, int, int, int, Any] | None:
+    """``name`` = Reshape([b, s, heads, d])(x) with x [b, s, heads·d]: (x, heads, d, s, b).
+    Tokens and width must match exactly, so that (with the element count) the batch axis is the
+    same too: a reshape that folds tokens into the batch (local attention windows) is not a head
+    split."""
+    reshape = g.made_by(name, "Reshape")
     if reshape is None:
         return None
     source, split = g.shapes.get(reshape.input[0]), g.shapes.get(reshape.output[0])
     if not source or not split or len(source) != 3 or len(split) != 4:
         return None
-    heads, width = split[2], split[3]
-    if not isinstance(heads, int) or not isinstance(width, int) or source[2] != heads * width:
+    tokens, heads, width = split[1:]
+    if not _known(tokens, heads, width) or source[1:] != [tokens, heads * width]:
         return None
-    return reshape.input[0], heads
+    return reshape.input[0], heads, width, tokens, source[0]
 
 
-def _key_transposed(g: _Graph, name: str) -> str | None:
-    """``name`` = the head-split key with its last two axes swapped, spelled either as one
-    Transpose(0,1,3,2) or as Reshape to 3-D, Transpose(0,2,1), Reshape back: the key's 4-D name."""
+def _key_split(g: _Graph, name: str) -> tuple[str, int, int, int, Any] | None:
+    """``name`` = the head-split key [b, heads, s, d] with its last two axes swapped, spelled as
+    one Transpose(0,2,3,1) of the split (eager attention), as Transpose(0,1,3,2) of the
+    head-split key, or as Reshape to [b·heads, s, d], Transpose(0,2,1), Reshape back to
+    [b, heads, d, s] (the exporter's SDPA): what :func:`_head_split` returns for the key."""
     node = g.made_by(name, "Transpose")
+    if node is not None and list(_attr(node, "perm", [])) == [0, 2, 3, 1]:
+        return _split_heads(g, node.input[0])
     if node is not None and list(_attr(node, "perm", [])) == [0, 1, 3, 2]:
-        return node.input[0]
+        return _head_split(g, node.input[0])
     back = g.made_by(name, "Reshape")
     flip = back is not None and g.made_by(back.input[0], "Transpose")
     if not flip or list(_attr(flip, "perm", [])) != [0, 2, 1]:
@@ -149,12 +166,18 @@ def _key_transposed(g: _Graph, name: str) -> str | None:
     if flat is None:
         return None
     four, three = g.shapes.get(flat.input[0]), g.shapes.get(flat.output[0])
-    if not four or not three or len(four) != 4 or len(three) != 3 or three[1:] != four[2:]:
+    swapped = g.shapes.get(back.output[0])
+    if not four or not three or not swapped or len(four) != 4 or len(three) != 3:
         return None
-    return flat.input[0]
+    heads, tokens, width = four[1:]
+    if not _known(heads, tokens, width) or three[1:] != [tokens, width]:
+        return None
+    if swapped[1:] != [heads, width, tokens]:
+        return None
+    return _head_split(g, flat.input[0])
 
 
-def _head_merge(g: _Graph, name: str, width: int) -> tuple[list[Any], str] | None:
+def _head_merge(g: _Graph, name: str, tokens: int, width: int) -> tuple[list[Any], str] | None:
     """``name`` [b, heads, s, d] → Transpose(0,2,1,3) → Reshape to [b, s, width]: the two nodes
     and the merged name."""
     transpose = g.only_consumer(name)
@@ -166,15 +189,16 @@ def _head_merge(g: _Graph, name: str, width: int) -> tuple[list[Any], str] | Non
     if reshape is None or reshape.op_type != "Reshape":
         return None
     merged = g.shapes.get(reshape.output[0])
-    if not merged or len(merged) != 3 or merged[2] != width:
+    if not merged or len(merged) != 3 or merged[1:] != [tokens, width]:
         return None
     return [transpose, reshape], reshape.output[0]
 
 
 def fuse_attention(model: Any) -> int:
     """Replace every softmax(q·kᵀ·scale)·v with split and merged heads by one
-    ``com.microsoft.MultiHeadAttention``; returns how many were fused (no mask, no bias: CLIP's
-    vision tower has neither)."""
+    ``com.microsoft.MultiHeadAttention``; returns how many were fused. The scale may be applied
+    to q and k (PyTorch's SDPA) or to the scores (eager attention). Attention with a mask or a
+    bias on the scores is left alone (CLIP's vision tower has neither)."""
     from onnx import helper
 
     g = _Graph(model)
@@ -182,7 +206,8 @@ def fuse_attention(model: Any) -> int:
     for softmax in list(g.graph.node):
         if softmax.op_type != "Softmax" or _attr(softmax, "axis", -1) not in (-1, 3):
             continue
-        scores = g.made_by(softmax.input[0], "MatMul")
+        scores_name, scale = _scaled(g, softmax.input[0])
+        scores = g.made_by(scores_name, "MatMul")
         mix = g.only_consumer(softmax.output[0])
         if scores is None or mix is None or mix.op_type != "MatMul":
             continue
@@ -190,13 +215,15 @@ def fuse_attention(model: Any) -> int:
             continue
         query, query_scale = _scaled(g, scores.input[0])
         key_t, key_scale = _scaled(g, scores.input[1])
-        key = _key_transposed(g, key_t)
-        q, k = _head_split(g, query), key and _head_split(g, key)
-        v = _head_split(g, mix.input[1])
-        if not q or not k or not v or not (q[1] == k[1] == v[1]):
+        scale *= query_scale * key_scale
+        q, k, v = _head_split(g, query), _key_split(g, key_t), _head_split(g, mix.input[1])
+        if not q or not k or not v or not (q[1] == k[1] == v[1]) or q[2] != k[2] or k[3] != v[3]:
             continue
-        width = g.shapes[v[0]][2]
-        merge = _head_merge(g, mix.output[0], width)
+        if q[4] is None or not (q[4] == k[4] == v[4]):  # one batch (no broadcast query)
+            continue
+        if not scale > 0:  # onnxruntime reads scale 0 as "the default 1/√d"
+            continue
+        merge = _head_merge(g, mix.output[0], q[3], v[1] * v[2])
         if merge is None:
             continue
         nodes, output = merge
@@ -207,7 +234,7 @@ def fuse_attention(model: Any) -> int:
             domain=CONTRIB,
             name=f"{output}/MultiHeadAttention",
             num_heads=q[1],
-            scale=query_scale * key_scale,
+            scale=scale,
         )
     if fused:
         _replace(model, fused)

@@ -152,8 +152,9 @@ def _to_fp16(source: Path, target: Path) -> None:
 def _to_int8(source: Path, target: Path) -> dict[str, int]:
     """Dynamic per-channel int8 weights for the encoder's matrix products, after the CPU rewrites
     of :mod:`clipship.exporter.cpu_graph` (fused attention; the patch embedding as a MatMul, so it
-    is quantized too). The projection (a Gemm) and the heads (the weight is MatMul's first input)
-    stay fp32. Returns what was rewritten, for ``export.json``."""
+    is quantized too). The projection (a Gemm: one row per image, no time to save) and the heads
+    (their weight is MatMul's first input) stay fp32. Returns what was rewritten, for
+    ``export.json``."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -171,6 +172,8 @@ def _to_int8(source: Path, target: Path) -> dict[str, int]:
             per_channel=True,
             weight_type=QuantType.QInt8,
             op_types_to_quantize=["MatMul"],
+            # onnxruntime turns each Gemm into a MatMul named "<gemm>_MatMul" and quantizes it.
+            nodes_to_exclude=[f"{n.name}_MatMul" for n in model.graph.node if n.op_type == "Gemm"],
         )
     return rewrites
 

@@ -22,10 +22,12 @@ def _ops(model: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in model.graph.node]
 
 
-@pytest.fixture(scope="module")
-def fixture_graph(tmp_path_factory):
-    """The tiny CLIP fixture (4 layers, 4 heads, 8×8 patches) exported with two tasks' heads."""
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def fixture_graph(request, tmp_path_factory):
+    """The tiny CLIP fixture (4 layers, 4 heads, 8×8 patches) exported with two tasks' heads,
+    with PyTorch's SDPA (scale on q and k) and with eager attention (scale on the scores)."""
     zero_shot, _, _ = load_zero_shot(str(PRETRAINED), None, "cpu")
+    zero_shot.vision.set_attn_implementation(request.param)
     torch.manual_seed(0)
     heads = {
         "a": torch.nn.functional.normalize(torch.randn(10, 32), dim=1),
@@ -41,13 +43,25 @@ def fixture_graph(tmp_path_factory):
     return onnx.load(str(path))
 
 
+def _rewritten(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int, int]:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy, fuse_attention(copy), patch_embedding_as_matmul(copy)
+
+
+def _export(module: torch.nn.Module, example: torch.Tensor, path) -> onnx.ModelProto:
+    _onnx_export(module.eval(), example, path, ["out"])
+    return onnx.load(str(path))
+
+
+def _max_diff(a: onnx.ModelProto, b: onnx.ModelProto, pixels: np.ndarray) -> float:
+    return max(float(np.abs(x - y).max()) for x, y in zip(_run(a, pixels), _run(b, pixels)))
+
+
 def test_rewrites_fuse_every_layer_and_keep_the_outputs(fixture_graph):
     pixels = REF["pixel_values"][:9].numpy()
-    reference = _run(fixture_graph, pixels)
-    model = onnx.ModelProto()
-    model.CopyFrom(fixture_graph)
-    assert fuse_attention(model) == 4  # one per layer
-    assert patch_embedding_as_matmul(model) == 1
+    model, fused, patches = _rewritten(fixture_graph)
+    assert (fused, patches) == (4, 1)  # one attention per layer, one patch embedding
     ops = _ops(model)
     assert ops.count("MultiHeadAttention") == 4
     assert "Softmax" not in ops and "Conv" not in ops
@@ -58,34 +72,84 @@ def test_rewrites_fuse_every_layer_and_keep_the_outputs(fixture_graph):
     # Nothing unused is left behind: every initializer feeds a node.
     used = {i for n in model.graph.node for i in n.input}
     assert all(t.name in used for t in model.graph.initializer)
-    for before, after in zip(reference, _run(model, pixels)):
-        # Float32 reassociation only: within 2e-6 of the largest magnitude (logits reach ~25).
-        assert np.abs(before - after).max() <= 2e-6 * np.abs(before).max()
-    # Applying them again finds nothing more to rewrite.
-    assert fuse_attention(model) == 0 and patch_embedding_as_matmul(model) == 0
+    # Float32 reassociation only: within 2e-6 of the largest magnitude (logits reach ~25).
+    largest = max(float(np.abs(out).max()) for out in _run(fixture_graph, pixels))
+    assert _max_diff(fixture_graph, model, pixels) <= 2e-6 * largest
 
 
-class _PaddedStem(torch.nn.Module):
-    """A conv whose kernel differs from its stride (not a patch embedding) then attention
-    with a mask: neither rewrite applies."""
+class _Attention(torch.nn.Module):
+    """Multi-head self-attention over 16 tokens of width 8 (the image rows as tokens), either
+    global or within windows of 4 tokens (the windows folded into the batch)."""
 
-    def __init__(self):
+    def __init__(self, heads: int = 2, windows: int = 1, scale: float | None = None):
         super().__init__()
-        self.conv = torch.nn.Conv2d(3, 8, kernel_size=4, stride=4, padding=1)
-        self.mask = torch.nn.Parameter(torch.zeros(1, 1, 64, 64), requires_grad=False)
+        torch.manual_seed(0)
+        self.qkv = torch.nn.Linear(8, 24)
+        self.heads, self.windows, self.scale = heads, windows, scale
 
     def forward(self, pixel_values):
-        x = self.conv(pixel_values).flatten(2).transpose(1, 2)[:, :64]  # [b, 64, 8]
-        q = x.view(x.shape[0], 64, 2, 4).transpose(1, 2)
-        y = torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=self.mask)
-        return (y.transpose(1, 2).reshape(x.shape[0], 64, 8),)
+        x = pixel_values[:, 0]  # [b, 16, 8]
+        groups, tokens = x.shape[0] * self.windows, 16 // self.windows
+
+        def split(t):
+            return t.reshape(groups, tokens, self.heads, 8 // self.heads).transpose(1, 2)
+
+        q, k, v = (split(t) for t in self.qkv(x).chunk(3, -1))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return (y.transpose(1, 2).reshape(x.shape[0], 16, 8),)
 
 
-def test_rewrites_leave_other_patterns_alone(tmp_path):
-    path = tmp_path / "other.onnx"
-    _onnx_export(_PaddedStem().eval(), torch.randn(2, 3, 32, 32), path, ["out"])
-    model = onnx.load(str(path))
-    ops = _ops(model)
-    assert "Softmax" in ops and "Conv" in ops
-    assert fuse_attention(model) == 0 and patch_embedding_as_matmul(model) == 0
-    assert _ops(model) == ops
+class _Patches(torch.nn.Module):
+    def __init__(self, kernel: tuple[int, int], bias: bool, padding: int = 0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 5, kernel, stride=kernel, bias=bias, padding=padding)
+
+    def forward(self, pixel_values):
+        return (self.conv(pixel_values).flatten(2).transpose(1, 2),)
+
+
+@pytest.mark.parametrize(
+    "module, shape, fused, patches",
+    [
+        (_Attention(heads=2), (3, 1, 16, 8), 1, 0),
+        (_Attention(heads=1, scale=0.3), (3, 1, 16, 8), 1, 0),
+        (_Patches((4, 4), bias=True), (3, 3, 16, 16), 0, 1),
+        (_Patches((4, 2), bias=False), (3, 3, 16, 12), 0, 1),
+        # Not what they look like: attention within windows is not global attention; scale 0
+        # would read as onnxruntime's default; a padded conv is not a patch embedding.
+        (_Attention(heads=2, windows=4), (3, 1, 16, 8), 0, 0),
+        (_Attention(heads=2, scale=0.0), (3, 1, 16, 8), 0, 0),
+        (_Patches((4, 4), bias=True, padding=1), (3, 3, 16, 16), 0, 0),
+    ],
+)
+def test_rewrites_on_small_graphs(module, shape, fused, patches, tmp_path):
+    example = torch.randn(*shape)
+    model = _export(module, example, tmp_path / "small.onnx")
+    rewritten, *counts = _rewritten(model)
+    assert counts == [fused, patches]
+    if not fused and not patches:
+        assert _ops(rewritten) == _ops(model)
+    pixels = torch.randn(5, *shape[1:]).numpy()  # another batch size than the export's
+    with torch.no_grad():
+        assert (
+            np.abs(_run(model, pixels)[0] - module(torch.from_numpy(pixels))[0].numpy()).max()
+            < 1e-5
+        )
+    assert _max_diff(model, rewritten, pixels) <= 2e-6
+
+
+def test_masked_attention_is_left_alone(tmp_path):
+    class Masked(_Attention):
+        def forward(self, pixel_values):
+            x = pixel_values[:, 0]
+            q, k, v = (
+                t.reshape(x.shape[0], 16, 2, 4).transpose(1, 2) for t in self.qkv(x).chunk(3, -1)
+            )
+            mask = torch.ones(16, 16, dtype=torch.bool).tril()
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return (y.transpose(1, 2).reshape(x.shape[0], 16, 8),)
+
+    model = _export(Masked(), torch.randn(2, 1, 16, 8), tmp_path / "masked.onnx")
+    assert "Softmax" in _ops(model)
+    assert _rewritten(model)[1] == 0
