@@ -32,6 +32,7 @@ def atomic_folder(out: Path, force: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        usual_modes(tmp)
         if out.exists():
             check_target(out, force)
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -43,6 +44,23 @@ def atomic_folder(out: Path, force: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def usual_modes(path: Path) -> None:
+    """Give a file, or a folder and what is in it, the modes a plain open / mkdir would (the
+    umask's): mkdtemp makes 0700 folders and the safetensors writer 0600 files, which would keep
+    a shared cache, a CI artefact or a container volume from other users."""
+    umask = os.umask(0)
+    os.umask(umask)
+    if not os.path.isdir(path):
+        os.chmod(path, 0o666 & ~umask)
+        return
+    os.chmod(path, 0o777 & ~umask)
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def library_versions() -> dict[str, str]:

@@ -21,7 +21,7 @@ import torch
 
 from clipship.errors import CheckpointError, ClipshipError
 from clipship.eval.tasks import Task
-from clipship.outputs import atomic_folder, library_versions
+from clipship.outputs import atomic_folder, library_versions, usual_modes
 from clipship.pool import TOKENIZER_FILES
 from clipship.safetensors_io import Checkpoint
 
@@ -132,6 +132,7 @@ def build_heads(
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 tmp = cached.with_name(f".{cached.name}.{os.getpid()}")
                 save_file({"head": heads[task.name].contiguous()}, str(tmp))
+                usual_modes(tmp)
                 os.replace(tmp, cached)
     meta = {
         "model": str(pretrained),
