@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
+from typing import Any
 
 CHUNK = 1 << 23
 
@@ -15,17 +16,16 @@ def file_sha256(path: Path | str) -> str:
     resolved = Path(path).resolve()
     if re.fullmatch(r"[0-9a-f]{64}", resolved.name) and resolved.parent.name == "blobs":
         return resolved.name
-    digest = hashlib.sha256()
-    with open(resolved, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return _hexdigest(hashlib.sha256(), resolved)
 
 
 def git_sha1(path: Path | str) -> str:
     """git's blob id of a file: sha1 of ``blob <size>\\0`` and the content."""
     path = Path(path)
-    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    return _hexdigest(hashlib.sha1(b"blob %d\0" % path.stat().st_size), path)
+
+
+def _hexdigest(digest: Any, path: Path) -> str:
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             digest.update(chunk)

@@ -41,12 +41,6 @@ class ReleaseConfigError(ClipshipError):
     """A release YAML that cannot be run."""
 
 
-class GateFailed(ClipshipError):
-    """A release gate failed: nothing was pushed."""
-
-    exit_code = 3
-
-
 def read_config(path: Path) -> dict[str, Any]:
     from clipship.pool import read_yaml
 

@@ -32,7 +32,8 @@ class _Graph:
     """Producer/consumer maps, constants and inferred shapes of one ONNX graph."""
 
     def __init__(self, model: Any):
-        self.model, self.graph = model, model.graph
+        self.graph = model.graph
+        self.outputs = {out.name for out in self.graph.output}
         self.producer = {out: node for node in self.graph.node for out in node.output}
         self.consumers: dict[str, list[Any]] = {}
         for node in self.graph.node:
@@ -53,10 +54,6 @@ class _Graph:
     def only_consumer(self, name: str) -> Any | None:
         users = self.consumers.get(name, [])
         return users[0] if len(users) == 1 and name not in self.outputs else None
-
-    @property
-    def outputs(self) -> set[str]:
-        return {out.name for out in self.graph.output}
 
     def made_by(self, name: str, op_type: str) -> Any | None:
         node = self.producer.get(name)
@@ -266,7 +263,7 @@ def patch_embedding_as_matmul(model: Any) -> int:
             or _attr(conv, "group", 1) != 1
             or _attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
             or image[1] != channels
-            or not all(isinstance(d, int) for d in height_width)
+            or not _known(*height_width)
             or height_width[0] % kh
             or height_width[1] % kw
         ):
@@ -329,8 +326,8 @@ def patch_embedding_as_matmul(model: Any) -> int:
 
 
 def _replace(model: Any, replacements: dict[int, Any]) -> None:
-    """Put each replacement where its node was, then drop nodes, initializers and opset imports
-    nothing uses any more."""
+    """Put each replacement where its node was, drop the nodes, initializers and value infos
+    nothing uses any more, and import the contrib domain when a contrib op is in."""
     from onnx import helper
 
     graph = model.graph

@@ -310,12 +310,15 @@ def export(
             _to_fp16(tmp / FILES["fp32"], tmp / FILES["fp16"])
         if "int8" in precisions:
             record["int8_rewrites"] = _to_int8(tmp / FILES["fp32"], tmp / FILES["int8"])
-        for precision in precisions:
-            session = _session(tmp / FILES[precision])
+
+        def validate(session, variant: str, gate: str) -> None:
             result = _compare(session, deploy, pixels, where, names)
             result["batch_1_7_vs_32_max_diff"] = _batch_consistency(session, pixels)
-            report["variants"][precision] = result
-            _gate(precision, result, names, gates)
+            report["variants"][variant] = result
+            _gate(gate, result, names, gates)
+
+        for precision in precisions:
+            validate(_session(tmp / FILES[precision]), precision, precision)
         if tensorrt:
             from clipship.exporter.tensorrt import ENGINE_FILE, EngineSession, build_engine
 
@@ -327,11 +330,7 @@ def export(
             )
             if "fp16" not in precisions:
                 (tmp / FILES["fp16"]).unlink()
-            session = EngineSession(tmp / ENGINE_FILE)
-            result = _compare(session, deploy, pixels, where, names)
-            result["batch_1_7_vs_32_max_diff"] = _batch_consistency(session, pixels)
-            report["variants"]["tensorrt_fp16"] = result
-            _gate("fp16", result, names, gates)  # the fp16 agreement gate
+            validate(EngineSession(tmp / ENGINE_FILE), "tensorrt_fp16", "fp16")
         if "fp32" not in precisions:
             (tmp / FILES["fp32"]).unlink()
         _embed_metadata(tmp, record)
