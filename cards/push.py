@@ -42,11 +42,7 @@ def release_files(folder: Path) -> list[LocalFile]:
     files = []
     for file in sorted(folder.rglob("*")):
         rel = file.relative_to(folder)
-        if (
-            file.is_file()
-            and not file.is_symlink()
-            and not any(p.startswith(".") for p in rel.parts)
-        ):
+        if file.is_file() and not any(p.startswith(".") for p in rel.parts):
             files.append(LocalFile(rel.as_posix(), file, file.stat().st_size))
     if not files:
         raise ClipshipError(f"{folder}: nothing to push (no files)")

@@ -201,3 +201,17 @@ def test_private_never_republishes_an_existing_public_repo(hub, hub_env, release
     assert clipship("push", str(release), "--repo-id", "alice/pub", env=hub_env).returncode == 0
     result = clipship("push", str(release), "--repo-id", "alice/pub", "--private", env=hub_env)
     assert result.returncode == 1 and "already exists and is public" in result.stderr
+
+
+def test_symlinked_files_are_pushed_like_a_hub_snapshot(tmp_path):
+    from clipship.cards.push import release_files
+
+    blobs, folder = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir()
+    folder.mkdir()
+    (blobs / "abc").write_bytes(b"weights")
+    (folder / "model.safetensors").symlink_to(blobs / "abc")
+    (folder / "config.json").write_text("{}")
+    (folder / ".hidden").write_text("x")
+    files = {f.path: f.size for f in release_files(folder)}
+    assert files == {"config.json": 2, "model.safetensors": 7}
