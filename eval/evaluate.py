@@ -21,6 +21,7 @@ from clipship.errors import ClipshipError, PoolMismatchError
 from clipship.eval.data import DataError, ImageSource, Preprocess, TaskImages, collate
 from clipship.eval.heads import build_heads, check_heads, load_heads
 from clipship.eval.tasks import Task
+from clipship.memory import own_module
 from clipship.pool import load_model, resolve_folder
 from clipship.progress import Bars
 
@@ -78,6 +79,7 @@ def load_zero_shot(
     clip = CLIPModel.from_pretrained(pretrained_folder)
     vision = CLIPVisionModel.from_pretrained(checked.folder)
     zero_shot = ZeroShotModel(vision, clip.visual_projection, clip.logit_scale).to(device).eval()
+    own_module(zero_shot)  # out of the files' mappings (clipship.memory)
     n = sum(p.numel() for p in vision.parameters())
     info = {"trainable_params": n, "all_params": n, "trainable_percentage": 1.0}
     return zero_shot, pretrained_folder, info

@@ -25,6 +25,7 @@ from clipship.eval.data import DataError, ImageSource, Preprocess, TaskImages, c
 from clipship.eval.evaluate import PRECISIONS, ZeroShotModel, pick_device
 from clipship.eval.heads import build_heads
 from clipship.eval.tasks import Task
+from clipship.memory import load_owned, own_module
 from clipship.outputs import atomic_folder, check_target, library_versions
 from clipship.pool import resolve_folder
 
@@ -68,6 +69,25 @@ def _save_checkpoint(
     os.replace(tmp, folder)
 
 
+def _restore_optimizer(optimizer: torch.optim.Optimizer, folder: Path, device: str) -> int:
+    """Load a checkpoint's Adam state into ``optimizer`` (owned memory); returns its step."""
+    state = json.loads((folder / STATE_FILE).read_text())
+    saved = load_owned(folder / OPTIMIZER_FILE)
+    groups = optimizer.state_dict()["param_groups"]
+    restored: dict[str, Any] = {"state": {}, "param_groups": groups}
+    for index in groups[0]["params"]:
+        slots = {
+            k.split(".", 1)[1]: v.to(device)
+            for k, v in saved.items()
+            if k.split(".", 1)[0] == str(index)
+        }
+        if slots:
+            slots["step"] = torch.tensor(state["adam_steps"][str(index)])
+            restored["state"][index] = slots
+    optimizer.load_state_dict(restored)
+    return state["step"]
+
+
 def _latest_checkpoint(root: Path) -> Path | None:
     found = sorted(
         (int(p.name.removeprefix("step-")), p)
@@ -99,7 +119,6 @@ def finetune(
     on_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Tune the vision tower on ``task``'s train split; writes a CLIPVisionModel folder."""
-    from safetensors.torch import load_file
     from transformers import CLIPModel, CLIPVisionModel
     from transformers.utils import logging
 
@@ -123,27 +142,15 @@ def finetune(
     start = 0
     latest = _latest_checkpoint(checkpoints) if resume else None
     vision = CLIPVisionModel.from_pretrained(latest or folder).to(device)
-    model = ZeroShotModel(vision, clip.visual_projection, clip.logit_scale).to(device)
+    # Out of the files' mappings (clipship.memory): a resumed run then computes what the
+    # uninterrupted one did, bit for bit.
+    model = own_module(ZeroShotModel(vision, clip.visual_projection, clip.logit_scale).to(device))
     for module in (model.projection,):
         module.requires_grad_(False)
     vision.train()
     optimizer = torch.optim.Adam(vision.parameters(), lr=lr, weight_decay=weight_decay)
     if latest is not None:
-        state = json.loads((latest / STATE_FILE).read_text())
-        start = state["step"]
-        saved = load_file(str(latest / OPTIMIZER_FILE))
-        params = optimizer.state_dict()["param_groups"][0]["params"]
-        restored = {"state": {}, "param_groups": optimizer.state_dict()["param_groups"]}
-        for index in params:
-            slots = {
-                k.split(".", 1)[1]: v.to(device)
-                for k, v in saved.items()
-                if k.split(".", 1)[0] == str(index)
-            }
-            if slots:
-                slots["step"] = torch.tensor(state["adam_steps"][str(index)])
-                restored["state"][index] = slots
-        optimizer.load_state_dict(restored)
+        start = _restore_optimizer(optimizer, latest, device)
     preprocess = Preprocess.from_pretrained(folder)
     source = ImageSource(task, split="train")
     images = TaskImages(source, preprocess, train_limit)

@@ -21,6 +21,7 @@ import torch
 
 from clipship.errors import CheckpointError, ClipshipError
 from clipship.eval.tasks import Task
+from clipship.memory import load_owned, own_module
 from clipship.outputs import atomic_folder, library_versions, usual_modes
 from clipship.pool import TOKENIZER_FILES
 from clipship.safetensors_io import Checkpoint
@@ -109,7 +110,7 @@ def build_heads(
     use_cache: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Heads for ``tasks`` from a pretrained CLIPModel folder or hub id: ``(heads, metadata)``."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from clipship.pool import resolve_folder
 
@@ -121,7 +122,7 @@ def build_heads(
     for task in tasks:
         cached = cache_dir() / "heads" / f"{head_key(text_sha, tok_sha, task, dtype)}.safetensors"
         if use_cache and cached.is_file():
-            heads[task.name] = load_file(str(cached))["head"]
+            heads[task.name] = load_owned(cached)["head"]
         else:
             missing.append((task, cached))
     if missing:
@@ -165,7 +166,7 @@ def load_clip(folder: Path, device: str, dtype: torch.dtype = torch.float32) -> 
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
-    model = CLIPModel.from_pretrained(folder, dtype=dtype).to(device).eval()
+    model = own_module(CLIPModel.from_pretrained(folder, dtype=dtype).to(device).eval())
     return model, CLIPTokenizer.from_pretrained(folder)
 
 
@@ -185,12 +186,10 @@ def save_heads(
 
 
 def load_heads(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     try:
         meta = json.loads((folder / HEADS_META).read_text())
-        heads = load_file(str(folder / HEADS_FILE))
+        heads = load_owned(folder / HEADS_FILE)
     except FileNotFoundError as e:
         raise CheckpointError(
             f"{folder}: not a heads folder ({Path(e.filename).name} missing)"
