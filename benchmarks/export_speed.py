@@ -2,27 +2,32 @@
 
 Part 1 (speed): a ViT-B/32-shaped encoder with the eight tasks' 758 classes of heads (random
 weights: speed does not depend on them), exported the way `clipship export` does; PyTorch eager
-fp32 (`inference_mode`), onnxruntime fp32 and onnxruntime int8 (dynamic, per-channel) at batch 1
-and 32, all with the same thread count, timed in turns in one run (medians).
+fp32 (`inference_mode`), onnxruntime fp32 and onnxruntime int8 (dynamic, per-channel) in each
+int8 scheme (`exporter/quantize.py`: u8u8, reduce_range, and the saturating full-range s8 they
+replace) at batch 1 and 32, all with the same thread count, timed in turns in one run (medians).
 
 Part 2 (validation): the mini-benchmark's trained models (task arithmetic merge of its task
-encoders, its heads), exported in fp32/fp16/int8 by `clipship export` and compared with PyTorch
-on its real test images: max |Δlogit| and top-1 agreement per task.
+encoders, its heads), exported in fp32/fp16 and each int8 scheme the way `clipship export` does
+and compared with PyTorch on its real test images: max |Δlogit| and top-1 agreement per task,
+whether each int8 file passes the portability check, and what saturation would change.
 
-    python benchmarks/export_speed.py [--budget full|smoke] [--threads 2] [--repeats 5]
-        [--skip-speed] [--skip-validation] [--gpu]
+The first line names the CPU and its relevant instruction sets (clipship.machine).
+
+    python benchmarks/export_speed.py [--budget full|smoke] [--per-task 1000] [--threads 2]
+        [--repeats 5] [--skip-speed] [--skip-validation] [--gpu]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from clipship.machine import describe
 
 # Multiply-adds ×2 of one 224×224 image through ViT-B/32 (50 tokens, width 768, MLP 3072, 12
 # layers: projections 4·768² + 2·768·3072 per token, attention 2·50·768 per token, the patch
@@ -104,29 +109,43 @@ def _b32_deploy():
     return model, ["image_embeds", "logits", *[f"logits_{k}" for k in heads]]
 
 
+def int8_schemes():
+    """The schemes `clipship export` offers, then the saturating one they replace (measured)."""
+    from clipship.exporter.quantize import SATURATING, SCHEMES
+
+    return [*SCHEMES.values(), SATURATING]
+
+
 def speed(threads: int, repeats: int) -> None:
     import onnxruntime as ort
 
-    from clipship.exporter.onnx_export import FILES, _onnx_export, _to_int8
+    from clipship.exporter.onnx_export import FILES, _onnx_export, _quiet
+    from clipship.exporter.quantize import quantize_int8
 
     torch.set_num_threads(threads)
     model, outputs = _b32_deploy()
     with tempfile.TemporaryDirectory() as tmp:
-        fp32, int8 = Path(tmp) / FILES["fp32"], Path(tmp) / FILES["int8"]
+        fp32 = Path(tmp) / FILES["fp32"]
         _onnx_export(model, torch.randn(2, 3, 224, 224), fp32, outputs)
-        _to_int8(fp32, int8)
+        paths = {"ORT fp32": fp32}
+        for scheme in int8_schemes():
+            paths[f"int8 {scheme.name}"] = Path(tmp) / f"{scheme.name}.onnx"
+            with _quiet():
+                quantize_int8(fp32, paths[f"int8 {scheme.name}"], scheme)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         sessions = {
             name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            for name, path in (("ORT fp32", fp32), ("ORT int8", int8))
+            for name, path in paths.items()
         }
         print(
-            f"ViT-B/32 + 758-class heads, {threads} threads, median of {repeats} interleaved runs"
+            f"ViT-B/32 + 758-class heads, {threads} threads, median of {repeats} interleaved runs "
+            "(images/s, × PyTorch eager fp32); int8 s8 = the full-range int8 file these schemes "
+            "replace, wrong on x86-64 CPUs without VNNI"
         )
-        header = f"{'batch':>5} {'PyTorch eager':>14} {'ORT fp32':>10} {'ORT int8':>10}"
-        print(header + "   (images/s; × eager)")
+        names = ["eager", *sessions]
+        print(f"{'batch':>5} " + " ".join(f"{n:>17}" for n in names))
         for batch in (1, 32):
             x = torch.randn(batch, 3, 224, 224)
 
@@ -141,10 +160,10 @@ def speed(threads: int, repeats: int) -> None:
                 )
             rates = {k: batch / v for k, v in interleaved(contenders, repeats).items()}
             base = rates["eager"]
-            print(
-                f"{batch:>5} {base:>14.1f} {rates['ORT fp32']:>10.1f} {rates['ORT int8']:>10.1f}"
-                f"   (fp32 {rates['ORT fp32'] / base:.2f}×, int8 {rates['ORT int8'] / base:.2f}×)"
-            )
+            cells = [f"{base:>17.1f}"] + [
+                f"{rates[n]:>8.1f} ({rates[n] / base:.2f}×)" for n in names[1:]
+            ]
+            print(f"{batch:>5} " + " ".join(cells))
             if batch == 32:
                 sustained = base * GFLOP_PER_IMAGE / threads
                 print(
@@ -197,51 +216,86 @@ def gpu(repeats: int) -> None:
             print(f"batch {batch:>2}: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
 
 
-def validation(budget: str) -> None:
-    from clipship.eval.heads import build_heads, save_heads
+def validation(budget: str, per_task: int) -> None:
+    """Every variant against PyTorch on the mini-benchmark's real test images; for int8, each
+    scheme, whether its file passes the portability check, and how many outputs of its integer
+    products the saturating (non-VNNI) kernel would change on the first 64 images."""
+    from clipship.eval.data import Preprocess
+    from clipship.eval.evaluate import load_zero_shot
+    from clipship.eval.heads import build_heads
     from clipship.eval.minibench.build import build, pool_tasks
-    from clipship.exporter.onnx_export import Gates, export
+    from clipship.exporter.onnx_export import (
+        DeployModel,
+        _compare,
+        _onnx_export,
+        _quiet,
+        _session,
+        _to_fp16,
+        validation_images,
+    )
+    from clipship.exporter.quantize import (
+        check_integer_products,
+        quantize_int8,
+        saturation_effects,
+    )
     from clipship.merge import merge
     from clipship.pool import read_pool_yaml
 
     pool = build(None, budget, 0)
     pretrained, models = read_pool_yaml(pool / "pool.yaml")
     tasks = pool_tasks(pool)
+    names = [t.name for t in tasks]
     with tempfile.TemporaryDirectory() as tmp:
-        merged = Path(tmp) / "merged"
-        merge(pretrained, models, "task_arithmetic", merged, {"scaling_factor": 0.3})
-        heads, meta = build_heads(pretrained, tasks)
-        save_heads(Path(tmp) / "heads", heads, meta, force=False)
-        result = export(
-            str(merged),
-            Path(tmp) / "heads",
-            Path(tmp) / "out",
-            precisions=["fp32", "fp16", "int8"],
-            validation_tasks=tasks,
-            validation_size=2000,
-            gates=Gates(0.0 + 1e-3, 1.0, 0.0, 0.0),
+        tmp = Path(tmp)
+        merge(pretrained, models, "task_arithmetic", tmp / "merged", {"scaling_factor": 0.3})
+        heads, _ = build_heads(pretrained, tasks)
+        zero_shot, folder, _ = load_zero_shot(str(tmp / "merged"), None, "cpu")
+        deploy = DeployModel(zero_shot, heads).eval()
+        preprocess = Preprocess.from_pretrained(folder)
+        uint8, where = validation_images(tasks, preprocess, per_task)
+        pixels = preprocess.normalize(torch.from_numpy(uint8), preprocess.lookup_table())
+        outputs = ["image_embeds", "logits", *[f"logits_{n}" for n in names]]
+        paths = {"fp32": tmp / "fp32.onnx", "fp16": tmp / "fp16.onnx"}
+        _onnx_export(deploy, pixels[:2], paths["fp32"], outputs)
+        with _quiet():
+            _to_fp16(paths["fp32"], paths["fp16"])
+            for scheme in int8_schemes():
+                paths[f"int8 {scheme.name}"] = tmp / f"{scheme.name}.onnx"
+                quantize_int8(paths["fp32"], paths[f"int8 {scheme.name}"], scheme)
+        print(
+            f"\nvalidation on the {budget} mini-benchmark's real test images (up to {per_task} "
+            f"per task, {len(where)} in all), task-arithmetic merge; max |Δlogit| / top-1 "
+            "agreement with PyTorch per task"
         )
-    print(
-        f"\nvalidation on the {budget} mini-benchmark's real test images "
-        f"({result['report']['validation_images']} images), task-arithmetic merge:"
-    )
-    print(f"{'variant':8s} " + " ".join(f"{t.name:>22s}" for t in tasks) + f"{'all':>10s}")
-    for variant, rows in result["report"]["variants"].items():
-        cells, agreeing = [], 0.0
-        for t in tasks:
-            row = rows[t.name]
-            cells.append(f"{row['max_abs_logit_diff']:.1e} / {100 * row['top1_agreement']:6.2f}%")
-            agreeing += row["top1_agreement"] * row["images"]
-        overall = 100 * agreeing / sum(rows[t.name]["images"] for t in tasks)
-        print(f"{variant:8s} " + " ".join(f"{c:>22s}" for c in cells) + f"{overall:9.2f}%")
-    print("(max |Δlogit| / top-1 agreement with PyTorch, per task; agreement over all images)")
-    print(
-        json.dumps(
-            {
-                v: {k: r for k, r in rows.items() if not isinstance(r, dict)}
-                for v, rows in result["report"]["variants"].items()
-            }
+        print(
+            f"{'variant':17s} "
+            + " ".join(f"{n:>18s}" for n in names)
+            + f"{'all':>15s} {'portable':>9s} {'saturated':>10s}"
         )
+        for variant, path in paths.items():
+            rows = _compare(_session(path), deploy, pixels, where, names)
+            cells = [
+                f"{rows[n]['max_abs_logit_diff']:.1e} / {100 * rows[n]['top1_agreement']:6.2f}%"
+                for n in names
+            ]
+            wrong = sum(rows[n]["disagreements"] for n in names)
+            overall = f"{100 * (1 - wrong / len(where)):6.2f}% ({wrong})"
+            portable, saturated = "", ""
+            if variant.startswith("int8"):
+                import onnx
+
+                portable = "yes" if not check_integer_products(onnx.load(str(path))) else "NO"
+                effects = saturation_effects(path, pixels[:64].numpy())
+                saturated = f"{100 * max(effects.values(), default=0.0):.2f}%"
+            print(
+                f"{variant:17s} "
+                + " ".join(f"{c:>18s}" for c in cells)
+                + f"{overall:>15s} {portable:>9s} {saturated:>10s}"
+            )
+    print(
+        "(all: agreement over every image, disagreements in brackets; portable: every integer "
+        "product exact on every CPU; saturated: the largest share of one integer product's "
+        "outputs that a non-VNNI kernel changes, first 64 images)"
     )
 
 
@@ -250,16 +304,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budget", default="full", choices=["full", "smoke"])
+    parser.add_argument("--per-task", type=int, default=1000, help="Validation images per task.")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-validation", action="store_true")
     parser.add_argument("--gpu", action="store_true", help="Also the CUDA / TensorRT table.")
     args = parser.parse_args()
+    print(describe())
     if args.gpu:
         gpu(args.repeats)
     if not args.skip_speed:
         speed(args.threads, args.repeats)
     if not args.skip_validation:
-        validation(args.budget)
+        validation(args.budget, args.per_task)
 
 
 if __name__ == "__main__":

@@ -536,10 +536,15 @@ def export(
     validation_data: Annotated[
         Path | None, typer.Option("--validation-data", help="Images or a dataset.")
     ] = None,
-    validation_size: Annotated[int, typer.Option("--validation-size")] = 64,
+    validation_size: Annotated[
+        int, typer.Option("--validation-size", help="Validation images per task.")
+    ] = 500,
+    int8_scheme: Annotated[
+        str, typer.Option("--int8-scheme", help="u8u8 or reduce_range (both exact on any CPU).")
+    ] = "u8u8",
     max_logit_diff: Annotated[float, typer.Option("--max-logit-diff", help="fp32 gate.")] = 1e-3,
     min_agreement_fp16: Annotated[float, typer.Option("--min-agreement-fp16")] = 0.995,
-    min_agreement_int8: Annotated[float, typer.Option("--min-agreement-int8")] = 0.99,
+    min_agreement_int8: Annotated[float, typer.Option("--min-agreement-int8")] = 0.98,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -575,6 +580,7 @@ def export(
             force=force,
             tensorrt=tensorrt,
             max_batch=max_batch,
+            int8_scheme=int8_scheme,
         )
 
     result = _run(call)
@@ -585,7 +591,12 @@ def export(
         per_task = [r for r in rows.values() if isinstance(r, dict)]
         worst = min(r["top1_agreement"] for r in per_task)
         diff = max(r["max_abs_logit_diff"] for r in per_task)
-        print(f"{variant}: max |Δlogit| {diff:.2e}, top-1 agreement ≥ {100 * worst:.2f} %")
+        wrong = sum(r["disagreements"] for r in per_task)
+        images = sum(r["images"] for r in per_task)
+        print(
+            f"{variant}: max |Δlogit| {diff:.2e}, top-1 agreement ≥ {100 * worst:.2f} % per "
+            f"task ({wrong} of {images} images disagree)"
+        )
     print(f"exported → {result['out']}/")
 
 

@@ -30,7 +30,14 @@ SECTIONS = {
     "seed": None,
     "eval": {"tasks", "taskfile", "data_dir", "baselines", "batch_size", "limit", "device"},
     "gates": {"min_average_accuracy", "min_accuracy", "max_drop", "export"},
-    "export": {"precisions", "validation_size", "validation_data", "tensorrt", "max_batch"},
+    "export": {
+        "precisions",
+        "validation_size",
+        "validation_data",
+        "tensorrt",
+        "max_batch",
+        "int8_scheme",
+    },
     "card": {"license", "name", "base_model"},
     "hub": {"repo_id", "private", "revision", "tag", "message"},
 }
@@ -403,7 +410,13 @@ def release(
 
 
 def _export_stage(config, stages: Stages, eval_key: str, merged: Path, evaluated: Path, tasks):
-    from clipship.exporter.onnx_export import ExportValidationError, Gates, export
+    from clipship.exporter.onnx_export import (
+        VALIDATION_SIZE,
+        ExportValidationError,
+        Gates,
+        export,
+    )
+    from clipship.exporter.quantize import DEFAULT_SCHEME
 
     spec = config["export"] or {}
     limits = {**dataclasses.asdict(Gates()), **(config.get("gates", {}).get("export") or {})}
@@ -419,10 +432,11 @@ def _export_stage(config, stages: Stages, eval_key: str, merged: Path, evaluated
             precisions=list(precisions),
             validation_tasks=tasks,
             validation_data=data,
-            validation_size=int(spec.get("validation_size", 64)),
+            validation_size=int(spec.get("validation_size", VALIDATION_SIZE)),
             gates=Gates(**{k: float(v) for k, v in limits.items()}),
             tensorrt=bool(spec.get("tensorrt", False)),
             max_batch=int(spec.get("max_batch", 64)),
+            int8_scheme=str(spec.get("int8_scheme", DEFAULT_SCHEME)),
         )
 
     try:
@@ -439,6 +453,8 @@ def _export_figures(path: Path) -> dict[str, Any]:
         out[variant] = {
             "max_abs_logit_diff": max(r["max_abs_logit_diff"] for r in tasks.values()),
             "min_top1_agreement": min(r["top1_agreement"] for r in tasks.values()),
+            "disagreements": sum(r["disagreements"] for r in tasks.values()),
+            "images": sum(r["images"] for r in tasks.values()),
         }
     return out
 

@@ -112,6 +112,7 @@ def test_export_all_variants_validated_and_reloadable(setup):
             row = rows[t]
             assert row["images"] == 64  # --validation-data: every image counts for every task
             assert row["disagreements"] == round((1 - row["top1_agreement"]) * row["images"])
+            assert row["agreement_lower"] <= row["top1_agreement"] <= row["agreement_upper"]
     record = json.loads((out / "export.json").read_text())
     assert record["tasks"] == ["mnist", "svhn", "eurosat"]
     assert record["class_offsets"] == {"mnist": [0, 10], "svhn": [10, 20], "eurosat": [20, 30]}
@@ -137,7 +138,13 @@ def test_export_all_variants_validated_and_reloadable(setup):
     assert any(n.op_type == "MatMul" and "projection" in " ".join(n.input) for n in int8_nodes)
     assert "DynamicQuantizeLinear" in int8_ops or "DynamicQuantizeMatMul" in int8_ops
     # Attention fused, the patch embedding a (quantized) MatMul: see exporter/cpu_graph.py.
-    assert record["int8_rewrites"] == {"fused_attention": 4, "patch_embedding_matmul": 1}
+    assert record["int8"]["rewrites"] == {"fused_attention": 4, "patch_embedding_matmul": 1}
+    # The default scheme: uint8 weights, exact on every CPU (exporter/quantize.py).
+    assert record["int8"]["name"] == "u8u8" and record["int8"]["weight_type"] == "uint8"
+    assert record["int8"]["integer_products"] == 25
+    from clipship.exporter.quantize import check_integer_products
+
+    assert check_integer_products(onnx.load(str(out / "model_int8.onnx"))) == []
     assert int8_ops.count("MultiHeadAttention") == 4 and "Conv" not in int8_ops
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     for batch in (1, 5):
@@ -191,17 +198,51 @@ def test_a_failed_gate_writes_nothing(setup):
     assert not [p for p in setup.iterdir() if p.name.startswith(".strict")]
 
 
-def test_gate_names_the_task_and_counts_the_images():
-    from clipship.exporter.onnx_export import ExportValidationError, Gates, _gate
+def test_gates_fail_on_evidence_not_on_one_image():
+    from clipship.exporter.onnx_export import ExportValidationError, Gates, _gate, agreement_bounds
 
-    row = {"max_abs_logit_diff": 0.3, "top1_agreement": 15 / 16, "disagreements": 1, "images": 16}
-    result = {"mnist": {**row, "disagreements": 0, "top1_agreement": 1.0}, "svhn": row}
-    _gate("int8", result, ["mnist", "svhn"], Gates(min_agreement_int8=0.9))
-    with pytest.raises(ExportValidationError) as error:
-        _gate("int8", result, ["mnist", "svhn"], Gates())
-    assert str(error.value) == (
-        "int8 export disagrees with PyTorch on svhn: top-1 agreement 0.9375 < 0.99 (1 of 16 images)"
+    def row(wrong, images):
+        lower, upper = agreement_bounds(images - wrong, images)
+        return {
+            "max_abs_logit_diff": 0.3,
+            "top1_agreement": 1 - wrong / images,
+            "disagreements": wrong,
+            "images": images,
+            "agreement_lower": lower,
+            "agreement_upper": upper,
+        }
+
+    # 2 of 100 images: 98 % observed, but the sample cannot show that agreement is below 99 %.
+    _gate(
+        "int8", {"mnist": row(0, 100), "svhn": row(2, 100)}, ["mnist", "svhn"], Gates(0, 1, 1, 0.99)
     )
+    # 30 of 100 (what saturation did without VNNI) fails any sensible minimum.
+    with pytest.raises(ExportValidationError) as error:
+        _gate("int8", {"mnist": row(0, 100), "svhn": row(30, 100)}, ["mnist", "svhn"], Gates())
+    assert str(error.value) == (
+        "int8 export disagrees with PyTorch on svhn: top-1 agreement 0.7000 (30 of 100 images "
+        "disagree; 95 % upper bound 0.7751) < 0.98"
+    )
+    # The same rate on more images is evidence: 20 of 1000 against 99 %.
+    with pytest.raises(ExportValidationError, match="20 of 1000"):
+        _gate("int8", {"mnist": row(20, 1000)}, ["mnist"], Gates(min_agreement_int8=0.99))
+    # A minimum of 1 allows no disagreement at all.
+    with pytest.raises(ExportValidationError, match="1 of 5000"):
+        _gate("fp16", {"mnist": row(1, 5000)}, ["mnist"], Gates(min_agreement_fp16=1.0))
+
+
+def test_agreement_bounds_are_clopper_pearson():
+    from scipy.stats import beta
+
+    from clipship.exporter.onnx_export import agreement_bounds
+
+    for agreeing, images in [(98, 100), (100, 100), (0, 10), (5, 10), (3490, 3539), (1, 1)]:
+        lower, upper = agreement_bounds(agreeing, images)
+        exact_lower = beta.ppf(0.05, agreeing, images - agreeing + 1) if agreeing else 0.0
+        exact_upper = beta.ppf(0.95, agreeing + 1, images - agreeing) if agreeing < images else 1.0
+        # Bisection to 2^-60 on a sum of exact binomial terms: far inside 1e-9.
+        assert lower == pytest.approx(exact_lower, abs=1e-9)
+        assert upper == pytest.approx(exact_upper, abs=1e-9)
 
 
 def test_refusals(setup, tmp_path):
@@ -228,6 +269,17 @@ def test_refusals(setup, tmp_path):
     )
     (tmp_path / "exists").mkdir()
     assert "already exists" in error(*export_args(setup, tmp_path / "exists"))
+    for size in ("0", "-3"):
+        assert f"--validation-size {size}: must be at least 1" in error(
+            *export_args(setup, tmp_path / "d", "--validation-size", size)
+        )
+    assert "--precision: name at least one" in error(
+        *export_args(setup, tmp_path / "e", "--precision", ",")
+    )
+    assert "--int8-scheme s8: choose among u8u8, reduce_range" in error(
+        *export_args(setup, tmp_path / "f", "--precision", "int8", "--int8-scheme", "s8")
+    )
+    assert not [p for p in tmp_path.iterdir() if p.name in "def" or p.name.startswith(".")]
     assert "not an export folder" in error("predict", tmp_path, setup / "digits" / "00.png")
     try:
         import tensorrt  # noqa: F401

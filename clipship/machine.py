@@ -1,0 +1,47 @@
+"""What CPU a figure was measured on: model name and the instruction sets that change numerics.
+
+Float and int8 kernels (MKL, oneDNN, onnxruntime's MLAS) pick their code by these flags, so
+benchmarks print this line first and export reports record it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+# x86-64: vector width and int8 dot products; ARM: dot products and int8 matrix multiply.
+FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+
+
+def cpu() -> dict[str, object]:
+    """``{"model", "machine", "cpus", "flags"}`` with ``flags`` the subset of :data:`FLAGS`
+    this CPU has (from /proc/cpuinfo on Linux; empty elsewhere)."""
+    model, flags, family = platform.processor() or "unknown CPU", set(), {}
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model in ("unknown CPU", platform.machine()):
+            model = value.strip()
+        elif key in ("flags", "Features"):
+            flags |= set(value.split())
+        elif key in ("cpu family", "model") and key not in family:
+            family[key] = value.strip()
+    if len(family) == 2:  # x86: a model name such as "AMD EPYC" leaves the generation open
+        model += f" (family {family['cpu family']}, model {family['model']})"
+    return {
+        "model": model,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "flags": [f for f in FLAGS if f in flags],
+    }
+
+
+def describe() -> str:
+    """One line, e.g. ``CPU: AMD EPYC (family 25, model 17) (x86_64, 2 CPUs) avx2 avx512f``."""
+    c = cpu()
+    return f"CPU: {c['model']} ({c['machine']}, {c['cpus']} CPUs) {' '.join(c['flags']) or '-'}"

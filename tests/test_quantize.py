@@ -1,0 +1,115 @@
+"""The int8 file is exact on every CPU: checked on the file, and with a model of the saturating
+kernel (x86-64 without VNNI) on real images; whatever CPU runs these tests."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from clipship.exporter.quantize import (
+    SATURATING,
+    SCHEMES,
+    check_integer_products,
+    pair_sum_matmul,
+    quantize_int8,
+    saturation_effects,
+)
+
+from .test_eval import MNIST, PRETRAINED, REF
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory):
+    """The tiny fixture (mnist encoder + its head) as fp32 ONNX, then quantized in each scheme
+    and in the full-range int8 scheme clipship shipped before (``s8``)."""
+    from clipship.eval import build_heads, get_tasks
+    from clipship.eval.evaluate import load_zero_shot
+    from clipship.exporter.onnx_export import DeployModel, _onnx_export, _quiet
+
+    root = tmp_path_factory.mktemp("quantize")
+    zero_shot, folder, _ = load_zero_shot(str(MNIST), str(PRETRAINED), "cpu")
+    heads, _ = build_heads(folder, get_tasks("mnist"), use_cache=False)
+    deploy = DeployModel(zero_shot, heads).eval()
+    names = ["image_embeds", "logits", "logits_mnist"]
+    _onnx_export(deploy, REF["pixel_values"][:2], root / "fp32.onnx", names)
+    paths = {}
+    for scheme in [*SCHEMES.values(), SATURATING]:
+        paths[scheme.name] = root / f"{scheme.name}.onnx"
+        with _quiet():
+            quantize_int8(root / "fp32.onnx", paths[scheme.name], scheme)
+    return paths
+
+
+def test_the_pair_sum_model_is_the_product_and_saturates_where_the_kernel_does():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (40, 37), dtype=np.uint8)  # odd K: the kernel pads with a zero
+    b = rng.integers(-127, 128, (37, 9), dtype=np.int8)
+    exact = a.astype(np.int64) @ b.astype(np.int64)
+    assert np.array_equal(pair_sum_matmul(a, b, saturate=False), exact)
+    assert not np.array_equal(pair_sum_matmul(a, b), exact)
+    # The bound: 255·64 + 255·64 = 32640 fits an int16, 255·65·2 = 33150 does not.
+    full = np.full((1, 2), 255, np.uint8)
+    assert pair_sum_matmul(full, np.full((2, 1), 64, np.int8))[0, 0] == 32640
+    assert pair_sum_matmul(full, np.full((2, 1), -64, np.int8))[0, 0] == -32640
+    assert pair_sum_matmul(full, np.full((2, 1), 65, np.int8))[0, 0] == 32767
+    # Any activations with weights in [-64, 64]: never saturates.
+    safe = rng.integers(-64, 65, (37, 9), dtype=np.int8)
+    assert np.array_equal(pair_sum_matmul(a, safe), a.astype(np.int64) @ safe.astype(np.int64))
+
+
+def test_the_file_check_refuses_full_range_int8_and_passes_both_schemes(graphs):
+    old = check_integer_products(onnx.load(str(graphs["s8"])))
+    assert old and "int8 weight reaches 127" in old[0]
+    for name in SCHEMES:
+        model = onnx.load(str(graphs[name]))
+        assert check_integer_products(model) == []
+        products = [n for n in model.graph.node if n.op_type == "MatMulInteger"]
+        assert len(products) == 25  # 4 layers × (q, k, v, out, fc1, fc2) + the patch embedding
+
+
+def test_the_file_check_refuses_weights_it_cannot_see():
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("MatMulInteger", ["a", "w"], ["y"], name="product")
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [
+            helper.make_tensor_value_info("a", TensorProto.UINT8, [2, 2]),
+            helper.make_tensor_value_info("w", TensorProto.INT8, [2, 2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [2, 2])],
+    )
+    problems = check_integer_products(helper.make_model(graph))
+    assert problems == [
+        "product: activation is not a DynamicQuantizeLinear (uint8)",
+        "product: weight 'w' is not a constant",
+    ]
+
+
+def test_real_images_saturate_the_old_file_and_never_the_new_one(graphs):
+    """The integer products of each file on the 64 real digit images, as the saturating kernel
+    and as an exact one computes them."""
+    pixels = REF["pixel_values"].numpy()
+    old = saturation_effects(graphs["s8"], pixels)
+    assert len(old) == 25 and max(old.values()) > 0.01  # the old file is wrong without VNNI
+    new = saturation_effects(graphs["reduce_range"], pixels)
+    assert len(new) == 25 and set(new.values()) == {0.0}
+    # u8u8 has no int8 weights: onnxruntime's uint8 × uint8 kernels widen to 16 bits first.
+    assert saturation_effects(graphs["u8u8"], pixels) == {}
+
+
+def test_each_scheme_runs_close_to_fp32(graphs):
+    import onnxruntime as ort
+
+    pixels = REF["pixel_values"].numpy()
+
+    def logits(path):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(["logits"], {"pixel_values": pixels})[0]
+
+    reference = logits(graphs["s8"].with_name("fp32.onnx"))
+    scale = np.abs(reference).max()
+    for name in SCHEMES:
+        assert np.abs(logits(graphs[name]) - reference).max() < 0.1 * scale
+    assert torch.tensor(reference).isfinite().all()
