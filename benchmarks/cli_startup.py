@@ -9,8 +9,11 @@ import subprocess
 import sys
 import time
 
+from clipship.machine import describe
+
 
 def main() -> None:
+    print(describe())
     times = []
     for _ in range(5):
         start = time.perf_counter()

@@ -21,6 +21,8 @@ import time
 import numpy as np
 import torch
 
+from clipship.machine import describe
+
 
 class JpegImages(torch.utils.data.Dataset):
     def __init__(self, count: int, seed: int = 0):
@@ -88,6 +90,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     args = parser.parse_args()
+    print(describe())
 
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 

@@ -6,15 +6,16 @@ fp32 (`inference_mode`), onnxruntime fp32 and onnxruntime int8 (dynamic, per-cha
 int8 scheme (`exporter/quantize.py`: u8u8, reduce_range, and the saturating full-range s8 they
 replace) at batch 1 and 32, all with the same thread count, timed in turns in one run (medians).
 
-Part 2 (validation): the mini-benchmark's trained models (task arithmetic merge of its task
-encoders, its heads), exported in fp32/fp16 and each int8 scheme the way `clipship export` does
+Part 2 (validation): the mini-benchmark's trained models (a task arithmetic or TIES merge of its
+task encoders, its heads), exported in fp32/fp16 and each int8 scheme the way `clipship export` does
 and compared with PyTorch on its real test images: max |Δlogit| and top-1 agreement per task,
 whether each int8 file passes the portability check, and what saturation would change.
 
 The first line names the CPU and its relevant instruction sets (clipship.machine).
 
-    python benchmarks/export_speed.py [--budget full|smoke] [--per-task 1000] [--threads 2]
-        [--repeats 5] [--skip-speed] [--skip-validation] [--gpu]
+    python benchmarks/export_speed.py [--budget full|smoke] [--per-task 1000]
+        [--merge task_arithmetic|ties] [--threads 2] [--repeats 5] [--skip-speed]
+        [--skip-validation] [--gpu]
 """
 
 from __future__ import annotations
@@ -216,7 +217,13 @@ def gpu(repeats: int) -> None:
             print(f"batch {batch:>2}: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
 
 
-def validation(budget: str, per_task: int) -> None:
+MERGES = {
+    "task_arithmetic": {"scaling_factor": 0.3},
+    "ties": {"scaling_factor": 0.3, "threshold": 20},
+}
+
+
+def validation(budget: str, per_task: int, method: str) -> None:
     """Every variant against PyTorch on the mini-benchmark's real test images; for int8, each
     scheme, whether its file passes the portability check, and how many outputs of its integer
     products the saturating (non-VNNI) kernel would change on the first 64 images."""
@@ -247,7 +254,7 @@ def validation(budget: str, per_task: int) -> None:
     names = [t.name for t in tasks]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        merge(pretrained, models, "task_arithmetic", tmp / "merged", {"scaling_factor": 0.3})
+        merge(pretrained, models, method, tmp / "merged", MERGES[method])
         heads, _ = build_heads(pretrained, tasks)
         zero_shot, folder, _ = load_zero_shot(str(tmp / "merged"), None, "cpu")
         deploy = DeployModel(zero_shot, heads).eval()
@@ -264,7 +271,7 @@ def validation(budget: str, per_task: int) -> None:
                 quantize_int8(paths["fp32"], paths[f"int8 {scheme.name}"], scheme)
         print(
             f"\nvalidation on the {budget} mini-benchmark's real test images (up to {per_task} "
-            f"per task, {len(where)} in all), task-arithmetic merge; max |Δlogit| / top-1 "
+            f"per task, {len(where)} in all), {method} merge; max |Δlogit| / top-1 "
             "agreement with PyTorch per task"
         )
         print(
@@ -305,6 +312,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budget", default="full", choices=["full", "smoke"])
     parser.add_argument("--per-task", type=int, default=1000, help="Validation images per task.")
+    parser.add_argument("--merge", default="task_arithmetic", choices=sorted(MERGES))
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-validation", action="store_true")
     parser.add_argument("--gpu", action="store_true", help="Also the CUDA / TensorRT table.")
@@ -315,7 +323,7 @@ def main() -> None:
     if not args.skip_speed:
         speed(args.threads, args.repeats)
     if not args.skip_validation:
-        validation(args.budget, args.per_task)
+        validation(args.budget, args.per_task, args.merge)
 
 
 if __name__ == "__main__":

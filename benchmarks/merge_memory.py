@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from clipship.machine import describe
+
 
 def run(cmd: list[str]) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes) of one child process."""
@@ -39,6 +41,7 @@ def main() -> None:
     parser.add_argument("--methods", default="task_arithmetic,ties")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the pool here")
     args = parser.parse_args()
+    print(describe())
 
     from clipship.safetensors_io import Checkpoint
     from clipship.synthetic import build_pool, write_pool_yaml

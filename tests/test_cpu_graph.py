@@ -12,6 +12,8 @@ from clipship.exporter.onnx_export import DeployModel, _onnx_export
 
 from .test_eval import PRETRAINED, REF
 
+pytestmark = pytest.mark.numerics  # run again under other threads/ISA (Makefile)
+
 
 def _run(model: onnx.ModelProto, pixels: np.ndarray) -> list[np.ndarray]:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -5,8 +5,8 @@ from typer.testing import CliRunner
 from clipship.cli import app
 
 
-def test_demo_prints_the_table_and_writes_a_loadable_merge(tmp_path):
-    env = {"CLIPSHIP_CACHE": str(tmp_path / "cache")}
+def test_demo_prints_the_table_and_writes_a_loadable_merge(tmp_path, smoke_minibench):
+    env = {"CLIPSHIP_CACHE": str(smoke_minibench[1])}
     result = CliRunner().invoke(
         app, ["demo", "--budget", "smoke", "--out", str(tmp_path / "demo")], env=env
     )

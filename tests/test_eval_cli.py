@@ -11,6 +11,8 @@ from clipship.cli import app
 from .conftest import FIXTURE, load_weights, write_model
 from .test_eval import MNIST, PRETRAINED, REF, digits_formats
 
+pytestmark = pytest.mark.numerics  # run again under other threads/ISA (Makefile)
+
 runner = CliRunner()
 
 

@@ -14,6 +14,8 @@ from clipship.cli import app
 
 from .test_eval import MNIST, PRETRAINED, REF
 
+pytestmark = pytest.mark.numerics  # run again under other threads/ISA (Makefile)
+
 runner = CliRunner()
 
 

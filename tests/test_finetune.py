@@ -14,6 +14,8 @@ from clipship.eval.finetune import finetune
 
 from .test_eval import PRETRAINED
 
+pytestmark = pytest.mark.numerics  # run again under other threads/ISA (Makefile)
+
 runner = CliRunner()
 
 

@@ -20,6 +20,8 @@ from clipship.memory import ALIGNMENT, own_module
 
 from .test_eval import MNIST, PRETRAINED
 
+pytestmark = pytest.mark.numerics  # run again under other threads/ISA (Makefile)
+
 
 def mapped_files() -> list[tuple[int, int, str]]:
     """(start, end, path) of every file-backed mapping of this process (Linux)."""

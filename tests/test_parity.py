@@ -13,6 +13,8 @@ from clipship.merge.similarity import analyze_similarity
 
 from .conftest import REFERENCE, load_weights, max_abs_diff
 
+pytestmark = pytest.mark.numerics  # run again under other threads/ISA (Makefile)
+
 CASES = {
     "simple_average": ("simple_average", {}),
     "weighted_average_1234": ("weighted_average", {"weights": "0.1,0.2,0.3,0.4"}),

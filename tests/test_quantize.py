@@ -17,6 +17,8 @@ from clipship.exporter.quantize import (
 
 from .test_eval import MNIST, PRETRAINED, REF
 
+pytestmark = pytest.mark.numerics  # run again under other threads/ISA (Makefile)
+
 
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory):

@@ -15,14 +15,16 @@ from huggingface_hub import HfApi, metadata_load, snapshot_download
 
 from .conftest import HUB_TOKENS
 
+pytestmark = pytest.mark.numerics  # run again under other threads/ISA (Makefile)
+
 ROOT = Path(__file__).resolve().parents[1]
 ALICE = list(HUB_TOKENS)[0]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    """One cache (mini-benchmark build, heads) for this module's releases."""
-    return tmp_path_factory.mktemp("release_cache")
+@pytest.fixture
+def cache(smoke_minibench) -> Path:
+    """The session's cache, with the smoke mini-benchmark built (conftest)."""
+    return smoke_minibench[1]
 
 
 def config(tmp_path: Path, repo: str, **changes) -> Path:
@@ -32,7 +34,7 @@ def config(tmp_path: Path, repo: str, **changes) -> Path:
     # The smoke budget trains for seconds: low accuracy, small logit margins for int8.
     data["gates"]["min_average_accuracy"] = 0.25
     data["gates"]["export"]["min_agreement_int8"] = 0.9
-    data["export"]["validation_size"] = 200
+    data["export"]["validation_size"] = 100  # per task
     data["hub"]["repo_id"] = repo
     for section, values in changes.items():
         data[section] = {**data.get(section, {}), **values}
@@ -215,7 +217,7 @@ def test_a_fusionbench_pool_file_and_a_taskfile(cache, tmp_path, monkeypatch, hu
     from clipship.eval.minibench.build import build
 
     monkeypatch.setenv("CLIPSHIP_CACHE", str(cache))
-    pool = build(None, "smoke", 0)  # built by the first test of this module, or now
+    pool = build(None, "smoke", 0)  # already in the session's cache
     path = tmp_path / "release.yaml"
     path.write_text(
         yaml.safe_dump(
