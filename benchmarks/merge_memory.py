@@ -12,8 +12,10 @@ encoder for both methods; wall ≤ 6 s (task_arithmetic) and ≤ 15 s (ties).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -21,6 +23,17 @@ import time
 from pathlib import Path
 
 from clipship.machine import describe
+
+
+def weight_bytes(path: Path) -> int:
+    """Bytes of tensor data in a safetensors file, from its header."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    return sum(
+        v["data_offsets"][1] - v["data_offsets"][0]
+        for k, v in header.items()
+        if k != "__metadata__"
+    )
 
 
 def run(cmd: list[str]) -> tuple[float, int]:
@@ -43,20 +56,26 @@ def main() -> None:
     args = parser.parse_args()
     print(describe())
 
-    from clipship.safetensors_io import Checkpoint
-    from clipship.synthetic import build_pool, write_pool_yaml
-
     size = "l14" if args.large else "b32"
     work = args.workdir or Path(tempfile.mkdtemp(prefix="clipship-bench-"))
     try:
         pool_yaml = work / "pool.yaml"
         if not pool_yaml.exists():
+            # In a child: a process's peak RSS counts what its parent held when it forked
+            # (Linux carries the high-water mark across exec), so this one stays torch-free.
             t = time.perf_counter()
-            pretrained, models = build_pool(work, size, args.models, seed=0)
-            write_pool_yaml(pool_yaml, pretrained, models)
+            build = (
+                "import sys; from pathlib import Path; "
+                "from clipship.synthetic import build_pool, write_pool_yaml; "
+                "work = Path(sys.argv[1]); "
+                "pool = build_pool(work, sys.argv[2], int(sys.argv[3]), seed=0); "
+                "write_pool_yaml(work / 'pool.yaml', *pool)"
+            )
+            subprocess.run(
+                [sys.executable, "-c", build, str(work), size, str(args.models)], check=True
+            )
             print(f"built {args.models} × {size} pool in {time.perf_counter() - t:.1f}s at {work}")
-        with Checkpoint.open(work / "task_a") as ckpt:
-            encoder = sum(t.nbytes for t in ckpt.tensors.values())
+        encoder = weight_bytes(work / "task_a" / "model.safetensors")
         print(f"one encoder (fp32): {encoder / 2**30:.3f} GiB; cores: {os.cpu_count()}")
         print(f"{'method':18s} {'wall s':>8s} {'peak RSS GiB':>13s} {'RSS / encoder':>14s}")
         for method in args.methods.split(","):
