@@ -766,8 +766,9 @@ def _print_release(summary: dict[str, Any]) -> None:
         print(f"gate {'pass' if gate['passed'] else 'FAIL'}: {describe(gate)}")
     for variant, row in (summary.get("export") or {}).items():
         print(
-            f"export {variant}: max |Δlogit| {row['max_abs_logit_diff']:.1e}, "
-            f"top-1 agreement ≥ {100 * row['min_top1_agreement']:.2f} %"
+            f"export {variant}: max |Δlogit| {row['max_abs_logit_diff']:.1e}, top-1 agreement "
+            f"≥ {100 * row['min_top1_agreement']:.2f} % per task ({row['disagreements']} of "
+            f"{row['images']} images disagree)"
         )
     if summary.get("card"):
         print(f"card: {summary['card']}")
