@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,19 +35,45 @@ class LocalFile:
 
 
 def release_files(folder: Path) -> list[LocalFile]:
-    """The files a push uploads: every file under ``folder`` (symlinks followed, as in a hub
-    cache snapshot) outside hidden files and folders."""
+    """The files a push uploads: every file under ``folder`` outside hidden files and folders.
+
+    Symbolic links (to files or folders) are followed only where they stay inside ``folder``,
+    or, for a Hugging Face cache snapshot (``.../snapshots/<rev>/``), inside that repo's
+    ``blobs/``: a link anywhere else would publish a file the folder does not hold, so it is
+    refused before anything is sent, naming the link."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ClipshipError(f"{folder}: not a folder")
-    files = []
-    for file in sorted(folder.rglob("*")):
-        rel = file.relative_to(folder)
-        if file.is_file() and not any(p.startswith(".") for p in rel.parts):
-            files.append(LocalFile(rel.as_posix(), file, file.stat().st_size))
+    roots = [folder.resolve()]
+    if folder.parent.name == "snapshots":
+        roots.append((folder.parent.parent / "blobs").resolve())
+    files: list[LocalFile] = []
+
+    def visit(directory: Path, rel: str, seen: frozenset[Path]) -> None:
+        for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+            if entry.name.startswith("."):
+                continue
+            path, name = Path(entry.path), f"{rel}{entry.name}"
+            real = path.resolve()
+            if entry.is_symlink() and not any(real.is_relative_to(r) for r in roots):
+                raise PushError(f"{name}: a link to outside the folder; refusing to upload it")
+            if entry.is_dir():
+                if real not in seen:  # a link back up the tree is visited once
+                    visit(path, f"{name}/", seen | {real})
+            elif entry.is_file():
+                files.append(LocalFile(name, path, path.stat().st_size))
+            elif entry.is_symlink():
+                raise PushError(f"{name}: a broken link; refusing to push the folder")
+
+    visit(folder, "", frozenset({roots[0]}))
     if not files:
         raise ClipshipError(f"{folder}: nothing to push (no files)")
     return files
+
+
+def public_url(url: str) -> str:
+    """``url`` with any ``user:password@`` replaced by ``***@``."""
+    return re.sub(r"(?<=://)[^/@\s]+@", "***@", url)
 
 
 def _unchanged(local: LocalFile, remote: Any) -> bool:
@@ -99,7 +126,12 @@ class _Hub:
         raise PushError(self._mask(self._explain(error))) from None
 
     def _mask(self, text: str) -> str:
-        return text.replace(self.token, "***") if self.token else text
+        """Hide URL credentials, and the token wherever it appears as a whole word (a short
+        token is not masked inside other words)."""
+        text = public_url(text)
+        if self.token:
+            text = re.sub(rf"(?<![\w-]){re.escape(self.token)}(?![\w-])", "***", text)
+        return text
 
     def _explain(self, error: BaseException) -> str:
         from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
@@ -156,7 +188,7 @@ def push(
     branch = revision or "main"
     summary = {
         "repo_id": repo_id,
-        "endpoint": endpoint,
+        "endpoint": public_url(endpoint),
         "revision": branch,
         "files": [{"path": f.path, "size": f.size} for f in files],
         "bytes": sum(f.size for f in files),
@@ -168,7 +200,7 @@ def push(
 
     from clipship import __version__
 
-    hub = _Hub(endpoint, repo_id)
+    hub = _Hub(public_url(endpoint), repo_id)
     with hub:
         hub.token = token = resolve_token(token)
         api = HfApi(
@@ -228,6 +260,6 @@ def push(
         deleted=stale,
         commit=commit,
         tag=tag,
-        url=f"{endpoint}/{repo_id}{suffix}",
+        url=f"{public_url(endpoint)}/{repo_id}{suffix}",
     )
     return summary

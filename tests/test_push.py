@@ -206,12 +206,86 @@ def test_private_never_republishes_an_existing_public_repo(hub, hub_env, release
 def test_symlinked_files_are_pushed_like_a_hub_snapshot(tmp_path):
     from clipship.cards.push import release_files
 
-    blobs, folder = tmp_path / "blobs", tmp_path / "snapshot"
-    blobs.mkdir()
-    folder.mkdir()
+    repo = tmp_path / "hub/models--alice--ta"
+    blobs, folder = repo / "blobs", repo / "snapshots/0123abc"
+    blobs.mkdir(parents=True)
+    folder.mkdir(parents=True)
     (blobs / "abc").write_bytes(b"weights")
     (folder / "model.safetensors").symlink_to(blobs / "abc")
     (folder / "config.json").write_text("{}")
     (folder / ".hidden").write_text("x")
+    (folder / "sub").mkdir()
+    (folder / "sub/card.md").write_text("card")
+    (folder / "same.json").symlink_to(folder / "config.json")  # inside the folder: fine
+    (folder / "again").symlink_to(folder / "sub")
+    (folder / "sub/loop").symlink_to(folder)  # a cycle is walked once
     files = {f.path: f.size for f in release_files(folder)}
-    assert files == {"config.json": 2, "model.safetensors": 7}
+    assert files == {
+        "again/card.md": 4,
+        "config.json": 2,
+        "model.safetensors": 7,
+        "same.json": 2,
+        "sub/card.md": 4,
+    }
+
+
+@pytest.mark.parametrize("kind", ["file", "folder", "blobs of another folder", "broken"])
+def test_links_out_of_the_folder_are_refused_in_a_push_and_a_dry_run(
+    hub, hub_env, release, tmp_path, kind
+):
+    import shutil
+
+    folder = tmp_path / "release"
+    shutil.copytree(release, folder)
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "passwd").write_text("root:x:0:0")
+    (tmp_path / "blobs").mkdir()  # not a hub cache: the folder is not a snapshot
+    (tmp_path / "blobs/abc").write_text("root:x:0:0")
+    target = {
+        "file": secret / "passwd",
+        "folder": secret,
+        "blobs of another folder": tmp_path / "blobs/abc",
+        "broken": folder / "missing",  # inside, but nothing there
+    }[kind]
+    (folder / "nested").mkdir()
+    (folder / "nested/passwd.txt").symlink_to(target)
+    expect = "a broken link" if kind == "broken" else "a link to outside the folder"
+    api = HfApi(endpoint=hub.url, token=ALICE)
+    for extra in ([], ["--dry-run"]):
+        result = clipship("push", str(folder), "--repo-id", "alice/leak", *extra, env=hub_env)
+        assert result.returncode == 1 and result.stdout == ""
+        assert result.stderr == f"error: nested/passwd.txt: {expect}" + (
+            "; refusing to upload it\n" if kind != "broken" else "; refusing to push the folder\n"
+        )
+        assert str(tmp_path) not in result.stderr
+    assert not api.repo_exists("alice/leak")  # no request changed the Hub
+
+
+def test_endpoint_credentials_and_short_tokens_are_masked(hub_env, release):
+    env = {**hub_env, "HF_TOKEN": "x"}
+    endpoint = "http://someone:hunter2@127.0.0.1:9"
+    result = clipship(
+        "push", str(release), "--repo-id", "alice/ta", "--endpoint", endpoint, env=env
+    )
+    assert result.returncode == 1
+    assert "hunter2" not in result.stderr and "someone" not in result.stderr
+    assert "http://***@127.0.0.1:9" in result.stderr
+    # The token "x" is masked where it stands alone, not inside other words.
+    from clipship.cards.push import _Hub
+
+    hub = _Hub("http://127.0.0.1:9", "alice/ta")
+    hub.token = "x"
+    assert hub._mask("got x from box, token=x") == "got *** from box, token=***"
+    dry = clipship(
+        "push",
+        str(release),
+        "--repo-id",
+        "a/b",
+        "--endpoint",
+        endpoint,
+        "--dry-run",
+        "--json",
+        env=env,
+    )
+    assert json.loads(dry.stdout)["endpoint"] == "http://***@127.0.0.1:9"
