@@ -733,13 +733,18 @@ def release(
     ] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Use a --run-dir that holds other files.")
+    ] = False,
 ) -> None:
     """Merge → eval → export → card → push in one command, stopping at the first failed gate."""
 
     def call():
         from clipship.release import release as run_release
 
-        return run_release(config, run_dir, repo_id=repo_id, tag=tag, dry_run=dry_run, quiet=quiet)
+        return run_release(
+            config, run_dir, repo_id=repo_id, tag=tag, dry_run=dry_run, quiet=quiet, force=force
+        )
 
     summary = _run(call)
     if json_out:
@@ -847,7 +852,20 @@ def demo(
 
 
 def main() -> None:
-    app()
+    import signal
+
+    from clipship.errors import Terminated
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, terminate)
+    try:
+        app()
+    except Terminated:
+        print("error: terminated (SIGTERM); temporary files removed", file=sys.stderr)
+        sys.exit(Terminated.exit_code)
 
 
 if __name__ == "__main__":

@@ -43,3 +43,10 @@ class RecipeError(ClipshipError):
 
 class DataError(ClipshipError):
     """A dataset that cannot be read, lacks the expected columns, or has a bad label or image."""
+
+
+class Terminated(BaseException):
+    """SIGTERM (a cancelled CI job, ``docker stop``): unwinds like Ctrl-C, so every temporary
+    folder is removed on the way out; the CLI exits with 143 (128 + SIGTERM)."""
+
+    exit_code = 143

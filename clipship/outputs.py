@@ -7,6 +7,7 @@ place only when everything succeeded, so a failure never leaves a half-written f
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import platform
 import shutil
@@ -25,17 +26,22 @@ def check_target(out: Path, force: bool) -> None:
 
 @contextlib.contextmanager
 def atomic_folder(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary folder; on success it replaces ``out`` in one rename."""
+    """Yield a fresh temporary folder; on success it replaces ``out`` in one rename.
+
+    Temporary folders are named ``.<out>.tmp-<pid>-*`` (``.old-`` while replacing): one left by
+    a process that no longer runs (killed with SIGKILL, a power cut) is removed here."""
     out = Path(out)
     check_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temporaries(out)
+    pid = os.getpid()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{pid}-", dir=out.parent))
     try:
         yield tmp
         usual_modes(tmp)
         if out.exists():
             check_target(out, force)
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{pid}-", dir=out.parent))
             os.replace(out, old / out.name)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -44,6 +50,30 @@ def atomic_folder(out: Path, force: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove ``out``'s temporary siblings whose process is gone; returns what was removed."""
+    removed = []
+    for kind in ("tmp", "old"):
+        for path in Path(out).parent.glob(f".{glob.escape(Path(out).name)}.{kind}-*-*"):
+            pid = path.name[len(f".{Path(out).name}.{kind}-") :].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's process (or not ours to ask): leave its folder alone
+    return True
 
 
 def usual_modes(path: Path) -> None:

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from clipship.errors import ClipshipError
-from clipship.outputs import atomic_folder
+from clipship.outputs import atomic_folder, remove_stale_temporaries
 
 SECTIONS = {
     "name": None,
@@ -76,8 +77,125 @@ def read_config(path: Path) -> dict[str, Any]:
         raise ReleaseConfigError(f"{path}: gates.export.{extra[0]}: unknown")
     if export_gates and config.get("export") is None:
         raise ReleaseConfigError(f"{path}: gates.export needs an export: section to gate")
+    try:
+        _check_values(config)
+    except ReleaseConfigError as e:
+        raise ReleaseConfigError(f"{path}: {e}") from None
     config["_base"] = path.resolve().parent
     return config
+
+
+def _check_values(config: dict[str, Any]) -> None:
+    """Every value's type and range, before any stage runs (a typo found after the merge and
+    the evaluation costs the whole run)."""
+    from clipship.exporter.quantize import SCHEMES
+    from clipship.merge.registry import get_method
+
+    def fail(where: str, value: Any, expected: str) -> None:
+        raise ReleaseConfigError(f"{where}: {value!r} is not {expected}")
+
+    def integer(where: str, value: Any, low: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            fail(where, value, f"a whole number ≥ {low}")
+
+    def fraction(where: str, value: Any, low: float = 0.0) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail(where, value, "a number")
+        if not low <= value <= 1:
+            fail(where, value, f"between {low:g} and 1")
+
+    def text(where: str, value: Any) -> None:
+        if not isinstance(value, str) or not value:
+            fail(where, value, "a text")
+
+    def flag(where: str, value: Any) -> None:
+        if not isinstance(value, bool):
+            fail(where, value, "true or false")
+
+    if "name" in config:
+        text("name", config["name"])
+        check_name(config["name"])
+    text("method", config["method"])
+    method = get_method(config["method"])
+    parameters = config.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        fail("parameters", parameters, "a mapping")
+    method.resolve(parameters)  # unknown or invalid parameters: MethodError, one line
+    if "seed" in config:
+        integer("seed", config["seed"], 0)
+    pool = config["pool"]
+    if "seed" in pool:
+        integer("pool.seed", pool["seed"], 0)
+    for key in ("yaml", "pretrained"):
+        if key in pool:
+            text(f"pool.{key}", pool[key])
+    spec = config.get("eval") or {}
+    tasks = spec.get("tasks", "pool")
+    if not (isinstance(tasks, str) and tasks) and not (
+        isinstance(tasks, list) and tasks and all(isinstance(t, str) and t for t in tasks)
+    ):
+        fail("eval.tasks", tasks, "pool, a task name or a list of them")
+    for key in ("batch_size", "limit"):
+        if spec.get(key) is not None:
+            integer(f"eval.{key}", spec[key], 1)
+    for key in ("taskfile", "data_dir", "device"):
+        if key in spec:
+            text(f"eval.{key}", spec[key])
+    if "baselines" in spec:
+        flag("eval.baselines", spec["baselines"])
+    gates = config.get("gates") or {}
+    if "min_average_accuracy" in gates:
+        fraction("gates.min_average_accuracy", gates["min_average_accuracy"])
+    minimum = gates.get("min_accuracy")
+    if isinstance(minimum, dict):
+        for task, value in minimum.items():
+            fraction(f"gates.min_accuracy.{task}", value)
+    elif minimum is not None:
+        fraction("gates.min_accuracy", minimum)
+    if "max_drop" in gates:
+        fraction("gates.max_drop", gates["max_drop"], low=-1.0)
+    for key, value in (gates.get("export") or {}).items():
+        if key == "max_logit_diff":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                fail("gates.export.max_logit_diff", value, "a number ≥ 0")
+        else:
+            fraction(f"gates.export.{key}", value)
+    export = config.get("export")
+    if export is not None:
+        precisions = export.get("precisions", ["fp32"])
+        known = ("fp32", "fp16", "int8")
+        if not isinstance(precisions, list) or not precisions or not set(precisions) <= set(known):
+            fail("export.precisions", precisions, f"a non-empty list of {', '.join(known)}")
+        if "validation_size" in export:
+            integer("export.validation_size", export["validation_size"], 1)
+        if "max_batch" in export:
+            integer("export.max_batch", export["max_batch"], 32)
+        if "tensorrt" in export:
+            flag("export.tensorrt", export["tensorrt"])
+        if "validation_data" in export:
+            text("export.validation_data", export["validation_data"])
+        if export.get("int8_scheme", "u8u8") not in SCHEMES:
+            fail("export.int8_scheme", export["int8_scheme"], f"one of {', '.join(SCHEMES)}")
+    for key, value in (config.get("card") or {}).items():
+        text(f"card.{key}", value)
+    hub = config.get("hub") or {}
+    for key in ("revision", "tag", "message"):
+        if key in hub:
+            text(f"hub.{key}", hub[key])
+    if "private" in hub:
+        flag("hub.private", hub["private"])
+    if "repo_id" in hub:
+        check_repo_id(hub["repo_id"], "hub.repo_id")
+
+
+REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_repo_id(repo_id: Any, where: str = "--repo-id") -> str:
+    """``owner/name`` with the Hub's characters (letters, digits, '.', '_', '-')."""
+    if not isinstance(repo_id, str) or not REPO_ID.fullmatch(repo_id) or ".." in repo_id:
+        raise ReleaseConfigError(f"{where}: {repo_id!r} is not a repo id (owner/name)")
+    return repo_id
 
 
 def _path(config: dict[str, Any], value: str | None) -> Path | None:
@@ -170,7 +288,8 @@ def key_of(*parts: Any) -> str:
 
 
 class Stages:
-    """Stage folders under ``root`` reused when their input key is unchanged."""
+    """Stage folders under ``root``, reused when their input key is unchanged and every file
+    they wrote still has the sha256 recorded in their ``stage.json``."""
 
     def __init__(self, root: Path, log):
         self.root, self.log, self.record = root, log, {}
@@ -178,19 +297,82 @@ class Stages:
     def run(self, name: str, key: str, build) -> Path:
         folder = self.root / name
         marker = folder / "stage.json"
-        if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
-            self.log(f"{name}: reused (inputs unchanged)")
-            self.record[name] = {"key": key, "reused": True}
-            return folder
-        self.log(f"{name}: running")
+        record = json.loads(marker.read_text()) if marker.is_file() else {}
+        damaged = None
+        if record.get("key") == key:
+            damaged = _damaged(folder, record.get("files"))
+            if damaged is None:
+                self.log(f"{name}: reused (inputs unchanged)")
+                self.record[name] = {"key": key, "reused": True}
+                return folder
+            self.log(f"{name}: {damaged} since it was built; running it again")
+        else:
+            self.log(f"{name}: running")
         started = time.perf_counter()
         with atomic_folder(folder, force=True) as tmp:
             build(tmp)
-            (tmp / "stage.json").write_text(json.dumps({"key": key}) + "\n")
+            files = _digests(tmp)
+            (tmp / "stage.json").write_text(json.dumps({"key": key, "files": files}) + "\n")
         seconds = round(time.perf_counter() - started, 1)
         self.log(f"{name}: done in {seconds} s")
         self.record[name] = {"key": key, "reused": False, "seconds": seconds}
+        if damaged:
+            self.record[name]["rebuilt"] = damaged
         return folder
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    from clipship.hashing import file_sha256
+
+    return {
+        p.relative_to(folder).as_posix(): file_sha256(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "stage.json"
+    }
+
+
+def _damaged(folder: Path, files: dict[str, str] | None) -> str | None:
+    """Why a stage folder no longer holds what it wrote (None: it does)."""
+    if not files:
+        return "its record lists no files (an older clipship wrote it)"
+    now = _digests(folder)
+    for path, digest in files.items():
+        if path not in now:
+            return f"{path} was removed"
+        if now[path] != digest:
+            return f"{path} changed"
+    extra = sorted(set(now) - set(files))
+    return f"{extra[0]} was added" if extra else None
+
+
+NAME = re.compile(r"[A-Za-z0-9._-]+")
+RUN_MARKER = ".clipship-release"
+
+
+def check_name(name: str) -> str:
+    if not NAME.fullmatch(name) or name in (".", ".."):
+        raise ReleaseConfigError(
+            f"name: {name!r}: a release name is letters, digits, '.', '_' and '-' (it names the "
+            "folder release_out/<name>; use --run-dir for another place)"
+        )
+    return name
+
+
+def claim_run_dir(run: Path, force: bool) -> None:
+    """Use ``run`` only if it is new, empty or made by an earlier release (its marker file):
+    the release replaces its ``stages/`` and ``release/``, which must not be someone else's."""
+    if run.exists() and not run.is_dir():
+        raise ReleaseConfigError(f"{run}: exists and is not a folder")
+    if run.is_dir() and any(run.iterdir()) and not (run / RUN_MARKER).is_file() and not force:
+        raise ReleaseConfigError(
+            f"{run} already holds files that clipship release did not write (pass --force to "
+            "use it: its stages/ and release/ are replaced)"
+        )
+    run.mkdir(parents=True, exist_ok=True)
+    (run / RUN_MARKER).write_text("made by clipship release\n")
+    for name in ("merge", "eval", "export"):
+        remove_stale_temporaries(run / "stages" / name)
+    remove_stale_temporaries(run / "release")
 
 
 def _tasks(config: dict[str, Any], models: dict[str, str], taskfile: Path | None):
@@ -316,9 +498,11 @@ def release(
     tag: str | None = None,
     dry_run: bool = False,
     quiet: bool = False,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Run the release; returns the summary (``status`` is ``released``, ``dry_run``,
-    ``built`` without a hub target, or ``gate_failed``)."""
+    ``built`` without a hub target, or ``gate_failed``). ``force`` allows a ``run_dir`` that
+    holds files clipship release did not write."""
     from clipship.merge import merge
 
     config = read_config(Path(config_path))
@@ -326,13 +510,16 @@ def release(
         from clipship.exporter.tensorrt import require_tensorrt
 
         require_tensorrt()  # before any stage runs, not after the merge and eval
-    name = str(config.get("name") or Path(config_path).stem)
+    name = check_name(str(config.get("name") or Path(config_path).stem))
     run = Path(run_dir) if run_dir else Path("release_out") / name
 
     def log(message: str) -> None:
         if not quiet:
             print(f"[release] {message}", file=sys.stderr, flush=True)
 
+    if repo_id is not None:
+        check_repo_id(repo_id)
+    claim_run_dir(run, force)
     pretrained, models, taskfile = resolve_pool(config, quiet)
     tasks = _tasks(config, models, taskfile)
     stages = Stages(run / "stages", log)
@@ -462,6 +649,9 @@ def _export_figures(path: Path) -> dict[str, Any]:
 def _failed(summary: dict[str, Any], failed: list[dict[str, Any]]) -> dict[str, Any]:
     summary["status"] = "gate_failed"
     summary["failed"] = [describe(g) for g in failed]
+    stale = Path(summary["run_dir"]) / "release"
+    if stale.exists():  # an earlier run's release must not look like this one's
+        shutil.rmtree(stale)
     return summary
 
 

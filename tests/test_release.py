@@ -106,12 +106,35 @@ def test_release_pushes_a_loadable_model_and_rerun_reuses_everything(hub, hub_en
     commits = HfApi(endpoint=hub.url, token=ALICE).list_repo_commits("alice/minibench-ties")
     assert len(commits) == 2  # the repo's initial commit and the release
 
+    # Damaged stage outputs are noticed and rebuilt, not shipped.
+    model = run / "stages/merge/model/model.safetensors"
+    with open(model, "r+b") as f:
+        f.truncate(1000)
+    (run / "stages/export/export/model.onnx").unlink()
+    third = release(path, run, env)
+    assert third.returncode == 0, third.stderr
+    stages = json.loads(third.stdout)["stages"]
+    assert stages["merge"]["rebuilt"] == "model/model.safetensors changed"
+    assert stages["export"]["rebuilt"] == "export/model.onnx was removed"
+    assert stages["eval"]["reused"]
+    assert "merge: model/model.safetensors changed since it was built" in third.stderr
+    assert {p: p.read_bytes() for p in (run / "release").rglob("*") if p.is_file()} == before
+    assert json.loads(third.stdout)["push"]["committed"] is False
+
+    # No published file names a local path (the run, the cache, the home folder).
+    home = str(Path.home())
+    for file in folder.rglob("*"):
+        if file.is_file():
+            data = file.read_bytes()
+            for local in (str(run), str(cache), str(tmp_path), home):
+                assert local.encode() not in data, (file.name, local)
+
 
 @pytest.mark.parametrize(
     "changes, failed",
     [
-        ({"gates": {"min_average_accuracy": 1.01}}, "average accuracy"),
-        ({"gates": {"export": {"min_agreement_int8": 1.01}}}, "export validation"),
+        ({"gates": {"min_average_accuracy": 1.0}}, "average accuracy"),
+        ({"gates": {"export": {"max_logit_diff": 0.0}}}, "export validation"),
     ],
 )
 def test_a_failed_gate_exits_non_zero_and_pushes_nothing(
@@ -139,6 +162,88 @@ def test_a_bad_release_file_is_one_error_line(tmp_path, hub_env):
         "min_average_accuracy)"
     ]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("seed: abc", "seed: 'abc' is not a whole number ≥ 0"),
+        (
+            "gates: {min_average_accuracy: high}",
+            "gates.min_average_accuracy: 'high' is not a number",
+        ),
+        ("gates: {max_drop: 2}", "gates.max_drop: 2 is not between -1 and 1"),
+        ("hub: {repo_id: 'not a repo'}", "hub.repo_id: 'not a repo' is not a repo id"),
+        ("export: {precisions: []}", "export.precisions: [] is not a non-empty list"),
+        ("export: {validation_size: 0}", "export.validation_size: 0 is not a whole number ≥ 1"),
+        ("export: {int8_scheme: s8}", "export.int8_scheme: 's8' is not one of u8u8"),
+        ("eval: {batch_size: -1}", "eval.batch_size: -1 is not a whole number ≥ 1"),
+        ("name: ../../escape", "name: '../../escape': a release name is letters"),
+        ("name: /tmp/abs", "name: '/tmp/abs': a release name is letters"),
+        ("name: '..'", "name: '..': a release name is letters"),
+        ("parameters: {threshold: lots}", "parameter threshold='lots' is not a valid float"),
+    ],
+)
+def test_every_value_is_checked_before_any_stage(tmp_path, hub_env, text, message):
+    path = tmp_path / "release.yaml"
+    path.write_text(f"pool: {{minibench: smoke}}\nmethod: ties\n{text}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "clipship", "release", str(path)],
+        env=hub_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["release.yaml"]  # nothing made
+    assert not Path("/tmp/abs").exists()
+
+
+def test_a_run_dir_with_other_files_needs_force(tmp_path, hub_env):
+    path = tmp_path / "release.yaml"
+    path.write_text("pool: {minibench: smoke}\nmethod: ties\n")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("not clipship's")
+    result = release(path, mine, hub_env)
+    assert result.returncode == 1
+    assert "already holds files that clipship release did not write" in result.stderr
+    assert sorted(p.name for p in mine.iterdir()) == ["keep.txt"]
+
+
+def test_sigterm_mid_export_leaves_no_temporary_folder(hub_env, cache, tmp_path):
+    import signal
+    import time
+
+    env = {**hub_env, "CLIPSHIP_CACHE": str(cache)}
+    path, run = config(tmp_path, "alice/sigterm"), tmp_path / "run"
+    command = [sys.executable, "-m", "clipship", "release", str(path), "--run-dir", str(run)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not list((run / "stages").glob(".export.tmp-*")) and time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read().decode()
+        time.sleep(0.02)
+    time.sleep(0.5)  # well inside the export
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err.decode()
+    assert err.decode().strip().splitlines()[-1] == (
+        "error: terminated (SIGTERM); temporary files removed"
+    )
+    assert not [p for p in run.rglob(".*tmp-*")] and not (run / "stages/export").exists()
+    # A folder left by a run that died without cleaning up (SIGKILL) goes on the next run.
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stale = run / "stages" / f".export.tmp-{int(dead.stdout)}-abcd"
+    stale.mkdir()
+    (stale / "model.onnx").write_bytes(b"partial")
+    again = release(path, run, env, "--dry-run")
+    assert again.returncode == 0, again.stderr
+    assert not stale.exists() and not [p for p in run.rglob(".*tmp-*")]
 
 
 def test_example_workflow_passes_actionlint():
