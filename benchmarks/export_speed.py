@@ -238,6 +238,7 @@ def validation(budget: str, per_task: int, method: str) -> None:
         _quiet,
         _session,
         _to_fp16,
+        _Validation,
         validation_images,
     )
     from clipship.exporter.quantize import (
@@ -259,11 +260,11 @@ def validation(budget: str, per_task: int, method: str) -> None:
         zero_shot, folder, _ = load_zero_shot(str(tmp / "merged"), None, "cpu")
         deploy = DeployModel(zero_shot, heads).eval()
         preprocess = Preprocess.from_pretrained(folder)
-        uint8, where = validation_images(tasks, preprocess, per_task)
-        pixels = preprocess.normalize(torch.from_numpy(uint8), preprocess.lookup_table())
+        images = _Validation(*validation_images(tasks, preprocess, per_task), preprocess)
+        where = images.where
         outputs = ["image_embeds", "logits", *[f"logits_{n}" for n in names]]
         paths = {"fp32": tmp / "fp32.onnx", "fp16": tmp / "fp16.onnx"}
-        _onnx_export(deploy, pixels[:2], paths["fp32"], outputs)
+        _onnx_export(deploy, images.pixels(0, 2), paths["fp32"], outputs)
         with _quiet():
             _to_fp16(paths["fp32"], paths["fp16"])
             for scheme in int8_schemes():
@@ -280,7 +281,7 @@ def validation(budget: str, per_task: int, method: str) -> None:
             + f"{'all':>15s} {'portable':>9s} {'saturated':>10s}"
         )
         for variant, path in paths.items():
-            rows = _compare(_session(path), deploy, pixels, where, names)
+            rows = _compare(_session(path), deploy, images, names)
             cells = [
                 f"{rows[n]['max_abs_logit_diff']:.1e} / {100 * rows[n]['top1_agreement']:6.2f}%"
                 for n in names
@@ -292,7 +293,7 @@ def validation(budget: str, per_task: int, method: str) -> None:
                 import onnx
 
                 portable = "yes" if not check_integer_products(onnx.load(str(path))) else "NO"
-                effects = saturation_effects(path, pixels[:64].numpy())
+                effects = saturation_effects(path, images.pixels(0, 64).numpy())
                 saturated = f"{100 * max(effects.values(), default=0.0):.2f}%"
             print(
                 f"{variant:17s} "

@@ -11,6 +11,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from clipship.cli import app
+from clipship.errors import ClipshipError
+from clipship.exporter.onnx_export import Gates
 
 from .test_eval import MNIST, PRETRAINED, REF
 
@@ -66,6 +68,19 @@ def setup(tmp_path_factory):
     os.environ.pop("CLIPSHIP_CACHE", None)
 
 
+def heads_and_images(root):
+    """A heads folder for mnist and the 64 reference digits as PNG files, under ``root``."""
+    from clipship.eval import build_heads, get_tasks
+    from clipship.eval.heads import save_heads
+
+    heads, meta = build_heads(PRETRAINED, get_tasks("mnist"), use_cache=False)
+    save_heads(root / "heads", heads, meta, force=False)
+    (root / "images").mkdir()
+    for i, u8 in enumerate(REF["images"].numpy()):
+        Image.fromarray(u8).save(root / "images" / f"{i:02d}.png")
+    return root / "heads", root / "images"
+
+
 def export_args(root, out, *extra):
     return [
         "export",
@@ -115,6 +130,7 @@ def test_export_all_variants_validated_and_reloadable(setup):
             assert row["images"] == 64  # --validation-data: every image counts for every task
             assert row["disagreements"] == round((1 - row["top1_agreement"]) * row["images"])
             assert row["agreement_lower"] <= row["top1_agreement"] <= row["agreement_upper"]
+            assert row["disagreements"] <= row["disagreements_allowed"]
     record = json.loads((out / "export.json").read_text())
     assert record["tasks"] == ["mnist", "svhn", "eurosat"]
     assert record["class_offsets"] == {"mnist": [0, 10], "svhn": [10, 20], "eurosat": [20, 30]}
@@ -143,7 +159,7 @@ def test_export_all_variants_validated_and_reloadable(setup):
     assert record["int8"]["rewrites"] == {"fused_attention": 4, "patch_embedding_matmul": 1}
     # The default scheme: uint8 weights, exact on every CPU (exporter/quantize.py).
     assert record["int8"]["name"] == "u8u8" and record["int8"]["weight_type"] == "uint8"
-    assert record["int8"]["integer_products"] == 25
+    assert record["int8"]["integer_ops"] == {"MatMulInteger": 25}
     from clipship.exporter.quantize import check_integer_products
 
     assert check_integer_products(onnx.load(str(out / "model_int8.onnx"))) == []
@@ -245,6 +261,32 @@ def test_agreement_bounds_are_clopper_pearson():
         # Bisection to 2^-60 on a sum of exact binomial terms: far inside 1e-9.
         assert lower == pytest.approx(exact_lower, abs=1e-9)
         assert upper == pytest.approx(exact_upper, abs=1e-9)
+
+
+def test_every_exported_task_is_validated_on_its_own_images(setup, tmp_path):
+    from dataclasses import replace
+
+    from clipship.eval import get_tasks
+    from clipship.exporter.onnx_export import export
+
+    from .test_eval import digits_formats
+
+    digits_formats(tmp_path)
+    mnist = replace(get_tasks("mnist")[0], data=str(tmp_path / "parquet"))
+    common = dict(validation_tasks=[mnist], gates=Gates(0.5, 1, 0.5, 0.5))
+    with pytest.raises(ClipshipError, match="task svhn: no validation images"):
+        export(
+            str(setup / "merged"),
+            setup / "heads",
+            tmp_path / "a",
+            tasks=["mnist", "svhn"],
+            **common,
+        )
+    result = export(
+        str(setup / "merged"), setup / "heads", tmp_path / "b", tasks=["mnist"], **common
+    )
+    assert result["report"]["variants"]["fp32"]["mnist"]["images"] == 64
+    assert result["report"]["cpu"].startswith("CPU: ")
 
 
 def test_refusals(setup, tmp_path):

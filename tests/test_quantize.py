@@ -89,6 +89,74 @@ def test_the_file_check_refuses_weights_it_cannot_see():
     ]
 
 
+def test_the_file_check_fails_closed_on_ops_it_does_not_know_and_in_subgraphs():
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.full((2, 2), 127, np.int8), "w")
+    scale = numpy_helper.from_array(np.ones(1, np.float32), "s")
+    zero = numpy_helper.from_array(np.zeros(1, np.int8), "z")
+    qlinear = helper.make_node(
+        "QLinearMatMul", ["a", "s", "z", "w", "s", "z", "s", "z"], ["y"], name="qlinear"
+    )
+    graph = helper.make_graph(
+        [qlinear],
+        "g",
+        [helper.make_tensor_value_info("a", TensorProto.INT8, [2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.INT8, [2, 2])],
+        [weight, scale, zero],
+    )
+    assert check_integer_products(helper.make_model(graph)) == [
+        "qlinear: QLinearMatMul takes 8-bit constants ('z'), which clipship cannot check"
+    ]
+    # A full-range MatMulInteger hidden in an If branch is found too.
+    inner = helper.make_graph(
+        [
+            helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "qs", "qz"], name="dq"),
+            helper.make_node("MatMulInteger", ["q", "w"], ["y"], name="hidden"),
+        ],
+        "branch",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [2, 2])],
+    )
+    branch = helper.make_node("If", ["c"], ["y"], name="if", then_branch=inner, else_branch=inner)
+    outer = helper.make_graph(
+        [branch],
+        "outer",
+        [
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [2, 2])],
+        [weight],
+    )
+    problems = check_integer_products(helper.make_model(outer))
+    assert len(problems) == 2 and all(
+        p.startswith("hidden: int8 weight reaches 127") for p in problems
+    )
+
+
+def test_export_refuses_an_int8_file_that_could_saturate(monkeypatch, tmp_path):
+    """No shipped scheme fails the check, so the old one is slipped in to see the refusal."""
+    from clipship.exporter import onnx_export
+    from clipship.exporter.onnx_export import ExportValidationError, export
+
+    from .test_export import heads_and_images
+
+    heads, images = heads_and_images(tmp_path)
+    monkeypatch.setitem(onnx_export.SCHEMES, "s8", SATURATING)
+    with pytest.raises(ExportValidationError, match="int8 graph is not portable: .* reaches 127"):
+        export(
+            str(MNIST),
+            heads,
+            tmp_path / "out",
+            pretrained=str(PRETRAINED),
+            precisions=["int8"],
+            validation_data=images,
+            int8_scheme="s8",
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heads", "images"]
+
+
 def test_real_images_saturate_the_old_file_and_never_the_new_one(graphs):
     """The integer products of each file on the 64 real digit images, as the saturating kernel
     and as an exact one computes them."""
@@ -113,5 +181,7 @@ def test_each_scheme_runs_close_to_fp32(graphs):
     reference = logits(graphs["s8"].with_name("fp32.onnx"))
     scale = np.abs(reference).max()
     for name in SCHEMES:
-        assert np.abs(logits(graphs[name]) - reference).max() < 0.1 * scale
+        # One 8-bit rounding per product through 4 layers of a random-weight model: measured
+        # 1.8–2.6 % of the largest logit; 5 % would catch a scheme that quantized wrongly.
+        assert np.abs(logits(graphs[name]) - reference).max() < 0.05 * scale
     assert torch.tensor(reference).isfinite().all()
