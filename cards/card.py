@@ -33,13 +33,14 @@ def _read(path: Path) -> Any:
 
 
 def _base_license(recipe: dict[str, Any]) -> str | None:
-    """The pretrained model's license, from its local model card when it has one."""
+    """The pretrained model's license, as the merge read it from its model card."""
     from huggingface_hub import metadata_load
 
     source = recipe["pretrained"]
-    folder = Path(source.get("path") or source["source"])
-    readme = folder / "README.md"
-    if readme.is_file():
+    if source.get("license"):
+        return source["license"]
+    readme = Path(source.get("path") or "") / "README.md"  # recipes from before "license"
+    if source.get("path") and readme.is_file():
         return (metadata_load(readme) or {}).get("license")
     return None
 
@@ -61,8 +62,7 @@ def _accuracy_rows(report: dict[str, Any] | None) -> dict[str, dict[str, float]]
 
 
 def public_source(entry: dict[str, Any]) -> str:
-    """How a recipe source is shown in a published card: its hub id, or a local folder's name
-    (absolute local paths stay in the recipe file, for replays, and out of the prose)."""
+    """How a recipe source is shown in a published card: its hub id, or a local folder's name."""
     return entry.get("repo_id") or f"local folder `{Path(entry['source']).name}`"
 
 

@@ -65,13 +65,18 @@ def _run(call: Callable[[], T]) -> T:
         raise typer.Exit(e.exit_code) from None
 
 
-def _pool_sources(pool: Path | None, pretrained: str | None, model: list[str] | None):
+def _pool_sources(
+    pool: Path | None, pretrained: str | None, model: list[str] | None, partial: bool = False
+):
+    """(pretrained, {task: source}); with ``partial`` (a recipe replay) either may be missing."""
     from clipship.pool import parse_model_args, read_pool_yaml
 
     if pool is not None:
         if pretrained or model:
             raise SourceNotFoundError("give either --pool or --pretrained/--model, not both")
         return read_pool_yaml(pool)
+    if partial:
+        return pretrained, parse_model_args(model or []) if model else {}
     if not pretrained:
         raise SourceNotFoundError(
             "no pool: give --pool POOL.yaml or --pretrained SRC --model NAME=SRC ..."
@@ -140,10 +145,15 @@ def merge(
         from clipship.merge import merge_from_recipe
 
         if recipe is not None:
-            if method or pool or pretrained or model or lambda_ or threshold or param:
-                raise MethodError("--recipe replays a merge: drop the method and pool options")
+            if method or lambda_ or threshold or param:
+                raise MethodError("--recipe replays a merge: drop the method and its parameters")
+            base, models = (
+                (None, {})
+                if not (pool or pretrained or model)
+                else _pool_sources(pool, pretrained, model, partial=True)
+            )
             return merge_from_recipe(
-                recipe, out, force=force, quiet=quiet, allow_pickle=allow_pickle
+                recipe, out, base, models, force=force, quiet=quiet, allow_pickle=allow_pickle
             )
         if not method:
             raise MethodError("no merge method: pass --method NAME (see `clipship methods`)")

@@ -136,7 +136,7 @@ def build_heads(
                 usual_modes(tmp)
                 os.replace(tmp, cached)
     meta = {
-        "model": str(pretrained),
+        "model": repo_id or folder.resolve().name,  # never a local path: heads get published
         "repo_id": repo_id,
         "revision": revision,
         "text_tower_sha256": text_sha,

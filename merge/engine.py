@@ -124,13 +124,29 @@ def merge(
         pool.close()
 
 
-def merge_from_recipe(recipe_path: Path | str, out: Path | str, **kwargs: Any) -> MergeResult:
-    """Rerun the merge a ``clipship_recipe.json`` describes; the weights come out byte-identical."""
+def merge_from_recipe(
+    recipe_path: Path | str,
+    out: Path | str,
+    pretrained: str | None = None,
+    models: dict[str, str] | None = None,
+    **kwargs: Any,
+) -> MergeResult:
+    """Rerun the merge a ``clipship_recipe.json`` describes; the weights come out byte-identical.
+
+    Hub sources come from the recipe (pinned to their commits). Local folders are named there
+    by folder name only, so they come from ``pretrained`` / ``models`` (by task name), which can
+    also stand in for hub sources; every weight file must match the recipe's sha256."""
     recipe = read_recipe(Path(recipe_path))
-    sources = {m["name"]: m for m in recipe["models"]}
+    given = dict(models or {})
+    unknown = sorted(set(given) - {m["name"] for m in recipe["models"]})
+    if unknown:
+        known = ", ".join(m["name"] for m in recipe["models"])
+        raise RecipeError(f"--model {unknown[0]}: not in the recipe (its models: {known})")
+    base = pretrained or _pinned(recipe["pretrained"], "--pretrained PATH")
+    sources = {m["name"]: given.get(m["name"]) or _pinned(m) for m in recipe["models"]}
     return merge(
-        _pinned(recipe["pretrained"]),
-        {name: _pinned(m) for name, m in sources.items()},
+        base,
+        sources,
         recipe["method"],
         out,
         recipe["parameters"],
@@ -169,11 +185,19 @@ def read_recipe(path: Path) -> dict[str, Any]:
     return recipe
 
 
-def _pinned(source: dict[str, Any]) -> str:
+def _pinned(source: dict[str, Any], option: str | None = None) -> str:
     if source.get("repo_id"):
         rev = source.get("revision")
         return f"{source['repo_id']}@{rev}" if rev else source["repo_id"]
-    return source.get("path") or source["source"]
+    if source.get("path"):  # recipes written before local paths were left out
+        return source["path"]
+    option = option or f"--model {source['name']}=PATH"
+    label = "the pretrained model" if option.startswith("--pretrained") else source["name"]
+    raise RecipeError(
+        f"{label} was merged from a local folder ({source['source']}), which a recipe "
+        f"does not locate: give it with {option} (or --pool); its files are checked against "
+        "the recipe's sha256"
+    )
 
 
 def _check_hashes(recipe: dict[str, Any], expected: dict[str, dict[str, str]]) -> None:
@@ -320,14 +344,30 @@ def _copy_metadata(pretrained: Model, folder: Path, vision_only: bool) -> None:
             shutil.copyfile(pretrained.folder / name, folder / name)
 
 
-def _source_entry(model: Model, hashes: Future) -> dict[str, Any]:
-    entry: dict[str, Any] = {"name": model.name, "source": model.source}
+def _source_entry(model: Model, hashes: Future, base: bool = False) -> dict[str, Any]:
+    """A pool member as the recipe names it: a hub id with its commit, or a local folder by its
+    name only (recipes are published; a replay takes local folders from the command line and
+    checks them by the sha256 of each weight file)."""
+    entry: dict[str, Any] = {"name": model.name}
     if model.repo_id:
-        entry.update(repo_id=model.repo_id, revision=model.revision)
+        entry.update(source=model.source, repo_id=model.repo_id, revision=model.revision)
     else:
-        entry.update(path=str(model.folder.resolve()), revision=None)
+        entry.update(source=model.folder.resolve().name, revision=None)
+    if base:
+        entry["license"] = _card_license(model.folder)
     entry["files"] = hashes.result()
     return entry
+
+
+def _card_license(folder: Path) -> str | None:
+    """The license in a model folder's card (README.md front matter), if it states one."""
+    from huggingface_hub import metadata_load
+
+    readme = folder / "README.md"
+    try:
+        return (metadata_load(readme) or {}).get("license") if readme.is_file() else None
+    except ValueError:  # malformed front matter: no license known
+        return None
 
 
 def _recipe(
@@ -347,7 +387,7 @@ def _recipe(
         "seed": seed,
         "vision_only": vision_only,
         "max_shard_bytes": shard_bytes,
-        "pretrained": _source_entry(pool.pretrained, hashes[pool.pretrained.name]),
+        "pretrained": _source_entry(pool.pretrained, hashes[pool.pretrained.name], base=True),
         "models": [_source_entry(m, hashes[m.name]) for m in pool.models],
         "statistics": stats,
         "versions": library_versions(),

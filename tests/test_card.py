@@ -87,11 +87,21 @@ def test_card_without_reports_and_license_rules(tmp_path):
     assert str(FIXTURE) not in (run / "README.md").read_text()
     assert "local folder `pretrained`" in card.text
     assert not (run / "accuracy.png").exists()
+    # The merge reads the base model's license from its card into the recipe; the card uses it.
     base = tmp_path / "base"
     shutil.copytree(FIXTURE / "pretrained", base)
     (base / "README.md").write_text("---\nlicense: mit\n---\n# base\n")
-    recipe = json.loads((run / "clipship_recipe.json").read_text())
-    recipe["pretrained"]["path"] = str(base)
-    (run / "clipship_recipe.json").write_text(json.dumps(recipe))
-    assert runner.invoke(app, ["card", str(run)]).exit_code == 0
-    assert ModelCard.load(run / "README.md").data.license == "mit"
+    licensed = tmp_path / "licensed"
+    args = ["merge", "--pretrained", str(base), "--model", f"task_a={FIXTURE / 'task_a'}"]
+    assert (
+        runner.invoke(
+            app, [*args, "--method", "task_arithmetic", "--out", str(licensed), "--quiet"]
+        ).exit_code
+        == 0
+    )
+    assert (
+        json.loads((licensed / "clipship_recipe.json").read_text())["pretrained"]["license"]
+        == "mit"
+    )
+    assert runner.invoke(app, ["card", str(licensed)]).exit_code == 0
+    assert ModelCard.load(licensed / "README.md").data.license == "mit"

@@ -292,8 +292,39 @@ def test_recipe_rerun_is_byte_identical(tmp_path):
     assert [m["name"] for m in recipe["models"]] == TASKS
     assert all(len(h) == 64 for m in recipe["models"] for h in m["files"].values())
     assert {"torch", "transformers", "safetensors", "clipship"} <= set(recipe["versions"])
+    # Local folders are named, never located, by a (publishable) recipe.
+    text = (first / "clipship_recipe.json").read_text()
+    assert str(FIXTURE) not in text and str(tmp_path) not in text
+    assert recipe["pretrained"]["source"] == "pretrained" and "path" not in recipe["pretrained"]
     again = tmp_path / "again"
     result = cli("merge", "--recipe", first / "clipship_recipe.json", "--out", again, "--quiet")
+    assert result.exit_code == 1 and result.stderr == (
+        "error: the pretrained model was merged from a local folder (pretrained), which a recipe does not "
+        "locate: give it with --pretrained PATH (or --pool); its files are checked against the "
+        "recipe's sha256\n"
+    )
+    result = cli(
+        "merge",
+        "--recipe",
+        first / "clipship_recipe.json",
+        "--pretrained",
+        PRE,
+        "--out",
+        again,
+        "--quiet",
+    )
+    assert result.exit_code == 1 and "task_a was merged from a local folder" in result.stderr
+    result = cli(
+        "merge",
+        "--recipe",
+        first / "clipship_recipe.json",
+        "--pretrained",
+        PRE,
+        *POOL,
+        "--out",
+        again,
+        "--quiet",
+    )
     assert result.exit_code == 0, result.stderr
     assert (again / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()
     assert (again / "clipship_recipe.json").read_bytes() == (
@@ -329,6 +360,9 @@ def test_recipe_refuses_changed_sources(tmp_path):
         "merge",
         "--recipe",
         tmp_path / "m/clipship_recipe.json",
+        "--pretrained",
+        PRE,
+        *args,
         "--out",
         tmp_path / "again",
         "--quiet",
@@ -338,6 +372,16 @@ def test_recipe_refuses_changed_sources(tmp_path):
         and "task_b" in result.stderr
         and "changed since the recipe" in result.stderr
     )
+    wrong = cli(
+        "merge",
+        "--recipe",
+        tmp_path / "m/clipship_recipe.json",
+        "--model",
+        f"task_z={PRE}",
+        "--out",
+        tmp_path / "z",
+    )
+    assert wrong.exit_code == 1 and "--model task_z: not in the recipe" in wrong.stderr
     assert not (tmp_path / "again").exists()
 
 
