@@ -28,8 +28,10 @@ def _read(path: Path) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise ClipshipError(f"{path}: not valid JSON") from None
+    except OSError as e:
+        raise ClipshipError(f"{path}: cannot read it ({e.strerror})") from None
 
 
 def _base_license(recipe: dict[str, Any]) -> str | None:
@@ -43,6 +45,58 @@ def _base_license(recipe: dict[str, Any]) -> str | None:
     if source.get("path") and readme.is_file():
         return (metadata_load(readme) or {}).get("license")
     return None
+
+
+def _ours(readme: Path) -> bool:
+    """Whether a README.md is a card this command wrote (its tags name clipship)."""
+    from huggingface_hub import metadata_load
+
+    try:
+        tags = (metadata_load(readme) or {}).get("tags") or []
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return "clipship" in tags
+
+
+def _checked_report(path: Path, report: Any) -> Any:
+    """An eval report (one FusionBench-shaped report, or one per pool member) whose accuracies
+    are fractions; anything else is one line naming the file."""
+    if report is None:
+        return None
+
+    def rows(single: Any) -> None:
+        if not isinstance(single, dict):
+            raise ClipshipError(f"{path}: not an eval report")
+        for task, row in single.items():
+            if task == "model_info":
+                continue
+            accuracy = row.get("accuracy") if isinstance(row, dict) else None
+            if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)):
+                raise ClipshipError(f"{path}: {task} has no accuracy (not an eval report)")
+            if not 0 <= accuracy <= 1:  # NaN fails this too
+                raise ClipshipError(
+                    f"{path}: {task}: {accuracy} is not a finite accuracy in [0, 1]"
+                )
+
+    if isinstance(report, dict) and "average" in report:
+        rows(report)
+    elif isinstance(report, dict) and report:
+        for label, single in report.items():
+            if label == "individual":
+                rows(single)
+            else:
+                rows(single if isinstance(single, dict) and "average" in single else None)
+    else:
+        raise ClipshipError(f"{path}: not an eval report")
+    return report
+
+
+def _datasets(report: Any) -> dict[str, str | None]:
+    """{task: hub dataset id or None} as the evaluation recorded them (merged model's rows)."""
+    if not report:
+        return {}
+    merged = report if "average" in report else report.get("merged") or {}
+    return {t: r.get("dataset") for t, r in merged.items() if isinstance(r, dict)}
 
 
 def _accuracy_rows(report: dict[str, Any] | None) -> dict[str, dict[str, float]]:
@@ -71,30 +125,37 @@ def write_card(
     license: str | None = None,
     name: str | None = None,
     base_model: str | None = None,
-    task_datasets: dict[str, str | None] | None = None,
+    force: bool = False,
 ) -> Path:
     """Write ``README.md`` (and ``accuracy.png`` when there are results) into ``run_dir``.
     ``base_model`` names the hub id of a pretrained model that was merged from a local copy.
-    ``task_datasets`` maps each evaluated task to the hub dataset it was evaluated on (None: a
-    local dataset); without it, built-in task names stand for their FusionBench datasets."""
+    Each task's dataset comes from the eval report (the hub test set it was evaluated on; none
+    for local data). A ``README.md`` that ``clipship card`` did not write is kept unless
+    ``force``."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    from clipship.eval.tasks import builtin_tasks
-
     run = Path(run_dir)
+    if not run.is_dir():
+        raise ClipshipError(f"{run}: not a folder")
     recipe = _read(run / RECIPE)
     if recipe is None:
         raise ClipshipError(f"{run}: no {RECIPE} (is this a merged model folder?)")
+    if not isinstance(recipe, dict) or not {"method", "parameters", "pretrained"} <= set(recipe):
+        raise ClipshipError(f"{run / RECIPE}: not a clipship recipe")
+    if (run / "README.md").exists() and not force and not _ours(run / "README.md"):
+        raise ClipshipError(
+            f"{run / 'README.md'} was not written by clipship card: keeping it (pass --force "
+            "to replace it)"
+        )
     license = license or _base_license(recipe)
     if not license:
         raise ClipshipError("the base model's license is unknown here: pass --license (e.g. mit)")
-    report = _read(run / EVAL_REPORT)
+    report = _checked_report(run / EVAL_REPORT, _read(run / EVAL_REPORT))
     rows = _accuracy_rows(report)
     merged = rows.get("merged") or {}
     name = name or run.resolve().name
     base = recipe["pretrained"].get("repo_id") or base_model  # a hub id, or no base_model field
-    if task_datasets is None:
-        task_datasets = {n: (t.dataset or {}).get("path") for n, t in builtin_tasks().items()}
+    task_datasets = _datasets(report)
     results, datasets = [], []
     for task, accuracy in merged.items():
         hub = task_datasets.get(task)

@@ -333,7 +333,7 @@ def heads(
         from clipship.eval.evaluate import pick_device
         from clipship.outputs import check_target
 
-        check_target(out, force)
+        check_target(out, force, inputs=(model,))
         chosen = select_tasks(tasks, taskpool, task, classnames, templates)
         table, meta = build_heads(model, chosen, device=pick_device(device), use_cache=not no_cache)
         save_heads(out, table, meta, force)
@@ -389,7 +389,7 @@ def eval_(
         from clipship.outputs import check_target
 
         if out is not None:
-            check_target(out, force)
+            check_target(out, force, kind="file")
         chosen = select_tasks(tasks, taskpool, task, classnames, templates, data_dir, taskfile)
         options = dict(
             heads=heads_dir,
@@ -647,13 +647,16 @@ def card(
         str | None,
         typer.Option("--base-model", help="Hub id of a pretrained model merged from a local copy."),
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace a README.md clipship did not write.")
+    ] = False,
 ) -> None:
     """Write README.md (Hub model card) offline from the recipe, eval and export reports."""
 
     def call():
         from clipship.cards.card import write_card
 
-        return write_card(run_dir, license=license, name=name, base_model=base_model)
+        return write_card(run_dir, license=license, name=name, base_model=base_model, force=force)
 
     print(_run(call))
 

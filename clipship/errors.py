@@ -37,6 +37,10 @@ class OutputExistsError(ClipshipError):
     """The output folder exists and ``--force`` was not given."""
 
 
+class OutputError(ClipshipError):
+    """An output that cannot be written there, or that would replace one of the inputs."""
+
+
 class RecipeError(ClipshipError):
     """A recipe file that is malformed or whose sources changed since it was written."""
 

@@ -78,7 +78,7 @@ class ImagePreprocess:
 
     def to_uint8(self, image: Any) -> np.ndarray:
         """A PIL image → the resized, center-cropped uint8 array [3, H, W]."""
-        image = image.convert("RGB")
+        image = as_rgb(image)
         if self.size_hw is not None:
             image = image.resize((self.size_hw[1], self.size_hw[0]), resample=self.resample)
         elif self.shortest_edge is not None:
@@ -101,6 +101,34 @@ class ImagePreprocess:
         mean = np.asarray(self.mean, dtype=np.float32)[:, None]
         std = np.asarray(self.std, dtype=np.float32)[:, None]
         return (levels[None, :] - mean) / std
+
+
+def as_rgb(image: Any) -> Any:
+    """An 8-bit RGB image the way users' photos are meant to look, as ``transformers``'
+    ``load_image`` reads them: the EXIF orientation applied (a phone photo stands upright), and
+    16-bit greyscale scaled to 8 bits (``convert("RGB")`` would clip it to two grey levels)."""
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        values = np.asarray(image, dtype=np.int64)
+        if image.mode != "I" or values.max(initial=0) > 255:
+            values = values >> 8  # 16-bit range to 8 bits
+        image = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
+def open_image(path: Any) -> Any:
+    """Open and decode an image file; anything unreadable (or a decompression bomb) is one
+    ``DataError`` naming the file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from None
 
 
 def center_crop(array: np.ndarray, height: int, width: int) -> np.ndarray:

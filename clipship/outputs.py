@@ -16,12 +16,39 @@ from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
-from clipship.errors import OutputExistsError
+from clipship.errors import OutputError, OutputExistsError
 
 
-def check_target(out: Path, force: bool) -> None:
+def check_target(out: Path, force: bool, inputs: tuple = (), kind: str = "folder") -> None:
+    """Before any work: ``out`` may be written (it does not exist, or ``force``), its folder is
+    writable, and replacing it would not delete one of ``inputs`` (paths or hub ids)."""
+    out = Path(out)
+    if kind == "file" and out.is_dir():
+        raise OutputError(f"{out} is a folder (give a file name)")
     if out.exists() and not force:
         raise OutputExistsError(f"{out} already exists (pass --force to replace it)")
+    for item in inputs:
+        source = Path(str(item))
+        if item is not None and source.exists():
+            here, there = out.resolve(), source.resolve()
+            if here == there or there.is_relative_to(here):
+                raise OutputError(f"--out {out} would replace an input ({item})")
+    _probe(out)
+
+
+def _probe(out: Path) -> None:
+    """Fail now, not after the work, if nothing can be written where ``out`` goes."""
+    parent = Path(out).absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {out}: {parent} is not a folder")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".clipship-probe-", dir=parent)
+    except OSError as e:
+        raise OutputError(f"cannot write {out}: {e.strerror}") from None
+    os.close(fd)
+    os.unlink(name)
 
 
 @contextlib.contextmanager
@@ -32,10 +59,13 @@ def atomic_folder(out: Path, force: bool = False) -> Iterator[Path]:
     a process that no longer runs (killed with SIGKILL, a power cut) is removed here."""
     out = Path(out)
     check_target(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
     pid = os.getpid()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{pid}-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{pid}-", dir=out.parent))
+    except OSError as e:
+        raise OutputError(f"cannot write {out}: {e.strerror}") from None
     try:
         yield tmp
         usual_modes(tmp)

@@ -458,9 +458,7 @@ def accuracy_gates(gates: dict[str, Any], report: dict[str, Any]) -> list[dict[s
     return out
 
 
-def _assemble(
-    out: Path, merged: Path, evaluated: Path, exported: Path | None, card: dict, datasets: dict
-) -> Path:
+def _assemble(out: Path, merged: Path, evaluated: Path, exported: Path | None, card: dict) -> Path:
     """The release folder: model files, heads, eval report, export, then the card."""
     from clipship.cards.card import write_card
 
@@ -485,7 +483,6 @@ def _assemble(
             license=card.get("license"),
             name=card.get("name"),
             base_model=card.get("base_model"),
-            task_datasets=datasets,
         )
     return out
 
@@ -574,8 +571,7 @@ def release(
     hub = config.get("hub") or {}
     repo = repo_id or hub.get("repo_id")
     card.setdefault("name", repo or name)
-    datasets = {t.name: (t.dataset or {}).get("path") for t in tasks}  # None: local data only
-    out = _assemble(run / "release", merged, evaluated, exported, card, datasets)
+    out = _assemble(run / "release", merged, evaluated, exported, card)
     summary.update(status="built", release_dir=str(out), card=str(out / "README.md"))
     log(f"release folder: {out}")
     if repo:

@@ -63,14 +63,14 @@ class ImageSource:
             ):
                 load_from_disk = quiet_datasets().load_from_disk
 
-                rows = load_from_disk(str(path))
+                rows = _readable(task, path, lambda: load_from_disk(str(path)))
                 if hasattr(rows, "keys"):
                     if self.split not in rows:
                         raise DataError(f"task {task.name}: {path} has no {self.split!r} split")
                     rows = rows[self.split]
                 self._rows = rows
             elif path.suffix == ".parquet" or (path.is_dir() and any(path.rglob("*.parquet"))):
-                self._rows = _read_parquet(path, self.split)
+                self._rows = _readable(task, path, lambda: _read_parquet(path, self.split))
             elif path.is_dir():
                 self._files = _image_folder(path, task)
                 return
@@ -124,12 +124,25 @@ class ImageSource:
         return image, int(label)
 
 
+def _readable(task: Task, path: Path, read):
+    """``read()``, with whatever a damaged dataset file raises (pyarrow, datasets, OS errors)
+    turned into one line naming the task and the file."""
+    try:
+        return read()
+    except DataError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise DataError(f"task {task.name}: {path}: cannot read the data ({first})") from None
+
+
 def quiet_datasets():
     """The ``datasets`` library, quiet (ImageFolder data never needs it)."""
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    # Its parquet reader logs the error it then raises; ours names the task and the file.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     return datasets
 
 

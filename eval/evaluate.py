@@ -26,6 +26,7 @@ from clipship.pool import load_model, resolve_folder
 from clipship.progress import Bars
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MAX_BATCH = 65536
 
 
 def pick_device(device: str) -> str:
@@ -108,6 +109,10 @@ def evaluate(
         raise ClipshipError(f"--precision {precision}: choose fp32, fp16 or bf16")
     if batch_size < 1 or (limit is not None and limit < 1):
         raise ClipshipError("--batch-size and --limit must be positive")
+    if batch_size > MAX_BATCH:
+        raise ClipshipError(f"--batch-size {batch_size}: at most {MAX_BATCH}")
+    if workers is not None and workers < 0:
+        raise ClipshipError(f"--workers {workers}: must be 0 (load in this process) or more")
     device = init_distributed(pick_device(device))
     if precision == "fp16" and device == "cpu":
         raise ClipshipError("--precision fp16 needs a GPU (use bf16 or fp32 on CPU)")
@@ -231,6 +236,9 @@ def evaluate_task(
         "loss_batch_mean": sum(batch_means) / len(batch_means),
         "samples": len(index),
         "skipped": sorted(skipped),
+        # The hub test set these images came from; None for local data (a card must not claim
+        # a hub dataset for a local copy or another set).
+        "dataset": None if task.data else (task.dataset or {}).get("path"),
         "images_per_second": round(len(index) / seconds, 1) if seconds > 0 else math.inf,
     }
 

@@ -11,6 +11,7 @@ exactly where it stopped and ends with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -125,9 +126,13 @@ def finetune(
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     out = Path(out)
-    check_target(out, force)
-    if steps < 1 or batch_size < 1 or lr <= 0:
-        raise ClipshipError("--steps, --batch-size and --lr must be positive")
+    check_target(out, force, inputs=(pretrained, task.data))
+    if steps < 1 or batch_size < 1:
+        raise ClipshipError("--steps and --batch-size must be positive")
+    if not math.isfinite(lr) or lr <= 0:
+        raise ClipshipError(f"--lr {lr}: must be a positive finite number")
+    if not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ClipshipError(f"--weight-decay {weight_decay}: must be a finite number ≥ 0")
     if precision not in PRECISIONS:
         raise ClipshipError(f"--precision {precision}: choose fp32, fp16 or bf16")
     device = pick_device(device)
@@ -188,6 +193,11 @@ def finetune(
         scaler.step(optimizer)
         scaler.update()
         losses.append(float(loss.detach()))
+        if not math.isfinite(losses[-1]):
+            raise DataError(
+                f"task {task.name}: the loss is not finite at step {step + 1} (is --lr "
+                f"{lr} too high?); nothing was written"
+            )
         step += 1
         if on_step is not None:
             on_step(step)
@@ -213,6 +223,9 @@ def finetune(
         "final_loss": losses[-1] if losses else None,
         "versions": library_versions(),
     }
+    broken = [n for n, p in vision.named_parameters() if not torch.isfinite(p).all()]
+    if broken:
+        raise DataError(f"task {task.name}: training made {broken[0]} non-finite; nothing written")
     with atomic_folder(out, force) as tmp:
         vision.save_pretrained(tmp)
         for name in ("preprocessor_config.json", "processor_config.json"):

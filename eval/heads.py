@@ -21,6 +21,7 @@ import torch
 
 from clipship.errors import CheckpointError, ClipshipError
 from clipship.eval.tasks import Task
+from clipship.hashing import file_sha256
 from clipship.memory import load_owned, own_module
 from clipship.outputs import atomic_folder, library_versions, usual_modes
 from clipship.pool import TOKENIZER_FILES
@@ -181,6 +182,7 @@ def save_heads(
             str(tmp / HEADS_FILE),
             metadata={"format": "pt"},
         )
+        meta = {**meta, "heads_sha256": file_sha256(tmp / HEADS_FILE)}
         (tmp / HEADS_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return Path(out)
 
@@ -189,11 +191,23 @@ def load_heads(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     folder = Path(folder)
     try:
         meta = json.loads((folder / HEADS_META).read_text())
-        heads = load_owned(folder / HEADS_FILE)
+        digest = file_sha256(folder / HEADS_FILE)
     except FileNotFoundError as e:
         raise CheckpointError(
             f"{folder}: not a heads folder ({Path(e.filename).name} missing)"
         ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError, NotADirectoryError):
+        raise CheckpointError(f"{folder}: not a heads folder ({HEADS_META} is not JSON)") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("tasks"), dict):
+        raise CheckpointError(f"{folder}: not a heads folder ({HEADS_META} has no tasks)")
+    if meta.get("heads_sha256") not in (None, digest):
+        raise HeadsMismatchError(
+            f"{folder}: the heads changed since they were built ({HEADS_FILE}'s sha256 differs)"
+        )
+    try:
+        heads = load_owned(folder / HEADS_FILE)
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        raise CheckpointError(f"{folder}/{HEADS_FILE}: unreadable ({type(e).__name__})") from None
     return heads, meta
 
 

@@ -93,6 +93,10 @@ def read_lines(path: Path, what: str) -> tuple[str, ...]:
         lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
     except FileNotFoundError:
         raise TaskError(f"{path}: no such {what} file") from None
+    except UnicodeDecodeError:
+        raise TaskError(f"{path}: not a text file (one {what[:-1]} per line, UTF-8)") from None
+    except OSError as e:
+        raise TaskError(f"{path}: cannot read the {what} file ({e.strerror})") from None
     lines = [line for line in lines if line and not line.startswith("#")]
     if not lines:
         raise TaskError(f"{path}: no {what} in the file")
@@ -116,14 +120,31 @@ def custom_task(
         if not names:
             raise TaskError(f"task {name}: {data} has no class folders")
     chosen = read_lines(templates, "templates") if templates is not None else DEFAULT_TEMPLATES
-    for template in chosen:
+    return checked(Task(name, names, chosen, None, str(data)))
+
+
+def checked(task: Task) -> Task:
+    """``task`` if it can make a classifier: class names, all different, and templates that
+    each name the class (a template without ``{c}`` gives every class the same head, and a
+    meaningless accuracy)."""
+    if not task.classnames or not all(isinstance(c, str) and c.strip() for c in task.classnames):
+        raise TaskError(f"task {task.name}: class names must be a non-empty list of names")
+    if len(set(task.classnames)) != len(task.classnames):
+        twice = next(c for c in task.classnames if task.classnames.count(c) > 1)
+        raise TaskError(f"task {task.name}: class name {twice!r} is given twice")
+    if not task.templates or not all(isinstance(t, str) for t in task.templates):
+        raise TaskError(f"task {task.name}: templates must be a non-empty list of texts")
+    for template in task.templates:
         if PLACEHOLDER not in template:
-            raise TaskError(f"template {template!r} has no {PLACEHOLDER} placeholder")
-    return Task(name, names, chosen, None, str(data))
+            raise TaskError(
+                f"task {task.name}: template {template!r} has no {PLACEHOLDER} placeholder"
+            )
+    return task
 
 
 def with_local_data(tasks: list[Task], data_dir: Path | None) -> list[Task]:
-    """Point each task at ``data_dir/<task>`` when that exists."""
+    """Point each task at ``data_dir/<task>`` when that exists. A task whose task file already
+    names local data cannot take another copy: which one was meant is not ours to guess."""
     if data_dir is None:
         return tasks
     if not Path(data_dir).is_dir():
@@ -131,7 +152,12 @@ def with_local_data(tasks: list[Task], data_dir: Path | None) -> list[Task]:
     out = []
     for task in tasks:
         local = Path(data_dir) / task.name
-        out.append(replace(task, data=str(local)) if local.exists() and task.data is None else task)
+        if local.exists() and task.data is not None and Path(task.data) != local:
+            raise TaskError(
+                f"task {task.name}: its task file gives its data ({task.data}) and so does "
+                f"--data-dir ({local}); use one"
+            )
+        out.append(replace(task, data=str(local)) if local.exists() else task)
     return out
 
 
@@ -139,19 +165,35 @@ def read_taskfile(path: Path) -> list[Task]:
     """Tasks from a JSON task file: ``{"tasks": {name: {classnames, templates, data?}}}``;
     ``data`` paths are relative to the file (the mini-benchmark writes one)."""
     try:
-        spec = json.loads(Path(path).read_text())["tasks"]
+        spec = json.loads(Path(path).read_text(encoding="utf-8"))["tasks"]
+        if not isinstance(spec, dict) or not spec:
+            raise TypeError
     except FileNotFoundError:
         raise TaskError(f"{path}: no such task file") from None
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         raise TaskError(f"{path}: not a task file (expected {{'tasks': {{name: ...}}}})") from None
+    except OSError as e:
+        raise TaskError(f"{path}: cannot read the task file ({e.strerror})") from None
     tasks = []
     for name, t in spec.items():
-        data = t.get("data")
+        if not isinstance(t, dict):
+            raise TaskError(f"{path}: task {name}: expected {{classnames, templates, data?}}")
+        data, dataset = t.get("data"), t.get("dataset")
+        if data is not None and not isinstance(data, str):
+            raise TaskError(f"{path}: task {name}: data must be a path")
+        if dataset is not None and not isinstance(dataset, dict):
+            raise TaskError(f"{path}: task {name}: dataset must be a mapping")
         if data is not None and not Path(data).is_absolute():
             data = str(Path(path).parent / data)
-        tasks.append(
-            Task(name, tuple(t["classnames"]), tuple(t["templates"]), t.get("dataset"), data)
-        )
+        classnames, templates = t.get("classnames"), t.get("templates", list(DEFAULT_TEMPLATES))
+        if not isinstance(classnames, list):
+            raise TaskError(f"{path}: task {name}: classnames must be a non-empty list of names")
+        if not isinstance(templates, list):
+            raise TaskError(f"{path}: task {name}: templates must be a list of texts")
+        try:
+            tasks.append(checked(Task(name, tuple(classnames), tuple(templates), dataset, data)))
+        except TaskError as e:
+            raise TaskError(f"{path}: {e}") from None
     return tasks
 
 

@@ -37,6 +37,7 @@ from clipship.exporter.quantize import (
     integer_ops,
     quantize_int8,
 )
+from clipship.hashing import file_sha256
 from clipship.outputs import atomic_folder, check_target, library_versions
 
 OPSET = 20
@@ -330,7 +331,7 @@ def export(
     ``out`` (nothing is written if a gate fails). With ``tensorrt``, also an fp16 engine (batch
     1 … ``max_batch``), validated the same way."""
     out = Path(out)
-    check_target(out, force)
+    check_target(out, force, inputs=(model, heads_dir, pretrained, validation_data))
     if validation_size < 1:
         raise ClipshipError(f"--validation-size {validation_size}: must be at least 1")
     if not precisions:
@@ -439,6 +440,9 @@ def export(
         if "fp32" not in precisions:
             (tmp / FILES["fp32"]).unlink()
         _embed_metadata(tmp, record)
+        record["sha256"] = {  # predict refuses a graph that changed since it was validated
+            name: file_sha256(tmp / name) for name in sorted(set(record["variants"].values()))
+        }
         (tmp / "export.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
         (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return {"out": str(out), "record": record, "report": report}

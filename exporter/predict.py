@@ -13,13 +13,45 @@ from typing import Any
 import numpy as np
 
 from clipship.errors import ClipshipError
-from clipship.imaging import ImagePreprocess
+from clipship.hashing import file_sha256
+from clipship.imaging import ImagePreprocess, open_image
+
+RECORD_KEYS = {"format", "tasks", "classnames", "preprocessing", "variants"}
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
+
+
+def read_record(folder: Path) -> dict[str, Any]:
+    """``export.json``, checked enough that a broken one is one clear line, not a traceback."""
+    if not folder.is_dir() or not (folder / "export.json").is_file():
+        raise ClipshipError(f"{folder}: not an export folder (no export.json)")
+    try:
+        record = json.loads((folder / "export.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ClipshipError(f"{folder}/export.json: not valid JSON") from None
+    if not isinstance(record, dict) or not RECORD_KEYS <= set(record):
+        raise ClipshipError(f"{folder}/export.json: not an export record (re-export the model)")
+    if not isinstance(record["variants"], dict) or not isinstance(record["tasks"], list):
+        raise ClipshipError(f"{folder}/export.json: malformed variants or tasks")
+    return record
+
+
+def _variant_file(folder: Path, record: dict[str, Any], variant: str) -> Path:
+    """The variant's graph, inside the export folder and with the sha256 the export recorded."""
+    name = record["variants"][variant]
+    path = folder / str(name)
+    if not isinstance(name, str) or not path.resolve().is_relative_to(folder.resolve()):
+        raise ClipshipError(f"export.json: variant {variant} points outside the export folder")
+    if not path.is_file():
+        raise ClipshipError(f"{name}: missing from {folder} (re-export the model)")
+    expected = (record.get("sha256") or {}).get(name)
+    if expected is not None and file_sha256(path) != expected:
+        raise ClipshipError(f"{name}: changed since it was exported (sha256 differs)")
+    return path
 
 
 def _preprocess(record: dict[str, Any]) -> ImagePreprocess:
@@ -46,13 +78,13 @@ def predict(
 ) -> list[dict[str, Any]]:
     """Top-k classes per image for one task (default: the first exported task)."""
     import onnxruntime as ort
-    from PIL import Image, UnidentifiedImageError
 
     folder = Path(export_dir)
-    try:
-        record = json.loads((folder / "export.json").read_text())
-    except FileNotFoundError:
-        raise ClipshipError(f"{folder}: not an export folder (no export.json)") from None
+    if top_k < 1:
+        raise ClipshipError(f"--top-k {top_k}: must be at least 1")
+    if batch_size < 1:
+        raise ClipshipError(f"batch size {batch_size}: must be at least 1")
+    record = read_record(folder)
     if variant not in record["variants"]:
         raise ClipshipError(
             f"variant {variant!r} was not exported (have: {', '.join(record['variants'])})"
@@ -66,25 +98,28 @@ def predict(
         raise ClipshipError(
             f"onnxruntime here has no {PROVIDERS[provider]} (install onnxruntime-gpu)"
         )
+    graph = _variant_file(folder, record, variant)
     preprocess = _preprocess(record)
     table = preprocess.table()
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(
-        str(folder / record["variants"][variant]),
-        options,
-        providers=list(dict.fromkeys([PROVIDERS[provider], "CPUExecutionProvider"])),
-    )
+    try:
+        session = ort.InferenceSession(
+            graph.read_bytes(),
+            options,
+            providers=list(dict.fromkeys([PROVIDERS[provider], "CPUExecutionProvider"])),
+        )
+    except Exception as e:  # onnxruntime raises its own types for a broken graph
+        raise ClipshipError(
+            f"{graph.name}: onnxruntime cannot load it ({type(e).__name__})"
+        ) from None
     classnames = record["classnames"][task]
     results = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
         arrays = []
         for path in chunk:
-            try:
-                arrays.append(preprocess.to_uint8(Image.open(path)))
-            except (OSError, UnidentifiedImageError) as e:
-                raise ClipshipError(f"{path}: cannot read the image ({e})") from None
+            arrays.append(preprocess.to_uint8(open_image(path)))
         batch = np.stack(arrays)
         pixels = table[np.arange(3)[None, :, None, None], batch].astype(np.float32)
         logits = session.run([f"logits_{task}"], {"pixel_values": pixels})[0]

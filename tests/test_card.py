@@ -31,9 +31,11 @@ def merged(tmp_path):
 
 def test_card_round_trips_with_eval_results(tmp_path):
     run = merged(tmp_path)
+    # The report says which hub test set each task was evaluated on (None: local data).
     report = {
-        "mnist": {"accuracy": 0.91, "loss": 0.3},
-        "svhn": {"accuracy": 0.5, "loss": 1.2},
+        "mnist": {"accuracy": 0.91, "loss": 0.3, "dataset": "ylecun/mnist"},
+        "svhn": {"accuracy": 0.5, "loss": 1.2, "dataset": "ufldl-stanford/svhn"},
+        "digits": {"accuracy": 0.7, "loss": 1.0, "dataset": None},
         "average": {"accuracy": 0.705, "loss": 0.75},
         "model_info": {},
     }
@@ -68,7 +70,10 @@ def test_card_round_trips_with_eval_results(tmp_path):
     } <= set(card.data.tags)
     assert set(card.data.datasets) == {"ylecun/mnist", "ufldl-stanford/svhn"}
     results = {r.dataset_name: r.metric_value for r in card.data.eval_results}
-    assert results == {"mnist": 91.0, "svhn": 50.0}
+    assert results == {"mnist": 91.0, "svhn": 50.0, "digits": 70.0}
+    # A local test set is named by its task, never as a hub dataset it was not.
+    types = {r.dataset_name: r.dataset_type for r in card.data.eval_results}
+    assert types == {"mnist": "ylecun/mnist", "svhn": "ufldl-stanford/svhn", "digits": "digits"}
     meta = metadata_load(run / "README.md")
     assert meta["model-index"][0]["results"][0]["metrics"][0]["type"] == "accuracy"
     assert "## Export validation" in card.text and "| task_a |" in card.text
