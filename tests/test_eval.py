@@ -233,3 +233,38 @@ def test_hub_style_sources_go_through_load_dataset(digits):
     )
     report = evaluate(str(MNIST), [task], pretrained=str(PRETRAINED))
     assert report["mnist"]["samples"] == 64 and report["mnist"]["accuracy"] == 0.0625
+
+
+def test_images_open_as_their_owners_see_them(tmp_path):
+    """EXIF orientation is applied (a phone photo stands upright) and 16-bit greyscale keeps its
+    levels, as transformers' load_image reads them; a decompression bomb is one DataError."""
+    from PIL import ImageOps
+
+    from clipship.errors import DataError
+    from clipship.imaging import open_image
+
+    pre = Preprocess.from_pretrained(PRETRAINED)
+    rng = np.random.default_rng(0)
+    upright = Image.fromarray(rng.integers(0, 256, (40, 24, 3), dtype=np.uint8))
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # as the camera wrote it
+    exif = stored.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to view
+    stored.save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    phone = open_image(tmp_path / "phone.jpg")
+    assert phone.size == (40, 24)  # the stored pixels are still sideways
+    expected = ImageOps.exif_transpose(Image.open(tmp_path / "phone.jpg")).convert("RGB")
+    assert expected.size == (24, 40)
+    assert np.array_equal(pre.to_uint8(phone), pre.to_uint8(expected))
+
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    deep = open_image(tmp_path / "deep.png")
+    assert deep.mode.startswith("I")
+    grey = pre.to_uint8(deep)
+    assert len(np.unique(grey)) > 100  # not clipped to two grey levels
+    reference = Preprocess.to_uint8(pre, Image.fromarray((ramp >> 8).astype(np.uint8)))
+    assert np.array_equal(grey, reference)
+
+    Image.new("L", (30000, 30000)).save(tmp_path / "bomb.png")
+    with pytest.raises(DataError, match="bomb.png: cannot read the image"):
+        open_image(tmp_path / "bomb.png")

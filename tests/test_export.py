@@ -331,3 +331,18 @@ def test_refusals(setup, tmp_path):
         assert "--tensorrt needs the tensorrt package" in error(
             *export_args(setup, tmp_path / "c", "--tensorrt")
         )
+
+
+def test_predict_refuses_a_graph_changed_since_export(setup, tmp_path):
+    import onnx
+
+    out = tmp_path / "export"
+    assert runner.invoke(app, export_args(setup, out)).exit_code == 0
+    record = json.loads((out / "export.json").read_text())
+    assert set(record["sha256"]) == {"model.onnx"}
+    graph = onnx.load(str(out / "model.onnx"))
+    graph.doc_string = "edited"
+    onnx.save(graph, str(out / "model.onnx"))
+    result = runner.invoke(app, ["predict", str(out), str(setup / "digits/00.png")])
+    assert result.exit_code == 1
+    assert result.stderr == "error: model.onnx: changed since it was exported (sha256 differs)\n"

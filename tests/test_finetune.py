@@ -122,3 +122,12 @@ def test_finetune_needs_exactly_one_task(tmp_path):
         app, ["finetune", str(PRETRAINED), "--tasks", "mnist,svhn", "--out", str(tmp_path / "x")]
     )
     assert result.exit_code == 1 and "one task at a time" in result.stderr
+
+
+def test_training_that_diverges_stops_and_writes_nothing(digits, tmp_path):
+    from clipship.errors import DataError
+
+    task = replace(get_tasks("mnist")[0], data=str(digits))
+    with pytest.raises(DataError, match="the loss is not finite at step|non-finite"):
+        finetune(str(PRETRAINED), task, tmp_path / "out", steps=6, batch_size=16, lr=1e30)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # the heads cache only
