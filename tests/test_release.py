@@ -142,6 +142,10 @@ def test_a_failed_gate_exits_non_zero_and_pushes_nothing(
 ):
     env = {**hub_env, "CLIPSHIP_CACHE": str(cache)}
     repo = f"alice/gated-{len(hub.state.repos)}"
+    # An earlier run's release folder in this run folder must not survive a failed gate.
+    (tmp_path / "run/release").mkdir(parents=True)
+    (tmp_path / "run/.clipship-release").write_text("made by clipship release\n")
+    (tmp_path / "run/release/README.md").write_text("an older release")
     result = release(config(tmp_path, repo, **changes), tmp_path / "run", env)
     assert result.returncode == 3
     summary = json.loads(result.stdout)
