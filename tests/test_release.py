@@ -15,7 +15,7 @@ from huggingface_hub import HfApi, metadata_load, snapshot_download
 
 from .conftest import HUB_TOKENS
 
-pytestmark = pytest.mark.numerics  # run again under other threads/ISA (Makefile)
+numerics = pytest.mark.numerics  # these run again under other threads/ISA (Makefile)
 
 ROOT = Path(__file__).resolve().parents[1]
 ALICE = list(HUB_TOKENS)[0]
@@ -50,6 +50,7 @@ def release(path: Path, run: Path, env: dict, *extra: str) -> subprocess.Complet
     )
 
 
+@numerics
 def test_release_pushes_a_loadable_model_and_rerun_reuses_everything(hub, hub_env, cache, tmp_path):
     import onnxruntime as ort
     from transformers import CLIPModel
@@ -322,6 +323,7 @@ def test_a_changed_input_reruns_its_stage_and_the_ones_after(hub_env, cache, tmp
     assert not any(third[s]["reused"] for s in ("merge", "eval", "export"))
 
 
+@numerics
 def test_a_fusionbench_pool_file_and_a_taskfile(cache, tmp_path, monkeypatch, hub_env):
     from clipship.eval.minibench.build import build
 
