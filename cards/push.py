@@ -10,6 +10,7 @@ lines are built here from the HTTP status, and any echo of the token is masked.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -30,58 +31,107 @@ class PushError(ClipshipError):
 @dataclass(frozen=True)
 class LocalFile:
     path: str  # in the repo, POSIX
-    file: Path
+    file: Path  # where it was found
     size: int
+    real: Path  # what it is (links resolved), checked to lie inside the folder
+    identity: tuple[int, int]  # (device, inode) when checked: the file uploaded must be this one
 
 
 def release_files(folder: Path) -> list[LocalFile]:
     """The files a push uploads: every file under ``folder`` outside hidden files and folders.
 
-    Symbolic links (to files or folders) are followed only where they stay inside ``folder``,
-    or, for a Hugging Face cache snapshot (``.../snapshots/<rev>/``), inside that repo's
-    ``blobs/``: a link anywhere else would publish a file the folder does not hold, so it is
-    refused before anything is sent, naming the link."""
+    Symbolic links (to files or folders) are followed only where they stay inside ``folder`` and
+    point at nothing hidden, or, for a Hugging Face cache snapshot
+    (``<cache>/models--<owner>--<name>/snapshots/<rev>/``), at a file directly in that repo's
+    ``blobs/`` folder: a link anywhere else would publish a file the folder does not hold, so it
+    is refused before anything is sent, naming the link. Hard links cannot be told from
+    ordinary files and are uploaded."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ClipshipError(f"{folder}: not a folder")
-    roots = [folder.resolve()]
-    if folder.parent.name == "snapshots":
-        roots.append((folder.parent.parent / "blobs").resolve())
+    try:
+        root = folder.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise PushError(f"{folder}: cannot resolve the folder") from None
+    blobs = root.parent.parent / "blobs"
+    cache_blobs = (
+        blobs
+        if root.parent.name == "snapshots"
+        and root.parent.parent.name.startswith(("models--", "datasets--", "spaces--"))
+        and blobs.is_dir()
+        and not blobs.is_symlink()
+        else None
+    )
     files: list[LocalFile] = []
 
+    def allowed(real: Path) -> bool:
+        if real.is_relative_to(root):
+            return not any(p.startswith(".") for p in real.relative_to(root).parts)
+        return cache_blobs is not None and real.parent == cache_blobs
+
     def visit(directory: Path, rel: str, seen: frozenset[Path]) -> None:
-        for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as e:
+            raise PushError(f"{rel or './'}: cannot read the folder ({e.strerror})") from None
+        for entry in entries:
             if entry.name.startswith("."):
                 continue
             path, name = Path(entry.path), f"{rel}{entry.name}"
-            real = path.resolve()
-            if entry.is_symlink() and not any(real.is_relative_to(r) for r in roots):
-                raise PushError(f"{name}: a link to outside the folder; refusing to upload it")
-            if entry.is_dir():
+            try:
+                real = path.resolve(strict=True)
+            except FileNotFoundError:
+                if entry.is_symlink() and not allowed(path.resolve()):
+                    raise PushError(
+                        f"{name}: a link to outside the folder; refusing to upload it"
+                    ) from None
+                raise PushError(f"{name}: a broken link; refusing to push the folder") from None
+            except (OSError, RuntimeError):  # a loop of links, or unreadable
+                raise PushError(f"{name}: a link that cannot be resolved (a loop?)") from None
+            if entry.is_symlink() and not allowed(real):
+                hidden = real.is_relative_to(root)
+                where = "a hidden file" if hidden else "outside the folder"
+                raise PushError(f"{name}: a link to {where}; refusing to upload it")
+            if real.is_dir():
                 if real not in seen:  # a link back up the tree is visited once
                     visit(path, f"{name}/", seen | {real})
-            elif entry.is_file():
-                files.append(LocalFile(name, path, path.stat().st_size))
-            elif entry.is_symlink():
-                raise PushError(f"{name}: a broken link; refusing to push the folder")
+            elif real.is_file():
+                stat = real.stat()
+                files.append(LocalFile(name, path, stat.st_size, real, (stat.st_dev, stat.st_ino)))
 
-    visit(folder, "", frozenset({roots[0]}))
+    visit(folder, "", frozenset({root}))
     if not files:
         raise ClipshipError(f"{folder}: nothing to push (no files)")
     return files
 
 
-def public_url(url: str) -> str:
-    """``url`` with any ``user:password@`` replaced by ``***@``."""
-    return re.sub(r"(?<=://)[^/@\s]+@", "***@", url)
+def open_checked(local: LocalFile):
+    """Open the file the folder walk checked, refusing one swapped in since (a link, another
+    file): the upload reads from this handle, not from the path again."""
+    try:
+        fd = os.open(local.real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        raise PushError(f"{local.path}: changed while pushing; nothing was pushed") from None
+    handle = os.fdopen(fd, "rb")
+    stat = os.fstat(handle.fileno())
+    if (stat.st_dev, stat.st_ino) != local.identity:
+        handle.close()
+        raise PushError(f"{local.path}: changed while pushing; nothing was pushed")
+    return handle
+
+
+def public_url(text: str) -> str:
+    """``text`` with URL credentials (``user:password@``) and ``token=`` query values masked."""
+    text = re.sub(r"(?<=://)[^/\s]*@", "***@", text)
+    return re.sub(r"(?i)((?:access_)?token=)[^&\s]+", r"\1***", text)
 
 
 def _unchanged(local: LocalFile, remote: Any) -> bool:
     if remote is None or remote.size != local.size:
         return False
     if getattr(remote, "lfs", None):
-        return remote.lfs.sha256 == file_sha256(local.file)
-    return remote.blob_id == git_sha1(local.file)
+        return remote.lfs.sha256 == file_sha256(local.real)
+    return remote.blob_id == git_sha1(local.real)
 
 
 def resolve_token(token: str | None) -> str:
@@ -126,10 +176,12 @@ class _Hub:
         raise PushError(self._mask(self._explain(error))) from None
 
     def _mask(self, text: str) -> str:
-        """Hide URL credentials, and the token wherever it appears as a whole word (a short
-        token is not masked inside other words)."""
+        """Hide URL credentials and the token: wherever it appears, or, for a token too short
+        to be a real one (< 8 characters), where it stands as a whole word."""
         text = public_url(text)
-        if self.token:
+        if self.token and len(self.token) >= 8:
+            text = text.replace(self.token, "***")
+        elif self.token:
             text = re.sub(rf"(?<![\w-]){re.escape(self.token)}(?![\w-])", "***", text)
         return text
 
@@ -240,16 +292,20 @@ def push(
         commit = head
         if changed or stale:
             title, description = commit_message(folder)
-            operations = [CommitOperationAdd(f.path, str(f.file)) for f in changed]
-            operations += [CommitOperationDelete(p) for p in stale]
-            info = api.create_commit(
-                repo_id,
-                operations,
-                commit_message=message or title,
-                commit_description=description,
-                revision=branch,
-                parent_commit=head,  # a commit that landed since the comparison fails this one
-            )
+            with contextlib.ExitStack() as files_open:
+                operations = [
+                    CommitOperationAdd(f.path, files_open.enter_context(open_checked(f)))
+                    for f in changed
+                ]
+                operations += [CommitOperationDelete(p) for p in stale]
+                info = api.create_commit(
+                    repo_id,
+                    operations,
+                    commit_message=message or title,
+                    commit_description=description,
+                    revision=branch,
+                    parent_commit=head,  # a commit that landed since the comparison fails this
+                )
             commit = info.oid
         if tag and tag not in tags:
             api.create_tag(repo_id, tag=tag, revision=commit)

@@ -389,7 +389,8 @@ def eval_(
         from clipship.outputs import check_target
 
         if out is not None:
-            check_target(out, force, kind="file")
+            inputs = (model, pretrained, pool, heads_dir, taskfile, taskpool, classnames, templates)
+            check_target(out, force, inputs=inputs, kind="file")
         chosen = select_tasks(tasks, taskpool, task, classnames, templates, data_dir, taskfile)
         options = dict(
             heads=heads_dir,
@@ -868,9 +869,10 @@ def main() -> None:
     import signal
 
     from clipship.errors import Terminated
+    from clipship.outputs import deliver
 
     def terminate(signum, frame):
-        raise Terminated()
+        deliver(Terminated())
 
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, terminate)

@@ -104,12 +104,16 @@ class ImagePreprocess:
 
 
 def as_rgb(image: Any) -> Any:
-    """An 8-bit RGB image the way users' photos are meant to look, as ``transformers``'
-    ``load_image`` reads them: the EXIF orientation applied (a phone photo stands upright), and
-    16-bit greyscale scaled to 8 bits (``convert("RGB")`` would clip it to two grey levels)."""
+    """An 8-bit RGB image the way users' photos are meant to look: the EXIF orientation applied
+    (a phone photo stands upright; ``transformers``' ``load_image`` does the same), and 16-bit
+    greyscale scaled to 8 bits (``convert("RGB")``, and so ``load_image``, clips it to a few
+    grey levels)."""
     from PIL import Image, ImageOps
 
-    image = ImageOps.exif_transpose(image)
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # malformed EXIF: Pillow raises several types; the pixels are still fine
+        pass
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         values = np.asarray(image, dtype=np.int64)
         if image.mode != "I" or values.max(initial=0) > 255:

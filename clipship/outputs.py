@@ -10,7 +10,9 @@ import contextlib
 import glob
 import os
 import platform
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from importlib import metadata
@@ -27,13 +29,21 @@ def check_target(out: Path, force: bool, inputs: tuple = (), kind: str = "folder
         raise OutputError(f"{out} is a folder (give a file name)")
     if out.exists() and not force:
         raise OutputExistsError(f"{out} already exists (pass --force to replace it)")
-    for item in inputs:
-        source = Path(str(item))
-        if item is not None and source.exists():
-            here, there = out.resolve(), source.resolve()
-            if here == there or there.is_relative_to(here):
-                raise OutputError(f"--out {out} would replace an input ({item})")
+    if out.exists() and not out.is_symlink():  # replacing a link deletes nothing it points to
+        for item in inputs:
+            source = Path(os.path.expanduser(str(item))) if item is not None else None
+            if source is not None and source.exists():
+                # The same file or folder (device and inode), or one inside what out replaces.
+                if any(_same(ancestor, out) for ancestor in [source, *source.resolve().parents]):
+                    raise OutputError(f"--out {out} would replace an input ({item})")
     _probe(out)
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _probe(out: Path) -> None:
@@ -55,15 +65,16 @@ def _probe(out: Path) -> None:
 def atomic_folder(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder; on success it replaces ``out`` in one rename.
 
-    Temporary folders are named ``.<out>.tmp-<pid>-*`` (``.old-`` while replacing): one left by
-    a process that no longer runs (killed with SIGKILL, a power cut) is removed here."""
+    Temporary folders are named ``.<out>.tmp-<host>-<pid>-*`` (``.old-`` while replacing): one
+    left by a process of this host that no longer runs (killed with SIGKILL, a power cut) is
+    removed here; other hosts' (a shared volume, another container) are left alone."""
     out = Path(out)
     check_target(out, force)
-    pid = os.getpid()
+    owner = f"{_host()}-{os.getpid()}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{pid}-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{owner}-", dir=out.parent))
     except OSError as e:
         raise OutputError(f"cannot write {out}: {e.strerror}") from None
     try:
@@ -71,9 +82,10 @@ def atomic_folder(out: Path, force: bool = False) -> Iterator[Path]:
         usual_modes(tmp)
         if out.exists():
             check_target(out, force)
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{pid}-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{owner}-", dir=out.parent))
+            with _signals_held():  # no SIGTERM between the two renames
+                os.replace(out, old / out.name)
+                os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
@@ -82,12 +94,43 @@ def atomic_folder(out: Path, force: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "", socket.gethostname()) or "host"
+
+
+_CRITICAL = {"depth": 0, "pending": None}
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """A few steps that must not be split by SIGTERM (the CLI's handler calls :func:`deliver`,
+    which waits until the section ends)."""
+    _CRITICAL["depth"] += 1
+    try:
+        yield
+    finally:
+        _CRITICAL["depth"] -= 1
+        pending, _CRITICAL["pending"] = _CRITICAL["pending"], None
+        if pending is not None:
+            raise pending
+
+
+def deliver(error: BaseException) -> None:
+    """Raise ``error`` (from a signal handler) now, or at the end of a critical section."""
+    if _CRITICAL["depth"]:
+        _CRITICAL["pending"] = error
+        return
+    raise error
+
+
 def remove_stale_temporaries(out: Path) -> list[Path]:
-    """Remove ``out``'s temporary siblings whose process is gone; returns what was removed."""
+    """Remove ``out``'s temporary siblings left by dead processes of this host; returns what
+    was removed."""
     removed = []
     for kind in ("tmp", "old"):
-        for path in Path(out).parent.glob(f".{glob.escape(Path(out).name)}.{kind}-*-*"):
-            pid = path.name[len(f".{Path(out).name}.{kind}-") :].split("-", 1)[0]
+        prefix = f".{Path(out).name}.{kind}-{_host()}-"
+        for path in Path(out).parent.glob(f"{glob.escape(prefix)}*-*"):
+            pid = path.name[len(prefix) :].split("-", 1)[0]
             if pid.isdigit() and not _alive(int(pid)):
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)

@@ -297,7 +297,10 @@ class Stages:
     def run(self, name: str, key: str, build) -> Path:
         folder = self.root / name
         marker = folder / "stage.json"
-        record = json.loads(marker.read_text()) if marker.is_file() else {}
+        try:
+            record = json.loads(marker.read_text()) if marker.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            record = {"key": key, "files": {"stage.json": "unreadable"}}  # damaged: rebuild
         damaged = None
         if record.get("key") == key:
             damaged = _damaged(folder, record.get("files"))
@@ -646,7 +649,9 @@ def _failed(summary: dict[str, Any], failed: list[dict[str, Any]]) -> dict[str, 
     summary["status"] = "gate_failed"
     summary["failed"] = [describe(g) for g in failed]
     stale = Path(summary["run_dir"]) / "release"
-    if stale.exists():  # an earlier run's release must not look like this one's
+    if stale.is_symlink() or stale.is_file():  # an earlier run's release must not look current
+        stale.unlink()
+    elif stale.exists():
         shutil.rmtree(stale)
     return summary
 

@@ -10,6 +10,7 @@ reported too, as ``loss_batch_mean``.
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,15 @@ from clipship.progress import Bars
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MAX_BATCH = 65536
+
+
+def hub_dataset(task: Task) -> str | None:
+    """The hub id of the test set ``task`` was read from; None for local data (``load_dataset``
+    also takes a local folder as ``path``: that is no hub dataset, and no path is published)."""
+    path = (task.dataset or {}).get("path")
+    if task.data or not isinstance(path, str) or Path(path).expanduser().exists():
+        return None
+    return path if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) else None
 
 
 def pick_device(device: str) -> str:
@@ -238,7 +248,7 @@ def evaluate_task(
         "skipped": sorted(skipped),
         # The hub test set these images came from; None for local data (a card must not claim
         # a hub dataset for a local copy or another set).
-        "dataset": None if task.data else (task.dataset or {}).get("path"),
+        "dataset": hub_dataset(task),
         "images_per_second": round(len(index) / seconds, 1) if seconds > 0 else math.inf,
     }
 

@@ -140,7 +140,7 @@ def finetune(
         Path(checkpoint_dir) if checkpoint_dir else out.with_name(f"{out.name}.checkpoints")
     )
     torch.manual_seed(seed)
-    folder = resolve_folder(pretrained)[0]
+    folder, repo_id, _ = resolve_folder(pretrained)
     heads, _ = build_heads(folder, [task])
     head = heads[task.name].to(device)
     clip = CLIPModel.from_pretrained(folder)
@@ -210,7 +210,7 @@ def finetune(
             )
     recipe = {
         "task": task.name,
-        "pretrained": str(pretrained),
+        "pretrained": repo_id or folder.resolve().name,  # never a local path: encoders get pushed
         "steps": steps,
         "resumed_from": start or None,
         "batch_size": batch_size,

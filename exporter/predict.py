@@ -6,6 +6,7 @@ follows ``export.json`` exactly (the same code path as evaluation, ``clipship.im
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from clipship.errors import ClipshipError
-from clipship.hashing import file_sha256
 from clipship.imaging import ImagePreprocess, open_image
 
 RECORD_KEYS = {"format", "tasks", "classnames", "preprocessing", "variants"}
@@ -40,8 +40,9 @@ def read_record(folder: Path) -> dict[str, Any]:
     return record
 
 
-def _variant_file(folder: Path, record: dict[str, Any], variant: str) -> Path:
-    """The variant's graph, inside the export folder and with the sha256 the export recorded."""
+def _variant_graph(folder: Path, record: dict[str, Any], variant: str) -> tuple[str, bytes]:
+    """The variant's graph (name, bytes), read once, from inside the export folder and with the
+    sha256 the export recorded after validating it."""
     name = record["variants"][variant]
     path = folder / str(name)
     if not isinstance(name, str) or not path.resolve().is_relative_to(folder.resolve()):
@@ -49,9 +50,14 @@ def _variant_file(folder: Path, record: dict[str, Any], variant: str) -> Path:
     if not path.is_file():
         raise ClipshipError(f"{name}: missing from {folder} (re-export the model)")
     expected = (record.get("sha256") or {}).get(name)
-    if expected is not None and file_sha256(path) != expected:
+    if expected is None:
+        raise ClipshipError(
+            f"export.json records no sha256 for {name} (an older clipship exported it): re-export"
+        )
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != expected:
         raise ClipshipError(f"{name}: changed since it was exported (sha256 differs)")
-    return path
+    return name, data
 
 
 def _preprocess(record: dict[str, Any]) -> ImagePreprocess:
@@ -98,14 +104,14 @@ def predict(
         raise ClipshipError(
             f"onnxruntime here has no {PROVIDERS[provider]} (install onnxruntime-gpu)"
         )
-    graph = _variant_file(folder, record, variant)
+    graph_name, graph = _variant_graph(folder, record, variant)
     preprocess = _preprocess(record)
     table = preprocess.table()
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
         session = ort.InferenceSession(
-            graph.read_bytes(),
+            graph,
             options,
             providers=list(dict.fromkeys([PROVIDERS[provider], "CPUExecutionProvider"])),
         )

@@ -80,7 +80,7 @@ def merge(
     """
     started = time.perf_counter()
     out = Path(out)
-    check_target(out, force)
+    check_target(out, force, inputs=(pretrained, *models.values()))
     spec = get_method(method)
     values = spec.resolve(params or {})
     shard_bytes = parse_size(max_shard_size)

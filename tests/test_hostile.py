@@ -226,6 +226,35 @@ CASES = {
         "changed since they were built",
     ),
     # merge
+    "merge --out = a source": (
+        [
+            "merge",
+            "--pretrained",
+            "{pretrained}",
+            "--model",
+            "a={world}/merged",
+            "--method",
+            "task_arithmetic",
+            "--out",
+            "{world}/merged",
+            "--force",
+        ],
+        1,
+        "would replace an input",
+    ),
+    "eval --out = the task file": (
+        [
+            "eval",
+            "{world}/merged",
+            "--taskfile",
+            "{world}/with_data.json",
+            "--out",
+            "{world}/with_data.json",
+            "--force",
+        ],
+        1,
+        "would replace an input",
+    ),
     "merge --max-shard-size lots": (
         [
             "merge",

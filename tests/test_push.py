@@ -289,3 +289,63 @@ def test_endpoint_credentials_and_short_tokens_are_masked(hub_env, release):
         env=env,
     )
     assert json.loads(dry.stdout)["endpoint"] == "http://***@127.0.0.1:9"
+
+
+def test_links_into_blobs_only_from_a_real_hub_snapshot_and_never_to_hidden_files(tmp_path):
+    from clipship.cards.push import PushError, release_files
+
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "id_rsa").write_text("key")
+    # "blobs" that is a link to elsewhere, beside a folder that looks like a snapshot
+    fake = tmp_path / "models--evil--x"
+    (fake / "snapshots/rev").mkdir(parents=True)
+    (fake / "blobs").symlink_to(secret)
+    (fake / "snapshots/rev/model.bin").symlink_to(fake / "blobs/id_rsa")
+    with pytest.raises(PushError, match="model.bin: a link to outside the folder"):
+        release_files(fake / "snapshots/rev")
+    # a real snapshot reached through a link is still a snapshot
+    repo = tmp_path / "hub/models--alice--ta"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "snapshots/abc").mkdir(parents=True)
+    (repo / "blobs/123").write_bytes(b"weights")
+    (repo / "snapshots/abc/model.safetensors").symlink_to(repo / "blobs/123")
+    (tmp_path / "latest").symlink_to(repo / "snapshots/abc")
+    assert [f.path for f in release_files(tmp_path / "latest")] == ["model.safetensors"]
+    # a visible name for a hidden file
+    folder = tmp_path / "release"
+    (folder / ".git").mkdir(parents=True)
+    (folder / ".git/config").write_text("[remote] url = https://user:pw@host")
+    (folder / "config.txt").symlink_to(folder / ".git/config")
+    with pytest.raises(PushError, match="config.txt: a link to a hidden file"):
+        release_files(folder)
+    (folder / "config.txt").unlink()
+    (folder / "loop").symlink_to(folder / "loop")
+    with pytest.raises(PushError, match="loop: a link that cannot be resolved"):
+        release_files(folder)
+
+
+def test_a_file_swapped_after_the_check_is_not_uploaded(tmp_path):
+    from clipship.cards.push import PushError, open_checked, release_files
+
+    folder = tmp_path / "release"
+    folder.mkdir()
+    (folder / "model.bin").write_bytes(b"weights")
+    (tmp_path / "secret").write_text("key")
+    [checked] = release_files(folder)
+    with open_checked(checked) as handle:
+        assert handle.read() == b"weights"
+    (folder / "model.bin").unlink()
+    (folder / "model.bin").symlink_to(tmp_path / "secret")
+    with pytest.raises(PushError, match="model.bin: changed while pushing"):
+        open_checked(checked)
+
+
+def test_masking_covers_passwords_with_at_signs_query_tokens_and_encoded_text():
+    from clipship.cards.push import _Hub, public_url
+
+    assert public_url("http://me:p@ss@host:1/x") == "http://***@host:1/x"
+    assert public_url("https://host/api?token=abc123&x=1") == "https://host/api?token=***&x=1"
+    hub = _Hub("http://host", "a/b")
+    hub.token = "hf_abcdefgh12345678"
+    assert hub._mask("Bearer%20hf_abcdefgh12345678 sent") == "Bearer%20*** sent"

@@ -243,12 +243,18 @@ def test_sigterm_mid_export_leaves_no_temporary_folder(hub_env, cache, tmp_path)
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
-    stale = run / "stages" / f".export.tmp-{int(dead.stdout)}-abcd"
+    from clipship.outputs import _host
+
+    stale = run / "stages" / f".export.tmp-{_host()}-{int(dead.stdout)}-abcd"
+    elsewhere = run / "stages" / f".export.tmp-otherhost-{int(dead.stdout)}-abcd"
+    elsewhere.mkdir()  # another host's (a shared volume): not ours to judge
     stale.mkdir()
     (stale / "model.onnx").write_bytes(b"partial")
     again = release(path, run, env, "--dry-run")
     assert again.returncode == 0, again.stderr
-    assert not stale.exists() and not [p for p in run.rglob(".*tmp-*")]
+    assert not stale.exists() and elsewhere.exists()
+    elsewhere.rmdir()
+    assert not [p for p in run.rglob(".*tmp-*")]
 
 
 def test_example_workflow_passes_actionlint():
