@@ -297,34 +297,21 @@ def test_recipe_rerun_is_byte_identical(tmp_path):
     assert str(FIXTURE) not in text and str(tmp_path) not in text
     assert recipe["pretrained"]["source"] == "pretrained" and "path" not in recipe["pretrained"]
     again = tmp_path / "again"
-    result = cli("merge", "--recipe", first / "clipship_recipe.json", "--out", again, "--quiet")
+
+    def replay(*sources):
+        return cli(
+            "merge", "--recipe", first / "clipship_recipe.json", *sources, "--out", again, "--quiet"
+        )
+
+    result = replay()
     assert result.exit_code == 1 and result.stderr == (
         "error: the pretrained model was merged from a local folder (pretrained), which a recipe does not "
         "locate: give it with --pretrained PATH (or --pool); its files are checked against the "
         "recipe's sha256\n"
     )
-    result = cli(
-        "merge",
-        "--recipe",
-        first / "clipship_recipe.json",
-        "--pretrained",
-        PRE,
-        "--out",
-        again,
-        "--quiet",
-    )
+    result = replay("--pretrained", PRE)
     assert result.exit_code == 1 and "task_a was merged from a local folder" in result.stderr
-    result = cli(
-        "merge",
-        "--recipe",
-        first / "clipship_recipe.json",
-        "--pretrained",
-        PRE,
-        *POOL,
-        "--out",
-        again,
-        "--quiet",
-    )
+    result = replay("--pretrained", PRE, *POOL)
     assert result.exit_code == 0, result.stderr
     assert (again / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()
     assert (again / "clipship_recipe.json").read_bytes() == (

@@ -58,310 +58,49 @@ def world(tmp_path_factory):
     return root
 
 
-def export_copy(world, tmp_path, edit):
-    """A copy of the export folder, changed by ``edit(folder)``."""
-    import shutil
-
-    folder = tmp_path / "export"
-    shutil.copytree(world / "export", folder)
-    edit(folder)
-    return folder
-
-
-def write(path, data):
-    Path(path).write_bytes(data) if isinstance(data, bytes) else Path(path).write_text(data)
-
-
 def bomb(path):
     """A PNG that claims 30000 × 30000 pixels (Pillow's decompression-bomb guard)."""
     Image.new("L", (30000, 30000)).save(path, optimize=False)
 
 
+# fmt: off
 CASES = {
-    # eval
-    "eval --workers -1": (
-        ["eval", "{world}/merged", "--task", "d={world}/folder", "--workers", "-1"],
-        1,
-        "--workers -1",
-    ),
-    "eval huge batch": (
-        [
-            "eval",
-            "{world}/merged",
-            "--task",
-            "d={world}/folder",
-            "--batch-size",
-            "99999999999999999999",
-        ],
-        1,
-        "--batch-size",
-    ),
-    "eval corrupt parquet": (
-        ["eval", "{world}/merged", "--taskfile", "{world}/parquet_task.json"],
-        1,
-        "bad.parquet",
-    ),
-    "eval template without {c}": (
-        ["eval", "{world}/merged", "--taskfile", "{world}/no_placeholder.json"],
-        1,
-        "has no {c} placeholder",
-    ),
-    "eval classnames []": (
-        ["eval", "{world}/merged", "--taskfile", "{world}/empty_classes.json"],
-        1,
-        "class names must be a non-empty list",
-    ),
-    "eval no classnames": (
-        ["eval", "{world}/merged", "--taskfile", "{world}/no_classes.json"],
-        1,
-        "classnames must be a non-empty list",
-    ),
-    "eval a class twice": (
-        ["eval", "{world}/merged", "--taskfile", "{world}/twice.json"],
-        1,
-        "class name 'a' is given twice",
-    ),
-    "eval binary classnames": (
-        [
-            "eval",
-            "{world}/merged",
-            "--task",
-            "d={world}/folder",
-            "--classnames",
-            "{world}/binary.txt",
-        ],
-        1,
-        "not a text file",
-    ),
-    "eval taskfile data and --data-dir": (
-        [
-            "eval",
-            "{world}/merged",
-            "--taskfile",
-            "{world}/with_data.json",
-            "--data-dir",
-            "{world}/datadir",
-        ],
-        1,
-        "use one",
-    ),
-    "eval --out a folder": (
-        ["eval", "{world}/merged", "--task", "d={world}/folder", "--out", "{world}/heads"],
-        1,
-        "is a folder",
-    ),
-    "eval --out unwritable": (
-        [
-            "eval",
-            "{world}/merged",
-            "--task",
-            "d={world}/folder",
-            "--out",
-            "/proc/clipship/report.json",
-        ],
-        1,
-        "cannot write",
-    ),
-    # heads / export
-    "heads --out /proc": (
-        ["heads", "{pretrained}", "--tasks", "mnist", "--out", "/proc/x"],
-        1,
-        "cannot write",
-    ),
-    "export --out /proc": (
-        [
-            "export",
-            "{world}/merged",
-            "--heads",
-            "{world}/heads",
-            "--out",
-            "/proc/x",
-            "--validation-data",
-            "{world}/digits",
-        ],
-        1,
-        "cannot write",
-    ),
-    "export --out = the model": (
-        [
-            "export",
-            "{world}/merged",
-            "--heads",
-            "{world}/heads",
-            "--out",
-            "{world}/merged",
-            "--force",
-            "--validation-data",
-            "{world}/digits",
-        ],
-        1,
-        "would replace an input",
-    ),
-    "export --precision ,": (
-        [
-            "export",
-            "{world}/merged",
-            "--heads",
-            "{world}/heads",
-            "--out",
-            "{tmp}/e",
-            "--precision",
-            ",",
-        ],
-        1,
-        "name at least one",
-    ),
-    "export edited heads": (
-        [
-            "export",
-            "{world}/merged",
-            "--heads",
-            "{tmp}/heads",
-            "--out",
-            "{tmp}/e",
-            "--validation-data",
-            "{world}/digits",
-        ],
-        1,
-        "changed since they were built",
-    ),
-    # merge
-    "merge --out = a source": (
-        [
-            "merge",
-            "--pretrained",
-            "{pretrained}",
-            "--model",
-            "a={world}/merged",
-            "--method",
-            "task_arithmetic",
-            "--out",
-            "{world}/merged",
-            "--force",
-        ],
-        1,
-        "would replace an input",
-    ),
-    "eval --out = the task file": (
-        [
-            "eval",
-            "{world}/merged",
-            "--taskfile",
-            "{world}/with_data.json",
-            "--out",
-            "{world}/with_data.json",
-            "--force",
-        ],
-        1,
-        "would replace an input",
-    ),
-    "merge --max-shard-size lots": (
-        [
-            "merge",
-            "--pretrained",
-            "{pretrained}",
-            "--model",
-            "mnist={mnist}",
-            "--method",
-            "task_arithmetic",
-            "--max-shard-size",
-            "lots",
-            "--out",
-            "{tmp}/m",
-        ],
-        1,
-        "--max-shard-size",
-    ),
-    # predict
-    "predict --top-k 0": (
-        ["predict", "{world}/export", "{world}/digits/00.png", "--top-k", "0"],
-        1,
-        "--top-k",
-    ),
-    "predict --top-k -1": (
-        ["predict", "{world}/export", "{world}/digits/00.png", "--top-k", "-1"],
-        1,
-        "--top-k",
-    ),
-    "predict folder is a file": (
-        ["predict", "{world}/a_file", "{world}/digits/00.png"],
-        1,
-        "not an export folder",
-    ),
+    "eval --workers -1": (["eval", "{world}/merged", "--task", "d={world}/folder", "--workers", "-1"], 1, "--workers -1"),
+    "eval huge batch": (["eval", "{world}/merged", "--task", "d={world}/folder", "--batch-size", "99999999999999999999"], 1, "--batch-size"),
+    "eval corrupt parquet": (["eval", "{world}/merged", "--taskfile", "{world}/parquet_task.json"], 1, "bad.parquet"),
+    "eval template without {c}": (["eval", "{world}/merged", "--taskfile", "{world}/no_placeholder.json"], 1, "has no {c} placeholder"),
+    "eval classnames []": (["eval", "{world}/merged", "--taskfile", "{world}/empty_classes.json"], 1, "class names must be a non-empty list"),
+    "eval no classnames": (["eval", "{world}/merged", "--taskfile", "{world}/no_classes.json"], 1, "classnames must be a non-empty list"),
+    'eval a class twice': (['eval', '{world}/merged', '--taskfile', '{world}/twice.json'], 1, "class name 'a' is given twice"),
+    "eval binary classnames": (["eval", "{world}/merged", "--task", "d={world}/folder", "--classnames", "{world}/binary.txt"], 1, "not a text file"),
+    "eval taskfile data and --data-dir": (["eval", "{world}/merged", "--taskfile", "{world}/with_data.json", "--data-dir", "{world}/datadir"], 1, "use one"),
+    "eval --out a folder": (["eval", "{world}/merged", "--task", "d={world}/folder", "--out", "{world}/heads"], 1, "is a folder"),
+    "eval --out unwritable": (["eval", "{world}/merged", "--task", "d={world}/folder", "--out", "/proc/clipship/report.json"], 1, "cannot write"),
+    "heads --out /proc": (["heads", "{pretrained}", "--tasks", "mnist", "--out", "/proc/x"], 1, "cannot write"),
+    "export --out /proc": (["export", "{world}/merged", "--heads", "{world}/heads", "--out", "/proc/x", "--validation-data", "{world}/digits"], 1, "cannot write"),
+    "export --out = the model": (["export", "{world}/merged", "--heads", "{world}/heads", "--out", "{world}/merged", "--force", "--validation-data", "{world}/digits"], 1, "would replace an input"),
+    "export --precision ,": (["export", "{world}/merged", "--heads", "{world}/heads", "--out", "{tmp}/e", "--precision", ","], 1, "name at least one"),
+    "export edited heads": (["export", "{world}/merged", "--heads", "{tmp}/heads", "--out", "{tmp}/e", "--validation-data", "{world}/digits"], 1, "changed since they were built"),
+    "merge --out = a source": (["merge", "--pretrained", "{pretrained}", "--model", "a={world}/merged", "--method", "task_arithmetic", "--out", "{world}/merged", "--force"], 1, "would replace an input"),
+    "eval --out = the task file": (["eval", "{world}/merged", "--taskfile", "{world}/with_data.json", "--out", "{world}/with_data.json", "--force"], 1, "would replace an input"),
+    "merge --max-shard-size lots": (["merge", "--pretrained", "{pretrained}", "--model", "mnist={mnist}", "--method", "task_arithmetic", "--max-shard-size", "lots", "--out", "{tmp}/m"], 1, "--max-shard-size"),
+    "predict --top-k 0": (["predict", "{world}/export", "{world}/digits/00.png", "--top-k", "0"], 1, "--top-k"),
+    "predict --top-k -1": (["predict", "{world}/export", "{world}/digits/00.png", "--top-k", "-1"], 1, "--top-k"),
+    "predict folder is a file": (["predict", "{world}/a_file", "{world}/digits/00.png"], 1, "not an export folder"),
     "predict decompression bomb": (["predict", "{world}/export", "{tmp}/bomb.png"], 1, "bomb.png"),
-    "predict malformed export.json": (
-        ["predict", "{tmp}/export", "{world}/digits/00.png"],
-        1,
-        "export.json",
-    ),
-    "predict missing model.onnx": (
-        ["predict", "{tmp}/export", "{world}/digits/00.png"],
-        1,
-        "model.onnx",
-    ),
-    "predict corrupt model.onnx": (
-        ["predict", "{tmp}/export", "{world}/digits/00.png"],
-        1,
-        "model.onnx",
-    ),
-    "predict variant outside": (
-        ["predict", "{tmp}/export", "{world}/digits/00.png"],
-        1,
-        "outside the export folder",
-    ),
-    # card
+    "predict malformed export.json": (["predict", "{tmp}/export", "{world}/digits/00.png"], 1, "export.json"),
+    "predict missing model.onnx": (["predict", "{tmp}/export", "{world}/digits/00.png"], 1, "model.onnx"),
+    "predict corrupt model.onnx": (["predict", "{tmp}/export", "{world}/digits/00.png"], 1, "model.onnx"),
+    "predict variant outside": (["predict", "{tmp}/export", "{world}/digits/00.png"], 1, "outside the export folder"),
     "card folder is a file": (["card", "{world}/a_file", "--license", "mit"], 1, "not a folder"),
-    "card report of the wrong shape": (
-        ["card", "{tmp}/run", "--license", "mit"],
-        1,
-        "eval_report.json",
-    ),
+    "card report of the wrong shape": (["card", "{tmp}/run", "--license", "mit"], 1, "eval_report.json"),
     "card NaN accuracy": (["card", "{tmp}/run", "--license", "mit"], 1, "not a finite accuracy"),
     "card over a hand-written README": (["card", "{tmp}/run", "--license", "mit"], 1, "--force"),
-    # finetune
-    "finetune --lr nan": (
-        [
-            "finetune",
-            "{pretrained}",
-            "--task",
-            "d={world}/folder",
-            "--lr",
-            "nan",
-            "--out",
-            "{tmp}/f",
-        ],
-        1,
-        "--lr",
-    ),
-    "finetune --lr inf": (
-        [
-            "finetune",
-            "{pretrained}",
-            "--task",
-            "d={world}/folder",
-            "--lr",
-            "inf",
-            "--out",
-            "{tmp}/f",
-        ],
-        1,
-        "--lr",
-    ),
-    "finetune --weight-decay -5": (
-        [
-            "finetune",
-            "{pretrained}",
-            "--task",
-            "d={world}/folder",
-            "--weight-decay",
-            "-5",
-            "--out",
-            "{tmp}/f",
-        ],
-        1,
-        "--weight-decay",
-    ),
+    "finetune --lr nan": (["finetune", "{pretrained}", "--task", "d={world}/folder", "--lr", "nan", "--out", "{tmp}/f"], 1, "--lr"),
+    "finetune --lr inf": (["finetune", "{pretrained}", "--task", "d={world}/folder", "--lr", "inf", "--out", "{tmp}/f"], 1, "--lr"),
+    "finetune --weight-decay -5": (["finetune", "{pretrained}", "--task", "d={world}/folder", "--weight-decay", "-5", "--out", "{tmp}/f"], 1, "--weight-decay"),
 }
+# fmt: on
 
 
 def prepare(case: str, world: Path, tmp: Path) -> None:
