@@ -122,12 +122,13 @@ def test_release_pushes_a_loadable_model_and_rerun_reuses_everything(hub, hub_en
     assert {p: p.read_bytes() for p in (run / "release").rglob("*") if p.is_file()} == before
     assert json.loads(third.stdout)["push"]["committed"] is False
 
-    # No published file names a local path (the run, the cache, the home folder).
+    # No published file names a local path (the run, the cache, the home folder, the source
+    # tree, the virtual environment).
     home = str(Path.home())
     for file in folder.rglob("*"):
         if file.is_file():
             data = file.read_bytes()
-            for local in (str(run), str(cache), str(tmp_path), home):
+            for local in (str(run), str(cache), str(tmp_path), home, str(ROOT), sys.prefix):
                 assert local.encode() not in data, (file.name, local)
 
 
