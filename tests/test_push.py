@@ -349,3 +349,26 @@ def test_masking_covers_passwords_with_at_signs_query_tokens_and_encoded_text():
     hub = _Hub("http://host", "a/b")
     hub.token = "hf_abcdefgh12345678"
     assert hub._mask("Bearer%20hf_abcdefgh12345678 sent") == "Bearer%20*** sent"
+
+
+def test_a_hub_cache_snapshot_pushes(hub, hub_env, release, tmp_path):
+    """A folder of links into its repo's blobs/ (what snapshot_download leaves) uploads the
+    files the links point to, under the links' names."""
+    repo = tmp_path / "hub/models--alice--ta"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots/0123abc"
+    snapshot.mkdir(parents=True)
+    for file in release.iterdir():
+        if file.is_file():
+            (repo / "blobs" / file.name).write_bytes(file.read_bytes())
+            (snapshot / file.name).symlink_to(repo / "blobs" / file.name)
+    result = clipship("push", str(snapshot), "--repo-id", "alice/from-cache", env=hub_env)
+    assert result.returncode == 0, result.stderr
+    folder = Path(
+        snapshot_download(
+            "alice/from-cache", endpoint=hub.url, token=ALICE, cache_dir=tmp_path / "dl"
+        )
+    )
+    assert files_under(folder) == {
+        k: v for k, v in files_under(release).items() if (release / k).parent == release
+    }
