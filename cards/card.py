@@ -36,26 +36,19 @@ def _read(path: Path) -> Any:
 
 def _base_license(recipe: dict[str, Any]) -> str | None:
     """The pretrained model's license, as the merge read it from its model card."""
-    from huggingface_hub import metadata_load
+    from clipship.pool import card_metadata
 
     source = recipe["pretrained"]
-    if source.get("license"):
-        return source["license"]
-    readme = Path(source.get("path") or "") / "README.md"  # recipes from before "license"
-    if source.get("path") and readme.is_file():
-        return (metadata_load(readme) or {}).get("license")
-    return None
+    if source.get("license") or not source.get("path"):
+        return source.get("license")
+    return card_metadata(Path(source["path"]) / "README.md").get("license")  # older recipes
 
 
 def _ours(readme: Path) -> bool:
     """Whether a README.md is a card this command wrote (its tags name clipship)."""
-    from huggingface_hub import metadata_load
+    from clipship.pool import card_metadata
 
-    try:
-        tags = (metadata_load(readme) or {}).get("tags") or []
-    except (ValueError, UnicodeDecodeError):
-        return False
-    return "clipship" in tags
+    return "clipship" in (card_metadata(readme).get("tags") or [])
 
 
 def _checked_report(path: Path, report: Any) -> Any:

@@ -120,6 +120,16 @@ def open_checked(local: LocalFile):
     return handle
 
 
+REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_repo_id(repo_id: Any, where: str = "--repo-id") -> str:
+    """``owner/name`` with the Hub's characters (letters, digits, '.', '_', '-')."""
+    if not isinstance(repo_id, str) or not REPO_ID.fullmatch(repo_id) or ".." in repo_id:
+        raise ClipshipError(f"{where}: {repo_id!r} is not a repo id (owner/name)")
+    return repo_id
+
+
 def public_url(text: str) -> str:
     """``text`` with URL credentials (``user:password@``) and ``token=`` query values masked."""
     text = re.sub(r"(?<=://)[^/\s]*@", "***@", text)
@@ -234,8 +244,7 @@ def push(
     """Upload ``folder`` to ``repo_id`` in one commit (none if nothing changed): a summary."""
     folder = Path(folder)
     files = release_files(folder)
-    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise ClipshipError(f"--repo-id {repo_id!r}: expected owner/name")
+    check_repo_id(repo_id)
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
     branch = revision or "main"
     summary = {

@@ -76,7 +76,7 @@ def _pool_sources(
             raise SourceNotFoundError("give either --pool or --pretrained/--model, not both")
         return read_pool_yaml(pool)
     if partial:
-        return pretrained, parse_model_args(model or []) if model else {}
+        return pretrained, parse_model_args(model or [])
     if not pretrained:
         raise SourceNotFoundError(
             "no pool: give --pool POOL.yaml or --pretrained SRC --model NAME=SRC ..."
@@ -147,11 +147,7 @@ def merge(
         if recipe is not None:
             if method or lambda_ or threshold or param:
                 raise MethodError("--recipe replays a merge: drop the method and its parameters")
-            base, models = (
-                (None, {})
-                if not (pool or pretrained or model)
-                else _pool_sources(pool, pretrained, model, partial=True)
-            )
+            base, models = _pool_sources(pool, pretrained, model, partial=True)
             return merge_from_recipe(
                 recipe, out, base, models, force=force, quiet=quiet, allow_pickle=allow_pickle
             )

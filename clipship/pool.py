@@ -317,6 +317,16 @@ def load_model(name: str, source: str, allow_pickle: bool = False) -> Model:
     return Model(name, source, folder, repo_id, revision, ckpt, config, keys)
 
 
+def card_metadata(readme: Path) -> dict[str, Any]:
+    """A model card's front matter (``README.md``); empty when there is none or it is malformed."""
+    from huggingface_hub import metadata_load
+
+    try:
+        return (metadata_load(readme) or {}) if Path(readme).is_file() else {}
+    except (ValueError, UnicodeDecodeError):
+        return {}
+
+
 def read_yaml(path: Path, error: type[Exception], what: str) -> Any:
     """A YAML file's data, or one ``error`` line for a missing or malformed file."""
     import yaml

@@ -88,7 +88,9 @@ def read_config(path: Path) -> dict[str, Any]:
 def _check_values(config: dict[str, Any]) -> None:
     """Every value's type and range, before any stage runs (a typo found after the merge and
     the evaluation costs the whole run)."""
-    from clipship.exporter.quantize import SCHEMES
+    from clipship.cards.push import check_repo_id
+    from clipship.exporter.onnx_export import FILES
+    from clipship.exporter.quantize import DEFAULT_SCHEME, SCHEMES
     from clipship.merge.registry import get_method
 
     def fail(where: str, value: Any, expected: str) -> None:
@@ -163,7 +165,7 @@ def _check_values(config: dict[str, Any]) -> None:
     export = config.get("export")
     if export is not None:
         precisions = export.get("precisions", ["fp32"])
-        known = ("fp32", "fp16", "int8")
+        known = tuple(FILES)
         if not isinstance(precisions, list) or not precisions or not set(precisions) <= set(known):
             fail("export.precisions", precisions, f"a non-empty list of {', '.join(known)}")
         if "validation_size" in export:
@@ -174,7 +176,7 @@ def _check_values(config: dict[str, Any]) -> None:
             flag("export.tensorrt", export["tensorrt"])
         if "validation_data" in export:
             text("export.validation_data", export["validation_data"])
-        if export.get("int8_scheme", "u8u8") not in SCHEMES:
+        if export.get("int8_scheme", DEFAULT_SCHEME) not in SCHEMES:
             fail("export.int8_scheme", export["int8_scheme"], f"one of {', '.join(SCHEMES)}")
     for key, value in (config.get("card") or {}).items():
         text(f"card.{key}", value)
@@ -186,16 +188,6 @@ def _check_values(config: dict[str, Any]) -> None:
         flag("hub.private", hub["private"])
     if "repo_id" in hub:
         check_repo_id(hub["repo_id"], "hub.repo_id")
-
-
-REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-def check_repo_id(repo_id: Any, where: str = "--repo-id") -> str:
-    """``owner/name`` with the Hub's characters (letters, digits, '.', '_', '-')."""
-    if not isinstance(repo_id, str) or not REPO_ID.fullmatch(repo_id) or ".." in repo_id:
-        raise ReleaseConfigError(f"{where}: {repo_id!r} is not a repo id (owner/name)")
-    return repo_id
 
 
 def _path(config: dict[str, Any], value: str | None) -> Path | None:
@@ -518,6 +510,8 @@ def release(
             print(f"[release] {message}", file=sys.stderr, flush=True)
 
     if repo_id is not None:
+        from clipship.cards.push import check_repo_id
+
         check_repo_id(repo_id)
     claim_run_dir(run, force)
     pretrained, models, taskfile = resolve_pool(config, quiet)

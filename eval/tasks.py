@@ -143,8 +143,9 @@ def checked(task: Task) -> Task:
 
 
 def with_local_data(tasks: list[Task], data_dir: Path | None) -> list[Task]:
-    """Point each task at ``data_dir/<task>`` when that exists. A task whose task file already
-    names local data cannot take another copy: which one was meant is not ours to guess."""
+    """Point each task at ``data_dir/<task>`` when that exists. A task that already names its
+    local data (a task file, ``--task NAME=PATH``) cannot take another copy: which one was meant
+    is not ours to guess."""
     if data_dir is None:
         return tasks
     if not Path(data_dir).is_dir():
@@ -154,8 +155,8 @@ def with_local_data(tasks: list[Task], data_dir: Path | None) -> list[Task]:
         local = Path(data_dir) / task.name
         if local.exists() and task.data is not None and Path(task.data) != local:
             raise TaskError(
-                f"task {task.name}: its task file gives its data ({task.data}) and so does "
-                f"--data-dir ({local}); use one"
+                f"task {task.name}: its data is given already ({task.data}) and --data-dir "
+                f"gives another copy ({local}); use one"
             )
         out.append(replace(task, data=str(local)) if local.exists() else task)
     return out

@@ -176,24 +176,6 @@ def _onnx_export(model: DeployModel, example: torch.Tensor, path: Path, names: l
             external_data=False,
             opset_version=OPSET,
         )
-    _strip_stack_traces(path)
-
-
-def _strip_stack_traces(path: Path) -> None:
-    """The exporter records each node's Python stack trace, with the absolute paths of this
-    machine's source files and virtual environment (a home folder, a CI workspace): published
-    graphs must not carry them, and without them the bytes do not depend on where clipship is
-    installed. Module names (``name_scopes``) stay."""
-    import onnx
-
-    model = onnx.load(str(path))
-    graphs = [model.graph, *model.functions]
-    for graph in graphs:
-        for node in graph.node:
-            kept = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
-            del node.metadata_props[:]
-            node.metadata_props.extend(kept)
-    onnx.save(model, str(path))
 
 
 @contextlib.contextmanager
@@ -506,11 +488,20 @@ def _check_graph(path: Path) -> None:
 
 
 def _embed_metadata(folder: Path, record: dict[str, Any]) -> None:
+    """Write the record's keys into each published graph, and drop the exporter's per-node
+    stack traces: they hold the absolute paths of this machine's sources and virtual environment
+    (a home folder, a CI workspace), and without them the bytes do not depend on where clipship
+    is installed. Module names (``name_scopes``) stay."""
     import onnx
 
     for name in set(record["variants"].values()):
         path = folder / name
         model = onnx.load(str(path))
+        for graph in [model.graph, *model.functions]:
+            for node in graph.node:
+                kept = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+                del node.metadata_props[:]
+                node.metadata_props.extend(kept)
         del model.metadata_props[:]
         for key in (
             "format",

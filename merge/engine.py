@@ -23,7 +23,7 @@ import torch
 from clipship.errors import MethodError, PoolMismatchError, RecipeError
 from clipship.merge.registry import Method, TensorInputs, get_method
 from clipship.outputs import atomic_folder, check_target, library_versions
-from clipship.pool import TOKENIZER_FILES, Model, ModelPool, open_pool
+from clipship.pool import TOKENIZER_FILES, Model, ModelPool, card_metadata, open_pool
 from clipship.progress import Bars
 from clipship.safetensors_io import Checkpoint, ShardedWriter, parse_size
 
@@ -354,20 +354,9 @@ def _source_entry(model: Model, hashes: Future, base: bool = False) -> dict[str,
     else:
         entry.update(source=model.folder.resolve().name, revision=None)
     if base:
-        entry["license"] = _card_license(model.folder)
+        entry["license"] = card_metadata(model.folder / "README.md").get("license")
     entry["files"] = hashes.result()
     return entry
-
-
-def _card_license(folder: Path) -> str | None:
-    """The license in a model folder's card (README.md front matter), if it states one."""
-    from huggingface_hub import metadata_load
-
-    readme = folder / "README.md"
-    try:
-        return (metadata_load(readme) or {}).get("license") if readme.is_file() else None
-    except ValueError:  # malformed front matter: no license known
-        return None
 
 
 def _recipe(
