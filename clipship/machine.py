@@ -10,6 +10,8 @@ import os
 import platform
 from pathlib import Path
 
+from clipship.errors import ClipshipError
+
 # x86-64: vector width and int8 dot products; ARM: dot products and int8 matrix multiply.
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
 
@@ -45,3 +47,16 @@ def describe() -> str:
     """One line, e.g. ``CPU: AMD EPYC (family 25, model 17) (x86_64, 2 CPUs) avx2 avx512f``."""
     c = cpu()
     return f"CPU: {c['model']} ({c['machine']}, {c['cpus']} CPUs) {' '.join(c['flags']) or '-'}"
+
+
+def pick_device(device: str) -> str:
+    """``auto``, ``cpu`` or ``cuda[:N]`` → the torch device to compute on (checked here)."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ClipshipError("--device cuda: no CUDA GPU is available (use --device cpu or auto)")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ClipshipError(f"--device {device}: choose cuda, cpu or auto")
+    return device

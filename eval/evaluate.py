@@ -22,6 +22,7 @@ from clipship.errors import ClipshipError, PoolMismatchError
 from clipship.eval.data import DataError, ImageSource, Preprocess, TaskImages, collate
 from clipship.eval.heads import build_heads, check_heads, load_heads
 from clipship.eval.tasks import Task
+from clipship.machine import pick_device
 from clipship.memory import own_module
 from clipship.pool import load_model, resolve_folder
 from clipship.progress import Bars
@@ -37,16 +38,6 @@ def hub_dataset(task: Task) -> str | None:
     if task.data or not isinstance(path, str) or Path(path).expanduser().exists():
         return None
     return path if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) else None
-
-
-def pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ClipshipError("--device cuda: no CUDA GPU is available (use --device cpu or auto)")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ClipshipError(f"--device {device}: choose cuda, cpu or auto")
-    return device
 
 
 class ZeroShotModel(torch.nn.Module):

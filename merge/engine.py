@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from clipship.errors import MethodError, PoolMismatchError, RecipeError
+from clipship.machine import pick_device
 from clipship.merge.registry import Method, TensorInputs, get_method
 from clipship.outputs import atomic_folder, check_target, library_versions
 from clipship.pool import TOKENIZER_FILES, Model, ModelPool, card_metadata, open_pool
@@ -70,6 +71,7 @@ def merge(
     max_shard_size: str | int = "5GB",
     quiet: bool = True,
     expected_hashes: dict[str, dict[str, str]] | None = None,
+    device: str = "cpu",
 ) -> MergeResult:
     """Merge task encoders into ``out``: a CLIPModel folder (CLIPVisionModel with ``vision_only``).
 
@@ -83,6 +85,7 @@ def merge(
     check_target(out, force, inputs=(pretrained, *models.values()))
     spec = get_method(method)
     values = spec.resolve(params or {})
+    device = pick_device(device)
     shard_bytes = parse_size(max_shard_size)
     pool = open_pool(pretrained, models, allow_pickle=allow_pickle)
     try:
@@ -102,10 +105,12 @@ def merge(
             with atomic_folder(out, force) as tmp, Bars(quiet, "elapsed") as bar:
                 hashes = {m.name: hasher.submit(m.file_hashes) for m in pool.all}
                 files, stats = _merge_weights(
-                    pool, spec, values, seed, vision_only, tmp, shard_bytes, bar
+                    pool, spec, values, seed, vision_only, tmp, shard_bytes, bar, device
                 )
                 _copy_metadata(pool.pretrained, tmp, vision_only)
                 recipe = _recipe(pool, spec, values, seed, vision_only, shard_bytes, hashes, stats)
+                if device != "cpu":  # results equal CPU's within float rounding, not bitwise
+                    recipe["device"] = device
                 if expected_hashes is not None:
                     _check_hashes(recipe, expected_hashes)
                 (tmp / RECIPE_NAME).write_text(json.dumps(recipe, indent=2) + "\n")
@@ -154,7 +159,7 @@ def merge_from_recipe(
         vision_only=recipe["vision_only"],
         max_shard_size=recipe["max_shard_bytes"],
         expected_hashes={m["name"]: m["files"] for m in [recipe["pretrained"], *recipe["models"]]},
-        **kwargs,
+        **{"device": recipe.get("device", "cpu"), **kwargs},
     )
 
 
@@ -211,9 +216,16 @@ def _check_hashes(recipe: dict[str, Any], expected: dict[str, dict[str, str]]) -
 
 
 def iter_inputs(
-    pool: ModelPool, names: list[str], seed: int, check: bool, start: int = 0
+    pool: ModelPool,
+    names: list[str],
+    seed: int,
+    check: bool,
+    start: int = 0,
+    whole: bool = False,
+    device: str = "cpu",
 ) -> Iterator[TensorInputs]:
-    """Every listed tensor of every pool member, in flat pieces of at most ``CHUNK`` elements.
+    """Every listed tensor of every pool member, in flat pieces of at most ``CHUNK`` elements
+    (or whole, with ``whole``: one tensor of each model at a time, for per-tensor methods).
 
     Pieces this size stay in the CPU cache through a method's few element-wise passes, and
     bound memory to a few MB per model whatever the tensor size. The next piece is read in a
@@ -222,9 +234,8 @@ def iter_inputs(
     pieces = []
     for name in names:
         numel = pool.pretrained.info(name).numel
-        pieces += [
-            (name, off, min(CHUNK, numel - off)) for off in range(start, max(numel, 1), CHUNK)
-        ]
+        step = max(numel, 1) if whole else CHUNK
+        pieces += [(name, off, min(step, numel - off)) for off in range(start, max(numel, 1), step)]
 
     def load(piece: tuple[str, int, int]) -> TensorInputs:
         name, offset, count = piece
@@ -233,7 +244,7 @@ def iter_inputs(
             model.read(name, offset, count, check, out=row)
         pretrained = pool.pretrained.read(name, offset, count, check).to(torch.float32)
         shape = pool.pretrained.info(name).shape
-        return TensorInputs(name, pretrained, block, pool.names, seed, offset, shape)
+        return TensorInputs(name, pretrained, block, pool.names, seed, offset, shape, device=device)
 
     with ThreadPoolExecutor(1) as reader:
         ahead = reader.submit(load, pieces[0]) if pieces else None
@@ -252,6 +263,7 @@ def _merge_weights(
     folder: Path,
     shard_bytes: int,
     bar: Bars,
+    device: str = "cpu",
 ) -> tuple[list[str], dict[str, Any]]:
     pre = pool.pretrained
     vision = pool.tensor_names
@@ -270,7 +282,7 @@ def _merge_weights(
         nonlocal passes
         passes += 1  # values are checked for NaN/Inf on the first pass only
         task = bar.add(label, len(floats))
-        for x in iter_inputs(pool, floats, seed, check=passes == 1):
+        for x in iter_inputs(pool, floats, seed, passes == 1, whole=spec.per_tensor, device=device):
             yield x
             if x.offset + x.pretrained.numel() == math.prod(x.shape):
                 bar.advance(task)
@@ -286,7 +298,8 @@ def _merge_weights(
         tally, depends = None, False
         if spec.settle:
             merged, tally, depends = merged
-        writer.write(x.name, merged.reshape(-1).to(pre.info(x.name).dtype_torch), x.offset)
+        merged = merged.reshape(-1).to("cpu", pre.info(x.name).dtype_torch)
+        writer.write(x.name, merged, x.offset)
         return tally, depends
 
     try:
@@ -301,7 +314,7 @@ def _merge_weights(
             changed = any(stats.get(k) != v for k, v in final.items())
             stats.update(final)
             for name, offset in revisit if changed else []:
-                write(next(iter_inputs(pool, [name], seed, check=False, start=offset)))
+                write(next(iter_inputs(pool, [name], seed, False, offset, spec.per_tensor, device)))
         for name in vision:
             if name not in floats:
                 writer.write(name, _same_everywhere(pool, name))

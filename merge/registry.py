@@ -24,7 +24,8 @@ class TensorInputs:
     """The same flat piece of one tensor from every pool member, in float32: what a method merges.
 
     ``offset`` is the piece's first element in the flattened tensor, ``shape`` the whole tensor's.
-    Every method here is element-wise (given its pre-pass statistics), so pieces merge alone.
+    Element-wise methods (given their pre-pass statistics) merge pieces alone; a method with
+    ``per_tensor`` gets each tensor whole (``offset`` 0), for SVDs, norms and per-row rules.
     """
 
     name: str
@@ -35,6 +36,7 @@ class TensorInputs:
     offset: int = 0
     shape: tuple[int, ...] = ()
     vectors: list[torch.Tensor] | None = None  # the task vectors, computed on first use
+    device: str = "cpu"  # where a per-tensor method computes (``merge(device=...)``)
 
     def task_vector_matrix(self) -> torch.Tensor:
         """The task vectors as one new [N, n] tensor (same bits as ``task_vectors``)."""
@@ -62,6 +64,7 @@ class Param:
     help: str
     choices: tuple[str, ...] = ()
     check: Callable[[Any], str | None] | None = None  # returns an error message
+    parse: Callable[[Any], Any] | None = None  # for values beyond ``kind`` (lists of names, …)
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,8 @@ class Method:
     # merge() returns (tensor, tally, depends); settle(tallies) gives the final statistics, and
     # the pieces that depended on the provisional value are merged again if it changed.
     settle: Callable[[list], dict] | None = None
+    # merge() sees whole tensors rather than pieces (SVD-, norm- and row-based methods).
+    per_tensor: bool = False
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -105,6 +110,8 @@ def finite(value: float) -> str | None:
 def parse_value(param: Param, raw: Any) -> Any:
     where = f"parameter {param.name}"
     try:
+        if param.parse is not None:
+            return param.parse(raw)
         if param.kind is list:
             items = raw if isinstance(raw, (list, tuple)) else str(raw).split(",")
             value: Any = [float(x) for x in items]
@@ -135,6 +142,49 @@ def parse_value(param: Param, raw: Any) -> Any:
         return value
     except (ValueError, TypeError):
         raise MethodError(f"{where}={raw!r} is not a valid {param.kind.__name__}") from None
+
+
+def _is_null(raw: Any) -> bool:
+    return raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "null", "none"))
+
+
+def parse_names(raw: Any) -> list[str] | None:
+    """Tensor names (or patterns): a list, or one comma-separated string; null is None."""
+    if _is_null(raw):
+        return None
+    items = raw if isinstance(raw, (list, tuple)) else str(raw).split(",")
+    if not all(isinstance(x, str) and x.strip() for x in items):
+        raise ValueError
+    return [x.strip() for x in items]
+
+
+def parse_number_or_list(raw: Any) -> float | list[float]:
+    """One float, or one float per task (a list, or a comma-separated string)."""
+    many = isinstance(raw, (list, tuple)) or (isinstance(raw, str) and "," in raw)
+    items = (raw if isinstance(raw, (list, tuple)) else raw.split(",")) if many else [raw]
+    if any(isinstance(x, bool) for x in items):
+        raise ValueError
+    values = [float(x) for x in items]
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError
+    return values if many else values[0]
+
+
+def parse_null_bool_or_number(raw: Any) -> bool | float | None:
+    """null, a boolean, or a finite number (FusionBench's ``Optional[Union[bool, float]]``)."""
+    if _is_null(raw):
+        return None
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("true", "yes", "on"):
+        return True
+    if text in ("false", "no", "off"):
+        return False
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError
+    return value
 
 
 _METHODS: dict[str, Method] = {}

@@ -1,0 +1,60 @@
+"""Shared pieces of the per-tensor methods (TSV-M, Iso-C, Iso-CTS, WUDI): which tensors count as
+matrices, the task vectors as matrices on the compute device, and FusionBench's two means.
+
+FusionBench treats a tensor as a matrix when it is 2-D and its name is not in ``exclude_keys``:
+every ``nn.Linear`` weight and the position embedding. Everything else (biases, LayerNorms, the
+class embedding, the 4-D patch convolution) is averaged, with the exact accumulation each
+FusionBench method uses, so the averaged tensors match bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from clipship.merge.registry import Param, TensorInputs, parse_names
+
+EXCLUDE_KEYS = Param(
+    "exclude_keys",
+    list,
+    None,
+    "tensor names (vision_model.*) averaged instead of merged as matrices",
+    parse=parse_names,
+)
+
+
+def canonical(name: str) -> str:
+    return name if name.startswith("vision_model.") else f"vision_model.{name}"
+
+
+def is_matrix(inputs: TensorInputs, exclude_keys: list[str] | None) -> bool:
+    """2-D and not excluded (names match with or without the leading ``vision_model.``)."""
+    excluded = {canonical(k) for k in exclude_keys or ()}
+    return len(inputs.shape) == 2 and canonical(inputs.name) not in excluded
+
+
+def task_matrices(inputs: TensorInputs) -> list[torch.Tensor]:
+    """τ_t = θ_t − θ_pre for each task, shaped like the tensor, on the compute device."""
+    return [t.reshape(inputs.shape).to(inputs.device) for t in inputs.task_vectors]
+
+
+def running_mean(values: list[torch.Tensor]) -> torch.Tensor:
+    """m_1 = x_1, m_i = m_{i−1} + (x_i − m_{i−1}) / i (TSV-M's and Iso-CTS's accumulation)."""
+    mean = values[0].clone()
+    for i, value in enumerate(values[1:], start=2):
+        mean += (value - mean) / i
+    return mean
+
+
+def sequential_sum(values: list[torch.Tensor]) -> torch.Tensor:
+    """x_1 + x_2 + … left to right (Python's ``sum``, as Iso-C accumulates)."""
+    total = values[0].clone()
+    for value in values[1:]:
+        total += value
+    return total
+
+
+def polar(matrix: torch.Tensor) -> torch.Tensor:
+    """The nearest matrix with orthonormal columns (U Vᵀ of the thin SVD), as FusionBench
+    orthogonalises the concatenated singular vectors."""
+    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u @ vh
