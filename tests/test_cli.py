@@ -463,8 +463,17 @@ def test_info_and_methods_and_similarity(tmp_path):
         "ties",
         "dare",
         "magmax",
+        "task_singular_vector",
+        "iso_c",
+        "iso_cts",
+        "wudi",
+        "model_stock",
+        "slerp",
+        "magnitude_prune",
     }
-    assert all(m["paper"].startswith("https://arxiv.org/") for m in table)
+    assert all(m["paper"].startswith("https://") for m in table)
+    wudi = next(m for m in table if m["name"] == "wudi")["params"]
+    assert wudi["iter_num"]["default"] == 400 and wudi["exclude_keys"]["default"] is None
     result = cli("analyze", "similarity", "--pretrained", PRE, *POOL, "--out", tmp_path, "--json")
     assert result.exit_code == 0 and len(json.loads(result.stdout)["matrix"]) == 4
     assert (

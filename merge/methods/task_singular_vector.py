@@ -2,8 +2,7 @@
 
 Per matrix (2-D tensor not in ``exclude_keys``), for N tasks:
 
-1. Thin SVD of each task's τ; keep its first k = int(r · (1/N)) singular triplets (r = min(m, n),
-   with FusionBench's float product, so 768 over 3 tasks keeps 255, not 256).
+1. Thin SVD of each task's τ; keep its first k = int(r · (1/N)) singular triplets (r = min(m, n)).
 2. Place task t's triplets in columns t·k … (t+1)·k of U, Σ, Vᵀ of full size r (the rest stay 0).
 3. Orthogonalise U and Vᵀ separately (U_u V_uᵀ of each one's SVD): Δ = U⊥ diag(Σ) V⊥ᵀ.
 
