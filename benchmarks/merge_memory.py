@@ -1,12 +1,19 @@
-"""Wall time and peak RSS of `clipship merge` on N ViT-B/32-shaped task encoders (or L/14).
+"""Wall time and peak RSS of `clipship merge` on N ViT-B/32-shaped task encoders (or L/14),
+with FusionBench's own implementation on the same files side by side.
 
 Builds a seeded pool in a temporary folder (a full CLIPModel as `_pretrained_` plus N
 CLIPVisionModel task encoders, random weights of the real shapes), then runs `clipship merge`
-once per method, each in its own process, and prints wall seconds and the process's peak RSS
-next to one encoder's fp32 size. Targets for 8 × B/32 on a 2-core box: peak RSS ≤ 1.5× one
-encoder for both methods; wall ≤ 6 s (task_arithmetic) and ≤ 15 s (ties).
+once per method (FusionBench's default parameters; SLERP on the first two task models,
+magnitude pruning on the first), each in its own process, and prints wall seconds and the
+process's peak RSS next to one encoder's fp32 size. Target for 8 × B/32 on a 2-core box: peak
+RSS ≤ 1.5× one encoder for every method.
 
-    python benchmarks/merge_memory.py [--models 8] [--large] [--methods task_arithmetic,ties]
+With ``--fusionbench PYTHON`` (a virtualenv with fusion-bench==0.2.33 installed), each method
+also runs through `fusionbench_merge.py` on the same pool, stopped after ``--fusionbench-timeout``
+seconds ("did not finish").
+
+    python benchmarks/merge_memory.py [--models 8] [--large] [--methods all|ta,ties,...]
+                                      [--fusionbench /path/to/venv/bin/python]
 """
 
 from __future__ import annotations
@@ -36,23 +43,63 @@ def weight_bytes(path: Path) -> int:
     )
 
 
-def run(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one child process."""
+def run(cmd: list[str], timeout: float | None = None) -> tuple[float, int] | None:
+    """Wall seconds and peak RSS (bytes) of one child process; None if it ran past ``timeout``."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = None if timeout is None else start + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if deadline is not None and time.perf_counter() > deadline:
+            proc.kill()
+            os.wait4(proc.pid, 0)
+            return None
+        time.sleep(0.05)
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}")
+        error = proc.stderr.read().decode(errors="replace").strip().splitlines()[-1:]
+        raise SystemExit(f"failed: {' '.join(cmd)}: {' '.join(error)}")
     return wall, usage.ru_maxrss * 1024
+
+
+def all_methods() -> list[str]:
+    """Every registered method, asked of a child (this process stays torch-free)."""
+    listing = subprocess.run(
+        [sys.executable, "-m", "clipship.cli", "methods", "--json"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return [m["name"] for m in json.loads(listing.stdout)]
+
+
+def members(method: str, work: Path, n_models: int) -> list[str]:
+    """The pool arguments: the whole pool, or the first two / first task model."""
+    if method not in ("slerp", "magnitude_prune"):
+        return ["--pool", str(work / "pool.yaml")]
+    names = [chr(ord("a") + i) for i in range(2 if method == "slerp" else 1)]
+    models = [f"--model=task_{n}={work / f'task_{n}'}" for n in names]
+    return ["--pretrained", str(work / "pretrained"), *models]
+
+
+def cell(figure: tuple[float, int] | None, encoder: int, timeout: float) -> str:
+    if figure is None:
+        return f"{'did not finish in ' + format(timeout, '.0f') + ' s':>37s}"
+    wall, rss = figure
+    return f"{wall:8.2f} {rss / 2**30:13.3f} {rss / encoder:13.2f}×"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=int, default=8)
     parser.add_argument("--large", action="store_true", help="ViT-L/14 shapes instead of B/32")
-    parser.add_argument("--methods", default="task_arithmetic,ties")
+    parser.add_argument("--methods", default="all", help="comma-separated, or all")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the pool here")
+    parser.add_argument("--device", default="cpu", help="clipship's --device (cpu, cuda)")
+    parser.add_argument("--fusionbench", default=None, help="python of a fusion-bench venv")
+    parser.add_argument("--fusionbench-timeout", type=float, default=900)
     args = parser.parse_args()
     print(describe())
 
@@ -77,26 +124,32 @@ def main() -> None:
             print(f"built {args.models} × {size} pool in {time.perf_counter() - t:.1f}s at {work}")
         encoder = weight_bytes(work / "task_a" / "model.safetensors")
         print(f"one encoder (fp32): {encoder / 2**30:.3f} GiB; cores: {os.cpu_count()}")
-        print(f"{'method':18s} {'wall s':>8s} {'peak RSS GiB':>13s} {'RSS / encoder':>14s}")
-        for method in args.methods.split(","):
+        methods = all_methods() if args.methods == "all" else args.methods.split(",")
+        header = f"{'wall s':>8s} {'peak RSS GiB':>13s} {'RSS / encoder':>14s}"
+        print(
+            f"{'':22s} {'clipship':^37s}"
+            + (f" {'FusionBench 0.2.33':^37s}" * bool(args.fusionbench))
+        )
+        print(f"{'method':22s} {header}" + (f" {header}" if args.fusionbench else ""))
+        driver = Path(__file__).with_name("fusionbench_merge.py")
+        for method in methods:
             out = work / f"merged-{method}"
             cmd = [
                 sys.executable,
                 "-m",
                 "clipship.cli",
                 "merge",
-                "--pool",
-                str(pool_yaml),
-                "--method",
-                method,
-                "--out",
-                str(out),
-                "--force",
-                "--quiet",
+                *members(method, work, args.models),
             ]
-            wall, rss = run(cmd)
-            print(f"{method:18s} {wall:8.2f} {rss / 2**30:13.3f} {rss / encoder:13.2f}×")
+            cmd += ["--method", method, "--out", str(out), "--device", args.device]
+            ours = run([*cmd, "--force", "--quiet"])
             shutil.rmtree(out, ignore_errors=True)
+            line = f"{method:22s} {cell(ours, encoder, 0)}"
+            if args.fusionbench:
+                fb_cmd = [args.fusionbench, str(driver), method, str(work / "pool.yaml")]
+                theirs = run(fb_cmd, args.fusionbench_timeout)
+                line += f" {cell(theirs, encoder, args.fusionbench_timeout)}"
+            print(line, flush=True)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

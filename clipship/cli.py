@@ -133,6 +133,10 @@ def merge(
     max_shard_size: Annotated[
         str, typer.Option("--max-shard-size", help="Shard weights above this size.")
     ] = "5GB",
+    device: Annotated[
+        str | None,
+        typer.Option("--device", help="Where per-tensor methods compute: cpu, cuda or auto."),
+    ] = None,
     allow_pickle: PickleOpt = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
@@ -148,8 +152,16 @@ def merge(
             if method or lambda_ or threshold or param:
                 raise MethodError("--recipe replays a merge: drop the method and its parameters")
             base, models = _pool_sources(pool, pretrained, model, partial=True)
+            where = {"device": device} if device else {}
             return merge_from_recipe(
-                recipe, out, base, models, force=force, quiet=quiet, allow_pickle=allow_pickle
+                recipe,
+                out,
+                base,
+                models,
+                force=force,
+                quiet=quiet,
+                allow_pickle=allow_pickle,
+                **where,
             )
         if not method:
             raise MethodError("no merge method: pass --method NAME (see `clipship methods`)")
@@ -166,6 +178,7 @@ def merge(
             allow_pickle=allow_pickle,
             max_shard_size=max_shard_size,
             quiet=quiet,
+            device=device or "cpu",
         )
 
     result = _run(call)
@@ -820,7 +833,7 @@ def minibench_build(
 @minibench_app.command("run")
 def minibench_run(
     methods: Annotated[
-        str, typer.Option("--methods", help="Comma-separated merge methods.")
+        str, typer.Option("--methods", help="Comma-separated merge methods, or all.")
     ] = "task_arithmetic,ties",
     pool_dir: Annotated[
         Path | None, typer.Option("--pool-dir", help="A built pool (default: build).")
@@ -835,12 +848,9 @@ def minibench_run(
 
     def call():
         from clipship.eval.minibench.build import build
-        from clipship.eval.minibench.run import markdown, run
-        from clipship.merge import get_method
+        from clipship.eval.minibench.run import expand_methods, markdown, run
 
-        chosen = [m for m in methods.split(",") if m]
-        for method in chosen:
-            get_method(method)
+        chosen = expand_methods([m for m in methods.split(",") if m])
         folder = pool_dir or build(None, budget, seed, quiet=quiet)
         results = run(folder, chosen, out, quiet=quiet)
         return results, markdown(results)

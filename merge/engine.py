@@ -91,6 +91,11 @@ def merge(
     try:
         if len(pool.models) < spec.min_models:
             raise MethodError(f"{spec.name} needs at least {spec.min_models} fine-tuned model(s)")
+        if spec.exact_models is not None and len(pool.models) != spec.exact_models:
+            raise MethodError(
+                f"{spec.name} takes exactly {spec.exact_models} fine-tuned model(s) "
+                f"({len(pool.models)} given)"
+            )
         if spec.check_pool:
             problem = spec.check_pool(values, len(pool.models))
             if problem:
@@ -246,6 +251,10 @@ def iter_inputs(
         shape = pool.pretrained.info(name).shape
         return TensorInputs(name, pretrained, block, pool.names, seed, offset, shape, device=device)
 
+    if whole:  # compute dominates and a whole tensor of every model is large: no read-ahead
+        for piece in pieces:
+            yield load(piece)
+        return
     with ThreadPoolExecutor(1) as reader:
         ahead = reader.submit(load, pieces[0]) if pieces else None
         for i in range(len(pieces)):

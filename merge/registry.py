@@ -76,6 +76,7 @@ class Method:
     merge: Callable[..., torch.Tensor]  # merge(inputs, **params, **stats) -> merged tensor
     prepass: Callable[..., dict] | None = None  # prepass(stream, numel, tasks, **params) -> stats
     min_models: int = 1
+    exact_models: int | None = None  # SLERP takes exactly two task models, pruning one
     check_pool: Callable[[dict, int], str | None] | None = None  # (values, n_models) -> problem
     # A statistic tallied during the merge pass itself (TIES's majority sign). With ``settle``,
     # merge() returns (tensor, tally, depends); settle(tallies) gives the final statistics, and

@@ -130,7 +130,7 @@ def test_wudi_gradient_equals_autograd_of_fusionbench_loss():
     norms = torch.square(torch.norm(tvs.reshape(3, -1), p=2, dim=-1))
     product = torch.matmul(delta.unsqueeze(0) - tvs, tvs.transpose(1, 2))
     torch.sum(torch.square(product) / norms[:, None, None]).backward()
-    gram, cross = interference_terms(taus)
+    gram, cross = interference_terms(tvs)
     assert torch.allclose(2 * (delta.detach() @ gram - cross), delta.grad, rtol=1e-10, atol=1e-10)
 
 
@@ -155,8 +155,8 @@ def test_same_inputs_same_bytes_and_key_order_does_not_matter(tmp_path, method):
 @pytest.mark.parametrize(
     "method, tasks, params, message",
     [
-        ("slerp", ["task_a", "task_b", "task_c"], None, "exactly two task models"),
-        ("magnitude_prune", ["task_a", "task_b"], None, "exactly one task model"),
+        ("slerp", ["task_a", "task_b", "task_c"], None, "exactly 2 fine-tuned"),
+        ("magnitude_prune", ["task_a", "task_b"], None, "exactly 1 fine-tuned"),
         ("model_stock", ["task_a"], None, "at least 2"),
         ("task_singular_vector", ["task_a", "task_b"], {"alpha": [1, 2, 3]}, "3 alphas"),
         ("magnitude_prune", ["task_a"], {"extract_names": ".*layer_norm1.weight"}, "1-D"),

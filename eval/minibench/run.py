@@ -19,7 +19,28 @@ from clipship.pool import read_pool_yaml
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "task_arithmetic": {"scaling_factor": 0.3},
     "ties": {"scaling_factor": 0.3, "threshold": 20},
-}
+}  # every other method runs with its registered (FusionBench's packaged) defaults
+
+
+def expand_methods(names: list[str]) -> list[str]:
+    """``all`` → every registered method; unknown names fail before any work."""
+    from clipship.merge import get_method, method_table
+
+    chosen: list[str] = []
+    for name in names:
+        for method in method_table() if name == "all" else [get_method(name).name]:
+            if method not in chosen:
+                chosen.append(method)
+    return chosen
+
+
+def merged_tasks(method: str, tasks: list[str]) -> list[str]:
+    """The task models a method merges: all of them, or the first two (SLERP) / first one
+    (magnitude pruning), in pool order."""
+    from clipship.merge import get_method
+
+    exact = get_method(method).exact_models
+    return tasks if exact is None else tasks[:exact]
 
 
 def run(
@@ -52,11 +73,16 @@ def run(
         t: results["finetuned"][t][t] for t in names if t in results["finetuned"]
     }
     results["merged"] = {}
+    results["pools"] = {}
     for method in methods:
         log(f"merging with {method}")
         folder = out / "merged" / method
-        merge(pretrained, models, method, folder, DEFAULT_PARAMS.get(method, {}), force=True)
+        used = merged_tasks(method, list(models))
+        pool = {t: models[t] for t in used}
+        merge(pretrained, pool, method, folder, DEFAULT_PARAMS.get(method, {}), force=True)
         results["merged"][method] = accuracy(str(folder))
+        if used != list(models):
+            results["pools"][method] = used
     results["chance"] = {t.name: 1 / len(t.classnames) for t in tasks}
     write_tables(out, results)
     return results
@@ -68,7 +94,11 @@ def rows(results: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
         ("Pretrained", results["pretrained"]),
         ("Individual (fine-tuned)", results["individual"]),
     ]
-    table += [(name, acc) for name, acc in results["merged"].items()]
+    pools = results.get("pools", {})
+    table += [
+        (f"{name} ({', '.join(pools[name])})" if name in pools else name, acc)
+        for name, acc in results["merged"].items()
+    ]
     return table
 
 

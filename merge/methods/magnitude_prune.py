@@ -78,10 +78,6 @@ def _check_ratio(value: float) -> str | None:
     return None if 0 <= value <= 1 else "must be in [0, 1]"
 
 
-def _check_pool(values: dict, n_models: int) -> str | None:
-    return None if n_models == 1 else f"prunes exactly one task model ({n_models} given)"
-
-
 METHOD = Method(
     name="magnitude_prune",
     summary="Zero the smallest task-vector entries of each linear-weight row of one model.",
@@ -112,6 +108,6 @@ METHOD = Method(
         ),
     ),
     merge=magnitude_prune,
-    check_pool=_check_pool,
+    exact_models=1,
     per_tensor=True,
 )

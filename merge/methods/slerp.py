@@ -44,10 +44,6 @@ def slerp(
     return slerp_tensor(t, v0, v1, DOT_THRESHOLD, epsilon).reshape(-1)
 
 
-def _check_pool(values: dict, n_models: int) -> str | None:
-    return None if n_models == 2 else f"interpolates exactly two task models ({n_models} given)"
-
-
 METHOD = Method(
     name="slerp",
     summary="Spherical interpolation between two fine-tuned models, per tensor.",
@@ -66,7 +62,6 @@ METHOD = Method(
         Param("epsilon", float, 1e-8, "norms at or below this are not normalised", check=finite),
     ),
     merge=slerp,
-    min_models=2,
-    check_pool=_check_pool,
+    exact_models=2,
     per_tensor=True,
 )

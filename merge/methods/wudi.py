@@ -22,7 +22,7 @@ from clipship.merge.matrices import EXCLUDE_KEYS, is_matrix, task_matrices
 from clipship.merge.registry import Method, Param, TensorInputs
 
 
-def interference_terms(task_vectors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def interference_terms(task_vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(G, C) of the quadratic loss: ∇L(Δ) = 2(Δ G − C)."""
     gram = cross = None
     for tau in task_vectors:
@@ -33,9 +33,10 @@ def interference_terms(task_vectors: list[torch.Tensor]) -> tuple[torch.Tensor, 
     return gram, cross
 
 
-def wudi_matrix(task_vectors: list[torch.Tensor], iter_num: int, lr: float) -> torch.Tensor:
+def wudi_matrix(task_vectors: torch.Tensor, iter_num: int, lr: float) -> torch.Tensor:
+    """Δ after ``iter_num`` Adam steps from Σ_t τ_t ([N, m, n] task vectors in)."""
     gram, cross = interference_terms(task_vectors)
-    delta = torch.nn.Parameter(torch.sum(torch.stack(task_vectors), dim=0))
+    delta = torch.nn.Parameter(torch.sum(task_vectors, dim=0))
     optimizer = torch.optim.Adam([delta], lr=lr, weight_decay=0)
     with torch.no_grad():
         for _ in range(iter_num):
@@ -51,7 +52,7 @@ def wudi(
     if is_matrix(inputs, exclude_keys):
         merged = wudi_matrix(taus, iter_num, lr)
     else:
-        merged = torch.sum(torch.stack(taus), dim=0) / len(taus)
+        merged = torch.sum(taus, dim=0) / len(taus)
     return inputs.pretrained + merged.reshape(-1).cpu()
 
 

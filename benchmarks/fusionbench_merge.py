@@ -1,0 +1,56 @@
+"""Run FusionBench 0.2.33's own implementation of one merge method on a clipship pool file, for
+`merge_memory.py --fusionbench PYTHON` to time side by side. Runs under FusionBench's virtualenv
+(clipship is never imported there, nor FusionBench in clipship's):
+
+    PYTHON benchmarks/fusionbench_merge.py METHOD POOL.yaml
+
+Parameters are FusionBench's packaged defaults, the ones clipship registers. The merged model is
+not saved: the figure is FusionBench's merge itself (load the pool, merge), as its CLI runs it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def algorithm(method: str):
+    import fusion_bench.method as fb
+
+    table = {
+        "simple_average": lambda: fb.SimpleAverageAlgorithm(),
+        "task_arithmetic": lambda: fb.TaskArithmeticAlgorithm(scaling_factor=0.3),
+        "ties": lambda: fb.TiesMergingAlgorithm(
+            scaling_factor=0.3, threshold=20, remove_keys=[], merge_func="sum"
+        ),
+        "magmax": lambda: fb.MagMaxAlgorithm(scaling_factor=1.0),
+        "task_singular_vector": lambda: fb.TaskSingularVectorMerging(alpha=1),
+        "iso_c": lambda: fb.ISO_C_Merge(scaling_factor=1.0),
+        "iso_cts": lambda: fb.ISO_CTS_Merge(scaling_factor=1.0, common_space_fraction=0.8),
+        "wudi": lambda: fb.WUDIMerging(iter_num=400),
+        "model_stock": lambda: fb.ModelStock(ignore_keys=[]),
+        "slerp": lambda: fb.SlerpMergeAlgorithm(t=0.5),
+        "magnitude_prune": lambda: fb.MagnitudeDiffPruningAlgorithm(prune_ratio=0.5, rescale=False),
+    }
+    if method not in table:
+        raise SystemExit(f"no FusionBench counterpart wired for {method}")
+    return table[method]()
+
+
+def main() -> None:
+    method, pool_file = sys.argv[1], Path(sys.argv[2])
+    from fusion_bench.modelpool import CLIPVisionModelPool
+
+    members = {k: str(v) for k, v in yaml.safe_load(pool_file.read_text())["models"].items()}
+    names = [n for n in members if n != "_pretrained_"]
+    if method == "slerp":  # two task models, no base
+        members = {n: members[n] for n in names[:2]}
+    elif method == "magnitude_prune":  # the base and one task model
+        members = {"_pretrained_": members["_pretrained_"], names[0]: members[names[0]]}
+    algorithm(method).run(CLIPVisionModelPool(models=members))
+
+
+if __name__ == "__main__":
+    main()
