@@ -10,7 +10,7 @@ RSS ≤ 1.5× one encoder for every method.
 
 With ``--fusionbench PYTHON`` (a virtualenv with fusion-bench==0.2.33 installed), each method
 also runs through `fusionbench_merge.py` on the same pool, stopped after ``--fusionbench-timeout``
-seconds ("did not finish").
+seconds or above ``--fusionbench-memory`` GiB resident.
 
     python benchmarks/merge_memory.py [--models 8] [--large] [--methods all|ta,ties,...]
                                       [--fusionbench /path/to/venv/bin/python]
@@ -43,8 +43,22 @@ def weight_bytes(path: Path) -> int:
     )
 
 
-def run(cmd: list[str], timeout: float | None = None) -> tuple[float, int] | None:
-    """Wall seconds and peak RSS (bytes) of one child process; None if it ran past ``timeout``."""
+def resident(pid: int) -> int:
+    """A live process's resident set in bytes (0 once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run(
+    cmd: list[str], timeout: float | None = None, memory: float | None = None
+) -> tuple[float, int] | str:
+    """Wall seconds and peak RSS (bytes) of one child process, or why it was stopped (past
+    ``timeout`` seconds, or above ``memory`` bytes resident: FusionBench can fill the machine)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = None if timeout is None else start + timeout
@@ -52,10 +66,15 @@ def run(cmd: list[str], timeout: float | None = None) -> tuple[float, int] | Non
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
+        stop = None
         if deadline is not None and time.perf_counter() > deadline:
+            stop = f"did not finish in {timeout:.0f} s"
+        elif memory is not None and resident(proc.pid) > memory:
+            stop = f"stopped above {memory / 2**30:.0f} GiB"
+        if stop:
             proc.kill()
             os.wait4(proc.pid, 0)
-            return None
+            return stop
         time.sleep(0.05)
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
@@ -84,9 +103,9 @@ def members(method: str, work: Path, n_models: int) -> list[str]:
     return ["--pretrained", str(work / "pretrained"), *models]
 
 
-def cell(figure: tuple[float, int] | None, encoder: int, timeout: float) -> str:
-    if figure is None:
-        return f"{'did not finish in ' + format(timeout, '.0f') + ' s':>37s}"
+def cell(figure: tuple[float, int] | str, encoder: int) -> str:
+    if isinstance(figure, str):
+        return f"{figure:>37s}"
     wall, rss = figure
     return f"{wall:8.2f} {rss / 2**30:13.3f} {rss / encoder:13.2f}×"
 
@@ -100,6 +119,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="clipship's --device (cpu, cuda)")
     parser.add_argument("--fusionbench", default=None, help="python of a fusion-bench venv")
     parser.add_argument("--fusionbench-timeout", type=float, default=900)
+    parser.add_argument("--fusionbench-memory", type=float, default=16, help="GiB")
     args = parser.parse_args()
     print(describe())
 
@@ -144,11 +164,12 @@ def main() -> None:
             cmd += ["--method", method, "--out", str(out), "--device", args.device]
             ours = run([*cmd, "--force", "--quiet"])
             shutil.rmtree(out, ignore_errors=True)
-            line = f"{method:22s} {cell(ours, encoder, 0)}"
+            line = f"{method:22s} {cell(ours, encoder)}"
             if args.fusionbench:
                 fb_cmd = [args.fusionbench, str(driver), method, str(work / "pool.yaml")]
-                theirs = run(fb_cmd, args.fusionbench_timeout)
-                line += f" {cell(theirs, encoder, args.fusionbench_timeout)}"
+                limit = args.fusionbench_memory * 2**30
+                theirs = run(fb_cmd, args.fusionbench_timeout, limit)
+                line += f" {cell(theirs, encoder)}"
             print(line, flush=True)
     finally:
         if args.workdir is None:

@@ -65,6 +65,7 @@ class Param:
     choices: tuple[str, ...] = ()
     check: Callable[[Any], str | None] | None = None  # returns an error message
     parse: Callable[[Any], Any] | None = None  # for values beyond ``kind`` (lists of names, …)
+    required: bool = False  # no default fits every pool (weighted_average's weights)
 
 
 @dataclass(frozen=True)

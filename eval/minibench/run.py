@@ -23,12 +23,14 @@ DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
 
 
 def expand_methods(names: list[str]) -> list[str]:
-    """``all`` → every registered method; unknown names fail before any work."""
+    """``all`` → every registered method that runs on its defaults (not weighted_average, whose
+    weights are the pool's); unknown names fail before any work."""
     from clipship.merge import get_method, method_table
 
+    runnable = [m.name for m in method_table().values() if not any(p.required for p in m.params)]
     chosen: list[str] = []
     for name in names:
-        for method in method_table() if name == "all" else [get_method(name).name]:
+        for method in runnable if name == "all" else [get_method(name).name]:
             if method not in chosen:
                 chosen.append(method)
     return chosen

@@ -38,6 +38,7 @@ METHOD = Method(
             None,
             "one weight per model, comma-separated, in pool order",
             check=_check_weights,
+            required=True,
         ),
     ),
     merge=weighted_average,
