@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+NOT_WIRED = 3  # exit status merge_memory.py reads as "no counterpart"
+
 
 def algorithm(method: str):
     import fusion_bench.method as fb
@@ -26,6 +28,9 @@ def algorithm(method: str):
             scaling_factor=0.3, threshold=20, remove_keys=[], merge_func="sum"
         ),
         "magmax": lambda: fb.MagMaxAlgorithm(scaling_factor=1.0),
+        "dare": lambda: fb.DareTaskArithmetic(
+            scaling_factor=0.3, sparsity_ratio=0.5, only_on_linear_weights=False, rescale=True
+        ),
         "task_singular_vector": lambda: fb.TaskSingularVectorMerging(alpha=1),
         "iso_c": lambda: fb.ISO_C_Merge(scaling_factor=1.0),
         "iso_cts": lambda: fb.ISO_CTS_Merge(scaling_factor=1.0, common_space_fraction=0.8),
@@ -35,7 +40,8 @@ def algorithm(method: str):
         "magnitude_prune": lambda: fb.MagnitudeDiffPruningAlgorithm(prune_ratio=0.5, rescale=False),
     }
     if method not in table:
-        raise SystemExit(f"no FusionBench counterpart wired for {method}")
+        print(f"no FusionBench counterpart wired for {method}", file=sys.stderr)
+        raise SystemExit(NOT_WIRED)
     return table[method]()
 
 

@@ -31,6 +31,8 @@ from pathlib import Path
 
 from clipship.machine import describe
 
+NOT_WIRED = 3  # fusionbench_merge.py's exit status for a method it has no counterpart for
+
 
 def weight_bytes(path: Path) -> int:
     """Bytes of tensor data in a safetensors file, from its header."""
@@ -77,6 +79,8 @@ def run(
             return stop
         time.sleep(0.05)
     wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) == NOT_WIRED:
+        return "no FusionBench counterpart"
     if os.waitstatus_to_exitcode(status) != 0:
         error = proc.stderr.read().decode(errors="replace").strip().splitlines()[-1:]
         raise SystemExit(f"failed: {' '.join(cmd)}: {' '.join(error)}")
