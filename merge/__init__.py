@@ -2,7 +2,8 @@
 
 >>> from clipship.merge import merge, method_table
 >>> sorted(method_table())                                        # doctest: +SKIP
-['dare', 'magmax', 'simple_average', 'task_arithmetic', 'ties', 'weighted_average']
+['dare', 'iso_c', 'iso_cts', 'magmax', 'magnitude_prune', 'model_stock', 'simple_average',
+ 'slerp', 'task_arithmetic', 'task_singular_vector', 'ties', 'weighted_average', 'wudi']
 """
 
 from clipship.merge.engine import MergeResult, merge, merge_from_recipe

@@ -61,8 +61,23 @@ def sequential_sum(values: list[torch.Tensor]) -> torch.Tensor:
     return total
 
 
+def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD, as FusionBench computes it (``torch.linalg.svd`` in the tensor's dtype).
+
+    LAPACK's float32 divide-and-conquer SVD can fail to converge on matrices with many equal
+    (near-zero) singular values, such as a task matrix with Iso-CTS's common space projected
+    out; FusionBench then stops with ``LinAlgError``. Here that one SVD is recomputed in float64
+    and rounded back, so a merge never fails on it and every other SVD keeps FusionBench's bits.
+    """
+    try:
+        return torch.linalg.svd(matrix, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+        return u.to(matrix.dtype), s.to(matrix.dtype), vh.to(matrix.dtype)
+
+
 def polar(matrix: torch.Tensor) -> torch.Tensor:
     """The nearest matrix with orthonormal columns (U Vᵀ of the thin SVD), as FusionBench
     orthogonalises the concatenated singular vectors."""
-    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    u, _, vh = svd(matrix)
     return u @ vh

@@ -1,8 +1,9 @@
 """The table of merge methods: name → parameters, defaults, paper, and the functions that merge.
 
 Each file in ``clipship/merge/methods/`` defines one ``METHOD = Method(...)``; they are collected
-here by name, so adding a method is adding a file. A method sees one tensor at a time
-(``TensorInputs``) and may declare a ``prepass`` over the whole pool for a global statistic.
+here by name, so adding a method is adding a file. A method sees one piece of a tensor at a time
+(``TensorInputs``; the whole tensor with ``per_tensor``) and may declare a ``prepass`` over the
+whole pool for a global statistic.
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ def test_smoke_pipeline_end_to_end(smoke, tmp_path):
             "--pool-dir",
             str(folder),
             "--methods",
-            "task_arithmetic,ties",
+            "all",
             "--out",
             str(tmp_path),
             "--quiet",
@@ -105,7 +105,16 @@ def test_smoke_pipeline_end_to_end(smoke, tmp_path):
     assert individual > pretrained + 0.05
     for method in ("task_arithmetic", "ties"):
         assert chance < avg(results["merged"][method]) < individual
-    assert "| Pretrained |" in (tmp_path / "results.md").read_text()
+    from clipship.merge import method_table
+
+    # every method runs on its defaults, except weighted_average (its weights are the pool's)
+    assert set(results["merged"]) == set(method_table()) - {"weighted_average"}
+    tasks = results["tasks"]
+    assert results["pools"] == {"slerp": tasks[:2], "magnitude_prune": tasks[:1]}
+    # FusionBench's default rescale=false: the pruned model is the pretrained one
+    assert results["merged"]["magnitude_prune"] == results["pretrained"]
+    table = (tmp_path / "results.md").read_text()
+    assert "| Pretrained |" in table and f"| slerp ({tasks[0]}, {tasks[1]}) |" in table
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 

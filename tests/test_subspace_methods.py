@@ -175,3 +175,20 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path):
         pytest.skip("this machine has a GPU")
     with pytest.raises(ClipshipError, match="no CUDA GPU"):
         run(tmp_path, "wudi", ["task_a"], device="cuda")
+
+
+def test_an_svd_that_fails_to_converge_in_float32_is_redone_in_float64(monkeypatch):
+    from clipship.merge import matrices
+
+    real = torch.linalg.svd
+
+    def flaky(matrix, full_matrices=True):
+        if matrix.dtype == torch.float32:  # as LAPACK's sgesdd on near-repeated singular values
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(matrix, full_matrices=full_matrices)
+
+    tau = torch.randn(20, 12, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(torch.linalg, "svd", flaky)
+    u, s, vh = matrices.svd(tau)
+    assert u.dtype == s.dtype == vh.dtype == torch.float32
+    assert torch.allclose(u @ torch.diag(s) @ vh, tau, atol=1e-5)

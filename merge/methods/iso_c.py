@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from clipship.merge.matrices import EXCLUDE_KEYS, is_matrix, sequential_sum, task_matrices
+from clipship.merge.matrices import EXCLUDE_KEYS, is_matrix, sequential_sum, svd, task_matrices
 from clipship.merge.registry import Method, Param, TensorInputs, finite
 
 
 def iso_c_matrix(total: torch.Tensor) -> torch.Tensor:
     """The sum of the task matrices with every singular value replaced by their mean."""
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    u, s, vh = svd(total)
     flat = torch.ones_like(s) * s.mean()
     return torch.linalg.multi_dot((u, torch.diag(flat), vh))
 

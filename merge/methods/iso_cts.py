@@ -24,6 +24,7 @@ from clipship.merge.matrices import (
     polar,
     running_mean,
     sequential_sum,
+    svd,
     task_matrices,
 )
 from clipship.merge.methods.iso_c import SCALING_FACTOR
@@ -46,12 +47,12 @@ def iso_cts_matrix(task_vectors: list[torch.Tensor], fraction: float, name: str)
             f"iso_cts: common_space_fraction={fraction} leaves no common space for "
             f"{n_tasks} tasks in {name} (rank {rank}); raise it"
         )
-    u, s, vh = torch.linalg.svd(sequential_sum(task_vectors), full_matrices=False)
+    u, s, vh = svd(sequential_sum(task_vectors))
     common_u, common_s, common_vh = u[:, :common], s[:common], vh[:common, :]
     space_u = space_s = space_vh = None
     for i, tau in enumerate(task_vectors):
         specific = tau - common_u @ common_u.T @ tau
-        u_t, s_t, vh_t = torch.linalg.svd(specific, full_matrices=False)
+        u_t, s_t, vh_t = svd(specific)
         if space_u is None:
             space_u, space_s = torch.zeros_like(u_t), torch.zeros_like(s_t)
             space_vh = torch.zeros_like(vh_t)

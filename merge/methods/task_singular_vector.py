@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from clipship.merge.matrices import EXCLUDE_KEYS, is_matrix, running_mean, task_matrices
+from clipship.merge.matrices import EXCLUDE_KEYS, is_matrix, running_mean, svd, task_matrices
 from clipship.merge.registry import Method, Param, TensorInputs, parse_number_or_list
 
 
@@ -23,7 +23,7 @@ def tsv_matrix(task_vectors: list[torch.Tensor]) -> torch.Tensor:
     n_tasks = len(task_vectors)
     sum_u = sum_s = sum_vh = None
     for i, tau in enumerate(task_vectors):
-        u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+        u, s, vh = svd(tau)
         if sum_u is None:
             sum_u, sum_s, sum_vh = torch.zeros_like(u), torch.zeros_like(s), torch.zeros_like(vh)
         k = int(s.shape[0] * (1 / n_tasks))
@@ -31,8 +31,8 @@ def tsv_matrix(task_vectors: list[torch.Tensor]) -> torch.Tensor:
         sum_s[i * k : (i + 1) * k] = s[:k]
         sum_vh[i * k : (i + 1) * k, :] = vh[:k, :]
     # polar(sum_u) @ diag(sum_s) @ polar(sum_vh), in FusionBench's one multi_dot
-    u_u, _, vh_u = torch.linalg.svd(sum_u, full_matrices=False)
-    u_vh, _, vh_vh = torch.linalg.svd(sum_vh, full_matrices=False)
+    u_u, _, vh_u = svd(sum_u)
+    u_vh, _, vh_vh = svd(sum_vh)
     return torch.linalg.multi_dot((u_u, vh_u, torch.diag(sum_s), u_vh, vh_vh))
 
 
