@@ -18,14 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clipship.errors import ClipshipError
+from clipship.errors import ClipshipError, PushError
 from clipship.hashing import file_sha256, git_sha1
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-
-
-class PushError(ClipshipError):
-    """The Hub refused the push, or could not be reached."""
 
 
 @dataclass(frozen=True)

@@ -500,9 +500,9 @@ def finetune(
     """Fine-tune a task encoder (vision tower only, frozen zero-shot head as classifier)."""
 
     def call():
+        from clipship.errors import TaskError
         from clipship.eval import select_tasks
         from clipship.eval.finetune import finetune as run
-        from clipship.eval.tasks import TaskError
 
         chosen = select_tasks(tasks, None, task, classnames, templates, data_dir)
         if len(chosen) != 1:

@@ -1,19 +1,48 @@
-"""Every error clipship raises on purpose.
+"""Every error clipship raises on purpose, in one place.
 
 The CLI prints any ``ClipshipError`` as one line (``error: <message>``) and exits with
-``exit_code``; anything else is a bug and keeps its traceback.
+``exit_code``; anything else is a bug and keeps its traceback. Errors about something the
+user named carry it as an attribute (``path``, ``task``, ``source``) besides the message, and
+inherit the builtin a Python caller would catch for it (a missing source is a
+``FileNotFoundError``, an existing output a ``FileExistsError``).
+
+Grouped by where the problem lies:
+
+- inputs: ``SourceNotFoundError``, ``CheckpointError``, ``NonFiniteWeightsError``,
+  ``PoolMismatchError``, ``RecipeError``, ``DataError``, ``TaskError``, ``DownloadError``
+- requests: ``MethodError``, ``ReleaseConfigError``, ``PromptTooLongError``,
+  ``HeadsMismatchError``
+- outputs: ``OutputExistsError``, ``OutputError``
+- stage gates and services: ``ExportValidationError``, ``PushError``
+- ``Terminated`` (SIGTERM), which is not an error but unwinds like one
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ClipshipError(Exception):
-    """Base class: a problem with the user's input or environment, explained in one line."""
+    """Base class: a problem with the user's input or environment, explained in one line.
+
+    Keyword arguments become attributes (``ClipshipError("...", path=p).path``)."""
 
     exit_code = 1
 
+    def __init__(self, message: str = "", **details: Any) -> None:
+        super().__init__(message)
+        self.details = details
+        for key, value in details.items():
+            setattr(self, key, value)
 
-class SourceNotFoundError(ClipshipError):
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+# --- inputs: models, pools, recipes, datasets ----------------------------------------------
+
+
+class SourceNotFoundError(ClipshipError, FileNotFoundError):
     """A model path, hub id or pool file that cannot be found or downloaded."""
 
 
@@ -21,24 +50,12 @@ class CheckpointError(ClipshipError):
     """A weight file that is corrupt, truncated, unsupported, or a refused pickle."""
 
 
-class PoolMismatchError(ClipshipError):
-    """Models in a pool that cannot be merged together (names, shapes, dtypes, architecture)."""
-
-
 class NonFiniteWeightsError(ClipshipError):
     """NaN or Inf in a model's weights."""
 
 
-class MethodError(ClipshipError):
-    """An unknown merge method, an unknown or invalid parameter, or too few models."""
-
-
-class OutputExistsError(ClipshipError):
-    """The output folder exists and ``--force`` was not given."""
-
-
-class OutputError(ClipshipError):
-    """An output that cannot be written there, or that would replace one of the inputs."""
+class PoolMismatchError(ClipshipError):
+    """Models in a pool that cannot be merged together (names, shapes, dtypes, architecture)."""
 
 
 class RecipeError(ClipshipError):
@@ -47,6 +64,56 @@ class RecipeError(ClipshipError):
 
 class DataError(ClipshipError):
     """A dataset that cannot be read, lacks the expected columns, or has a bad label or image."""
+
+
+class TaskError(ClipshipError):
+    """An unknown task, or a task definition that cannot be used."""
+
+
+class DownloadError(ClipshipError):
+    """A pinned download that cannot be fetched or does not match its sha256."""
+
+
+# --- requests: methods, parameters, release files --------------------------------------------
+
+
+class MethodError(ClipshipError):
+    """An unknown merge method, an unknown or invalid parameter, or a pool it cannot merge."""
+
+
+class ReleaseConfigError(ClipshipError):
+    """A release YAML that cannot be run."""
+
+
+class PromptTooLongError(ClipshipError):
+    """A rendered prompt has more tokens than the text tower's context."""
+
+
+class HeadsMismatchError(ClipshipError):
+    """A heads file that was built for another text tower or tokenizer."""
+
+
+# --- outputs ---------------------------------------------------------------------------------
+
+
+class OutputExistsError(ClipshipError, FileExistsError):
+    """The output folder exists and ``--force`` was not given."""
+
+
+class OutputError(ClipshipError):
+    """An output that cannot be written there, or that would replace one of the inputs."""
+
+
+# --- stage gates and services ----------------------------------------------------------------
+
+
+class ExportValidationError(ClipshipError):
+    """An exported graph that disagrees with PyTorch beyond its gate, or an int8 graph whose
+    integer products could saturate on some CPU."""
+
+
+class PushError(ClipshipError):
+    """The Hub refused the push, or could not be reached."""
 
 
 class Terminated(BaseException):

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from clipship.errors import ClipshipError
+from clipship.errors import ReleaseConfigError
 from clipship.outputs import atomic_folder, remove_stale_temporaries
 
 SECTIONS = {
@@ -43,10 +43,6 @@ SECTIONS = {
     "hub": {"repo_id", "private", "revision", "tag", "message"},
 }
 EXPORT_GATES = {"max_logit_diff", "min_agreement_fp32", "min_agreement_fp16", "min_agreement_int8"}
-
-
-class ReleaseConfigError(ClipshipError):
-    """A release YAML that cannot be run."""
 
 
 def read_config(path: Path) -> dict[str, Any]:

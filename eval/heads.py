@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from clipship.errors import CheckpointError, ClipshipError
+from clipship.errors import CheckpointError, HeadsMismatchError, PromptTooLongError
 from clipship.eval.tasks import Task
 from clipship.hashing import file_sha256
 from clipship.memory import load_owned, own_module
@@ -29,14 +29,6 @@ from clipship.safetensors_io import Checkpoint
 
 HEADS_FILE = "text_heads.safetensors"
 HEADS_META = "text_heads.json"
-
-
-class PromptTooLongError(ClipshipError):
-    """A rendered prompt has more tokens than the text tower's context."""
-
-
-class HeadsMismatchError(ClipshipError):
-    """A heads file that was built for another text tower or tokenizer."""
 
 
 def cache_dir() -> Path:

@@ -14,14 +14,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from clipship.errors import ClipshipError
+from clipship.errors import TaskError
 
 DEFAULT_TEMPLATES = ("a photo of a {c}.",)
 PLACEHOLDER = "{c}"
-
-
-class TaskError(ClipshipError):
-    """An unknown task, or a task definition that cannot be used."""
 
 
 @dataclass(frozen=True)

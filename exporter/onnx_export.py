@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from clipship import machine
-from clipship.errors import ClipshipError
+from clipship.errors import ClipshipError, ExportValidationError
 from clipship.eval.data import ImageSource, Preprocess
 from clipship.eval.evaluate import ZeroShotModel, load_zero_shot
 from clipship.eval.heads import check_heads, load_heads
@@ -42,10 +42,6 @@ from clipship.outputs import atomic_folder, check_target, library_versions
 
 OPSET = 20
 FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}
-
-
-class ExportValidationError(ClipshipError):
-    """An exported graph that disagrees with PyTorch beyond its gate."""
 
 
 @dataclass(frozen=True)

@@ -60,10 +60,6 @@ DEFAULT_SCHEME = "u8u8"
 SATURATING = Scheme("s8", "int8", reduce_range=False)
 
 
-class UnsafeQuantizationError(ValueError):
-    """An integer product of the graph could saturate on CPUs without VNNI."""
-
-
 def quantize_int8(source: Path, target: Path, scheme: Scheme) -> dict[str, int]:
     """Dynamic per-channel quantization of the encoder's matrix products into ``target``, after
     the CPU rewrites of :mod:`clipship.exporter.cpu_graph` (fused attention; the patch embedding

@@ -217,7 +217,8 @@ def test_a_failed_gate_writes_nothing(setup):
 
 
 def test_gates_fail_on_evidence_not_on_one_image():
-    from clipship.exporter.onnx_export import ExportValidationError, Gates, _gate, agreement_bounds
+    from clipship.errors import ExportValidationError
+    from clipship.exporter.onnx_export import Gates, _gate, agreement_bounds
 
     def row(wrong, images):
         lower, upper = agreement_bounds(images - wrong, images)

@@ -292,7 +292,8 @@ def test_endpoint_credentials_and_short_tokens_are_masked(hub_env, release):
 
 
 def test_links_into_blobs_only_from_a_real_hub_snapshot_and_never_to_hidden_files(tmp_path):
-    from clipship.cards.push import PushError, release_files
+    from clipship.cards.push import release_files
+    from clipship.errors import PushError
 
     secret = tmp_path / "secret"
     secret.mkdir()
@@ -326,7 +327,8 @@ def test_links_into_blobs_only_from_a_real_hub_snapshot_and_never_to_hidden_file
 
 
 def test_a_file_swapped_after_the_check_is_not_uploaded(tmp_path):
-    from clipship.cards.push import PushError, open_checked, release_files
+    from clipship.cards.push import open_checked, release_files
+    from clipship.errors import PushError
 
     folder = tmp_path / "release"
     folder.mkdir()

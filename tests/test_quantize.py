@@ -137,8 +137,9 @@ def test_the_file_check_fails_closed_on_ops_it_does_not_know_and_in_subgraphs():
 
 def test_export_refuses_an_int8_file_that_could_saturate(monkeypatch, tmp_path):
     """No shipped scheme fails the check, so the old one is slipped in to see the refusal."""
+    from clipship.errors import ExportValidationError
     from clipship.exporter import onnx_export
-    from clipship.exporter.onnx_export import ExportValidationError, export
+    from clipship.exporter.onnx_export import export
 
     from .test_export import heads_and_images
 

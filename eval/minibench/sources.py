@@ -21,13 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from clipship.errors import ClipshipError
+from clipship.errors import DownloadError
 from clipship.eval.heads import cache_dir
 from clipship.hashing import file_sha256
-
-
-class DownloadError(ClipshipError):
-    """A pinned download that cannot be fetched or does not match its sha256."""
 
 
 @dataclass(frozen=True)
