@@ -32,6 +32,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed $(TOOLS)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/python scripts/check_layers.py
 	$(BIN)/python -m pytest -q
 	$(MAKE) --no-print-directory test-numerics
 
