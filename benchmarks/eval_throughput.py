@@ -92,11 +92,12 @@ def main() -> None:
     args = parser.parse_args()
     print(describe())
 
+    from synthetic import B32
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
-    from clipship.eval.data import Preprocess
-    from clipship.eval.evaluate import PRECISIONS, pick_device
-    from clipship.synthetic import B32
+    from clipship.machine import pick_device
+    from clipship.runtime.data import Preprocess
+    from clipship.runtime.model import PRECISIONS
 
     device = pick_device(args.device)
     torch.manual_seed(0)

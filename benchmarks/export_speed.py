@@ -86,11 +86,11 @@ def _peak_note(sustained: float) -> str:
 def _b32_deploy():
     """A ViT-B/32-shaped encoder with the eight tasks' 758 classes of heads (random weights:
     speed does not depend on them) and the output names of the export."""
+    from synthetic import B32
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from clipship.eval.evaluate import ZeroShotModel
     from clipship.exporter.onnx_export import DeployModel
-    from clipship.synthetic import B32
+    from clipship.runtime.model import ZeroShotModel
 
     torch.manual_seed(0)
     vision = CLIPVisionModel(CLIPVisionConfig(**B32["vision_config"])).eval()
@@ -227,10 +227,6 @@ def validation(budget: str, per_task: int, method: str) -> None:
     """Every variant against PyTorch on the mini-benchmark's real test images; for int8, each
     scheme, whether its file passes the portability check, and how many outputs of its integer
     products the saturating (non-VNNI) kernel would change on the first 64 images."""
-    from clipship.eval.data import Preprocess
-    from clipship.eval.evaluate import load_zero_shot
-    from clipship.eval.heads import build_heads
-    from clipship.eval.minibench.build import build, pool_tasks
     from clipship.exporter.onnx_export import (
         DeployModel,
         _compare,
@@ -247,7 +243,11 @@ def validation(budget: str, per_task: int, method: str) -> None:
         saturation_effects,
     )
     from clipship.merge import merge
+    from clipship.minibench.build import build, pool_tasks
     from clipship.pool import read_pool_yaml
+    from clipship.runtime.data import Preprocess
+    from clipship.runtime.heads import build_heads
+    from clipship.runtime.model import load_zero_shot
 
     pool = build(None, budget, 0)
     pretrained, models = read_pool_yaml(pool / "pool.yaml")

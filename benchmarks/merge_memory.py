@@ -135,15 +135,25 @@ def main() -> None:
             # In a child: a process's peak RSS counts what its parent held when it forked
             # (Linux carries the high-water mark across exec), so this one stays torch-free.
             t = time.perf_counter()
+            here = str(Path(__file__).parent)  # for `synthetic`, beside this script
             build = (
-                "import sys; from pathlib import Path; "
-                "from clipship.synthetic import build_pool, write_pool_yaml; "
+                "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[4]); "
+                "from synthetic import build_pool, write_pool_yaml; "
                 "work = Path(sys.argv[1]); "
                 "pool = build_pool(work, sys.argv[2], int(sys.argv[3]), seed=0); "
                 "write_pool_yaml(work / 'pool.yaml', *pool)"
             )
             subprocess.run(
-                [sys.executable, "-c", build, str(work), size, str(args.models)], check=True
+                [
+                    sys.executable,
+                    "-c",
+                    build,
+                    str(work),
+                    size,
+                    str(args.models),
+                    here,
+                ],
+                check=True,
             )
             print(f"built {args.models} × {size} pool in {time.perf_counter() - t:.1f}s at {work}")
         encoder = weight_bytes(work / "task_a" / "model.safetensors")

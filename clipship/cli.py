@@ -339,7 +339,7 @@ def heads(
 
     def call():
         from clipship.eval import build_heads, save_heads, select_tasks
-        from clipship.eval.evaluate import pick_device
+        from clipship.machine import pick_device
         from clipship.outputs import check_target
 
         check_target(out, force, inputs=(model,))
@@ -571,9 +571,9 @@ def export(
     """Export encoder + text heads as one ONNX graph, validated against PyTorch first."""
 
     def call():
-        from clipship.eval.tasks import get_tasks, read_taskfile, with_local_data
         from clipship.exporter.onnx_export import Gates
         from clipship.exporter.onnx_export import export as run
+        from clipship.runtime.tasks import get_tasks, read_taskfile, with_local_data
 
         if not onnx:
             raise MethodError("nothing to export: --onnx is the format clipship writes")
@@ -820,7 +820,7 @@ def minibench_build(
     """Build (or reuse from the cache) the mini-benchmark pool."""
 
     def call():
-        from clipship.eval.minibench.build import BUDGETS, build
+        from clipship.minibench.build import BUDGETS, build
 
         if budget not in BUDGETS:
             raise MethodError(f"--budget {budget}: choose {' or '.join(BUDGETS)}")
@@ -847,8 +847,8 @@ def minibench_run(
     """Merge the pool with each method, evaluate everything, write results.{md,json,png}."""
 
     def call():
-        from clipship.eval.minibench.build import build
-        from clipship.eval.minibench.run import expand_methods, markdown, run
+        from clipship.minibench.build import build
+        from clipship.minibench.run import expand_methods, markdown, run
 
         chosen = expand_methods([m for m in methods.split(",") if m])
         folder = pool_dir or build(None, budget, seed, quiet=quiet)

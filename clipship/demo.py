@@ -11,8 +11,8 @@ from pathlib import Path
 
 
 def run_demo(out: Path, budget: str = "full", force: bool = False) -> str:
-    from clipship.eval.minibench.build import build
-    from clipship.eval.minibench.run import markdown, run
+    from clipship.minibench.build import build
+    from clipship.minibench.run import markdown, run
     from clipship.outputs import check_target
 
     out = Path(out)

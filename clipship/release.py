@@ -210,7 +210,7 @@ def resolve_pool(config: dict[str, Any], quiet: bool) -> tuple[str, dict[str, st
             "pool: give exactly one of minibench:, yaml:, pretrained: + models:"
         )
     if "minibench" in pool:
-        from clipship.eval.minibench.build import BUDGETS, build
+        from clipship.minibench.build import BUDGETS, build
 
         budget = str(pool["minibench"])
         if budget not in BUDGETS:
@@ -367,7 +367,7 @@ def claim_run_dir(run: Path, force: bool) -> None:
 
 
 def _tasks(config: dict[str, Any], models: dict[str, str], taskfile: Path | None):
-    from clipship.eval.tasks import select_tasks
+    from clipship.runtime.tasks import select_tasks
 
     spec = config.get("eval", {})
     names = spec.get("tasks", "pool")

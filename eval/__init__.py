@@ -5,8 +5,8 @@
 """
 
 from clipship.eval.evaluate import evaluate, evaluate_pool
-from clipship.eval.heads import build_heads, load_heads, save_heads
-from clipship.eval.tasks import Task, builtin_tasks, get_tasks, select_tasks, standard_tasks
+from clipship.runtime.heads import build_heads, load_heads, save_heads
+from clipship.runtime.tasks import Task, builtin_tasks, get_tasks, select_tasks, standard_tasks
 
 __all__ = [
     "Task",

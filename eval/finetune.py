@@ -22,13 +22,14 @@ from typing import Any
 import torch
 
 from clipship.errors import ClipshipError
-from clipship.eval.data import DataError, ImageSource, Preprocess, TaskImages, collate
-from clipship.eval.evaluate import PRECISIONS, ZeroShotModel, pick_device
-from clipship.eval.heads import build_heads
-from clipship.eval.tasks import Task
+from clipship.machine import pick_device
 from clipship.memory import load_owned, own_module
 from clipship.outputs import atomic_folder, check_target, library_versions
 from clipship.pool import resolve_folder
+from clipship.runtime.data import DataError, ImageSource, Preprocess, TaskImages, collate
+from clipship.runtime.heads import build_heads
+from clipship.runtime.model import PRECISIONS, ZeroShotModel
+from clipship.runtime.tasks import Task
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"

@@ -25,10 +25,6 @@ import torch
 
 from clipship import machine
 from clipship.errors import ClipshipError, ExportValidationError
-from clipship.eval.data import ImageSource, Preprocess
-from clipship.eval.evaluate import ZeroShotModel, load_zero_shot
-from clipship.eval.heads import check_heads, load_heads
-from clipship.eval.tasks import Task
 from clipship.exporter.quantize import (
     DEFAULT_SCHEME,
     SCHEMES,
@@ -39,6 +35,10 @@ from clipship.exporter.quantize import (
 )
 from clipship.hashing import file_sha256
 from clipship.outputs import atomic_folder, check_target, library_versions
+from clipship.runtime.data import ImageSource, Preprocess
+from clipship.runtime.heads import check_heads, load_heads
+from clipship.runtime.model import ZeroShotModel, load_zero_shot
+from clipship.runtime.tasks import Task
 
 OPSET = 20
 FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}
@@ -122,7 +122,7 @@ def validation_images(
     task, "*"), else the first ``size`` of each task's local test data."""
     from PIL import Image
 
-    from clipship.eval.data import IMAGE_SUFFIXES, DataError
+    from clipship.runtime.data import IMAGE_SUFFIXES, DataError
 
     images, where = [], []
     if data is not None:

@@ -27,10 +27,13 @@ ROOT = Path(__file__).resolve().parent.parent
 def lay_out(target: Path) -> None:
     """The installed shape of the ``clipship`` package, under ``target``."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    for package, source in config["package-dir"].items():
+    mapped = config["package-dir"]
+    for package in config["packages"]:
+        parent, _, leaf = package.rpartition(".")
+        source = ROOT / mapped[package] if package in mapped else ROOT / mapped[parent] / leaf
         folder = target.joinpath(*package.split("."))
         folder.mkdir(parents=True, exist_ok=True)
-        for module in (ROOT / source).glob("*.py"):
+        for module in source.glob("*.py"):
             (folder / module.name).symlink_to(module)
 
 

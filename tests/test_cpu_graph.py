@@ -6,9 +6,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from clipship.eval.evaluate import load_zero_shot
 from clipship.exporter.cpu_graph import fuse_attention, patch_embedding_as_matmul
 from clipship.exporter.onnx_export import DeployModel, _onnx_export
+from clipship.runtime.model import load_zero_shot
 
 from .test_eval import PRETRAINED, REF
 

@@ -10,10 +10,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from clipship.eval import build_heads, evaluate, get_tasks
-from clipship.eval.data import Preprocess
-from clipship.eval.evaluate import load_zero_shot
-from clipship.eval.heads import head_key, text_tower_sha256, tokenizer_sha256
-from clipship.eval.tasks import builtin_tasks, read_taskpool_yaml, standard_tasks
+from clipship.runtime.data import Preprocess
+from clipship.runtime.heads import head_key, text_tower_sha256, tokenizer_sha256
+from clipship.runtime.model import load_zero_shot
+from clipship.runtime.tasks import builtin_tasks, read_taskpool_yaml, standard_tasks
 
 from .conftest import DATA
 

@@ -71,7 +71,7 @@ def setup(tmp_path_factory):
 def heads_and_images(root):
     """A heads folder for mnist and the 64 reference digits as PNG files, under ``root``."""
     from clipship.eval import build_heads, get_tasks
-    from clipship.eval.heads import save_heads
+    from clipship.runtime.heads import save_heads
 
     heads, meta = build_heads(PRETRAINED, get_tasks("mnist"), use_cache=False)
     save_heads(root / "heads", heads, meta, force=False)
@@ -176,9 +176,9 @@ def test_export_all_variants_validated_and_reloadable(setup):
 
 
 def test_predict_agrees_with_eval_and_needs_no_torch(setup):
-    from clipship.eval.data import Preprocess
-    from clipship.eval.evaluate import load_zero_shot
-    from clipship.eval.heads import load_heads
+    from clipship.runtime.data import Preprocess
+    from clipship.runtime.heads import load_heads
+    from clipship.runtime.model import load_zero_shot
 
     out = setup / "out_fp32"
     assert runner.invoke(app, export_args(setup, out)).exit_code == 0

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from clipship.eval import build_heads, get_tasks
-from clipship.eval.evaluate import load_zero_shot
 from clipship.eval.finetune import _restore_optimizer, _save_checkpoint
-from clipship.eval.heads import load_clip, load_heads, save_heads
 from clipship.memory import ALIGNMENT, own_module
+from clipship.runtime.heads import load_clip, load_heads, save_heads
+from clipship.runtime.model import load_zero_shot
 
 from .test_eval import MNIST, PRETRAINED
 

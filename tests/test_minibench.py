@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from clipship.eval.minibench import sources
+from clipship.minibench import sources
 
 
 def test_a_tampered_download_is_refused(tmp_path):
@@ -119,7 +119,7 @@ def test_smoke_pipeline_end_to_end(smoke, tmp_path):
 
 
 def test_building_twice_gives_identical_weights(smoke, tmp_path, monkeypatch):
-    from clipship.eval.minibench.build import build
+    from clipship.minibench.build import build
 
     folder, cache = smoke
     monkeypatch.setenv("CLIPSHIP_CACHE", str(tmp_path))

@@ -47,8 +47,8 @@ def test_a_failure_leaves_nothing_and_an_existing_folder_needs_force(tmp_path):
 
 
 def test_cached_heads_are_readable_by_others(tmp_path, monkeypatch):
-    from clipship.eval.heads import build_heads
-    from clipship.eval.tasks import Task
+    from clipship.runtime.heads import build_heads
+    from clipship.runtime.tasks import Task
 
     from .test_eval import PRETRAINED
 

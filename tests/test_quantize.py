@@ -25,8 +25,8 @@ def graphs(tmp_path_factory):
     """The tiny fixture (mnist encoder + its head) as fp32 ONNX, then quantized in each scheme
     and in the full-range int8 scheme clipship shipped before (``s8``)."""
     from clipship.eval import build_heads, get_tasks
-    from clipship.eval.evaluate import load_zero_shot
     from clipship.exporter.onnx_export import DeployModel, _onnx_export, _quiet
+    from clipship.runtime.model import load_zero_shot
 
     root = tmp_path_factory.mktemp("quantize")
     zero_shot, folder, _ = load_zero_shot(str(MNIST), str(PRETRAINED), "cpu")

@@ -332,7 +332,7 @@ def test_a_changed_input_reruns_its_stage_and_the_ones_after(hub_env, cache, tmp
 
 @numerics
 def test_a_fusionbench_pool_file_and_a_taskfile(cache, tmp_path, monkeypatch, hub_env):
-    from clipship.eval.minibench.build import build
+    from clipship.minibench.build import build
 
     monkeypatch.setenv("CLIPSHIP_CACHE", str(cache))
     pool = build(None, "smoke", 0)  # already in the session's cache

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from clipship.eval.evaluate import evaluate
-from clipship.eval.minibench.build import pool_tasks
+from clipship.minibench.build import pool_tasks
 from clipship.outputs import write_text_atomic
 from clipship.pool import read_pool_yaml
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from clipship.errors import DownloadError
-from clipship.eval.heads import cache_dir
 from clipship.hashing import file_sha256
+from clipship.runtime.heads import cache_dir
 
 
 @dataclass(frozen=True)

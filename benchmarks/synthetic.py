@@ -1,4 +1,5 @@
-"""Seeded synthetic CLIP pools, for the demo, the tests and the memory benchmark.
+"""Seeded synthetic CLIP pools of real model shapes, for the benchmarks (``from synthetic import
+build_pool`` in a script run from benchmarks/).
 
 ``write_model`` writes a CLIPModel or CLIPVisionModel folder of any size tensor by tensor (shapes
 come from a meta-device instance, values from a seeded generator), so even a ViT-L/14 pool is
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 
+from clipship.minibench.build import bytes_to_unicode
 from clipship.safetensors_io import DTYPE_NAMES, Checkpoint, ShardedWriter
 
 # A tiny CLIP: the parity fixture's shape (vision: image 32, patch 8, hidden 64, 4 layers).
@@ -164,18 +166,6 @@ def write_processor(folder: Path, image_size: int) -> None:
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
-
-
-def bytes_to_unicode() -> list[str]:
-    """GPT-2/CLIP's stand-in character for every byte, in CLIP's vocabulary order: the printable
-    bytes as themselves first, then the others mapped to chr(256 + n) in byte order."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    others = [b for b in range(256) if b not in printable]
-    return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
 
 
 def build_pool(

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from clipship.errors import DataError
-from clipship.eval.tasks import Task
 from clipship.imaging import ImagePreprocess
+from clipship.runtime.tasks import Task
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 

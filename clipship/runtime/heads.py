@@ -20,11 +20,11 @@ from typing import Any
 import torch
 
 from clipship.errors import CheckpointError, HeadsMismatchError, PromptTooLongError
-from clipship.eval.tasks import Task
 from clipship.hashing import file_sha256
 from clipship.memory import load_owned, own_module
 from clipship.outputs import atomic_folder, library_versions, usual_modes
 from clipship.pool import TOKENIZER_FILES
+from clipship.runtime.tasks import Task
 from clipship.safetensors_io import Checkpoint
 
 HEADS_FILE = "text_heads.safetensors"

@@ -37,7 +37,7 @@ class Task:
 
 @cache
 def _builtin() -> dict[str, Any]:
-    text = resources.files("clipship.eval").joinpath("tasks.json").read_text(encoding="utf-8")
+    text = resources.files("clipship.runtime").joinpath("tasks.json").read_text(encoding="utf-8")
     return json.loads(text)
 
 

@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from clipship.eval.heads import cache_dir
-from clipship.eval.minibench import sources
-from clipship.eval.tasks import Task
 from clipship.hashing import file_sha256
+from clipship.minibench import sources
 from clipship.outputs import atomic_folder, library_versions
 from clipship.progress import Bars
+from clipship.runtime.heads import cache_dir
+from clipship.runtime.tasks import Task
 
 RECIPE_VERSION = 2  # bump whenever the build changes what it produces
 IMAGE_SIZE = 32
@@ -83,7 +83,7 @@ TEXT = {
 
 
 def task_definitions() -> dict[str, dict[str, Any]]:
-    text = resources.files("clipship.eval.minibench").joinpath("tasks.json").read_text("utf-8")
+    text = resources.files("clipship.minibench").joinpath("tasks.json").read_text("utf-8")
     return json.loads(text)["tasks"]
 
 
@@ -147,7 +147,7 @@ def write_parquet(
     from datasets import Image as ImageFeature
     from PIL import Image
 
-    from clipship.eval.data import quiet_datasets
+    from clipship.runtime.data import quiet_datasets
 
     quiet_datasets()
     features = Features({"image": ImageFeature(), "label": ClassLabel(names=classnames)})
@@ -155,11 +155,22 @@ def write_parquet(
     Dataset.from_dict(rows, features=features).to_parquet(str(path))
 
 
+def bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP's stand-in character for every byte, in CLIP's vocabulary order: the printable
+    bytes as themselves first, then the others mapped to chr(256 + n) in byte order."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    others = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
+
+
 def write_tokenizer(folder: Path) -> None:
     """The CLIP BPE tokenizer (49,408 ids) built from open_clip's merges file."""
+    from synthetic import bytes_to_unicode
     from transformers import CLIPTokenizer
-
-    from clipship.synthetic import bytes_to_unicode
 
     lines = sources.clip_bpe()
     merges = lines[1 : 49152 - 256 - 2 + 1]
@@ -187,7 +198,7 @@ def pretrain(
         CLIPTokenizer,
     )
 
-    from clipship.eval.data import Preprocess
+    from clipship.runtime.data import Preprocess
 
     torch.manual_seed(seed)
     config = CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=64)
@@ -392,6 +403,6 @@ def weight_hashes(folder: Path) -> dict[str, str]:
 
 
 def pool_tasks(folder: Path) -> list[Task]:
-    from clipship.eval.tasks import read_taskfile
+    from clipship.runtime.tasks import read_taskfile
 
     return read_taskfile(Path(folder) / "tasks.json")

@@ -1,0 +1,74 @@
+"""The CLIP runtime every stage uses: a zero-shot model (a vision tower, the pretrained
+projection and logit scale) loaded from a merged folder, an encoder or a hub id, its embeddings
+and its logits against text heads, with FusionBench's operation order."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clipship.errors import PoolMismatchError
+from clipship.memory import own_module
+from clipship.pool import load_model, resolve_folder
+from clipship.runtime.tasks import Task
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def hub_dataset(task: Task) -> str | None:
+    """The hub id of the test set ``task`` was read from; None for local data (``load_dataset``
+    also takes a local folder as ``path``: that is no hub dataset, and no path is published)."""
+    path = (task.dataset or {}).get("path")
+    if task.data or not isinstance(path, str) or Path(path).expanduser().exists():
+        return None
+    return path if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) else None
+
+
+class ZeroShotModel(torch.nn.Module):
+    """The evaluated vision tower plus the pretrained projection, logit scale and text heads."""
+
+    def __init__(self, vision: Any, projection: torch.nn.Module, logit_scale: torch.Tensor):
+        super().__init__()
+        self.vision, self.projection = vision, projection
+        self.register_buffer("scale", logit_scale.detach().exp().float())
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        pooled = self.vision(pixel_values=pixel_values)[1]
+        embeds = self.projection(pooled).float()
+        return embeds / embeds.norm(p=2, dim=-1, keepdim=True)
+
+    def logits(self, embeds: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        # FusionBench's operation order, (head @ imgᵀ)·scale then transpose: bit-equal logits.
+        return (head @ embeds.T * self.scale).T
+
+
+def load_zero_shot(
+    model: str, pretrained: str | None, device: str
+) -> tuple[ZeroShotModel, Path, dict]:
+    """(model on device, pretrained folder, model_info) for a merged folder, encoder or hub id."""
+    from transformers import CLIPModel, CLIPVisionModel
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    checked = load_model("model", model)  # headers only: refuses folders without a vision tower
+    checked.checkpoint.close()
+    if pretrained is None:
+        if not checked.has_text_tower:
+            raise PoolMismatchError(
+                f"{model} is a vision-only model: pass --pretrained with the CLIPModel "
+                "it was fine-tuned from"
+            )
+        pretrained_folder = checked.folder
+    else:
+        pretrained_folder = resolve_folder(pretrained)[0]
+    clip = CLIPModel.from_pretrained(pretrained_folder)
+    vision = CLIPVisionModel.from_pretrained(checked.folder)
+    zero_shot = ZeroShotModel(vision, clip.visual_projection, clip.logit_scale).to(device).eval()
+    own_module(zero_shot)  # out of the files' mappings (clipship.memory)
+    n = sum(p.numel() for p in vision.parameters())
+    info = {"trainable_params": n, "all_params": n, "trainable_percentage": 1.0}
+    return zero_shot, pretrained_folder, info
