@@ -270,13 +270,11 @@ def _link(base: str) -> str:
 
 
 def _chart(rows: dict[str, dict[str, float]]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from clipship.runtime.state import figure
 
     tasks = list(next(iter(rows.values())))
-    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(tasks), 3.6), dpi=110)
+    fig = figure(figsize=(1.6 + 1.2 * len(tasks), 3.6), dpi=110)
+    ax = fig.subplots()
     width = 0.8 / len(rows)
     for i, (label, acc) in enumerate(rows.items()):
         ax.bar(
@@ -292,5 +290,4 @@ def _chart(rows: dict[str, dict[str, float]]) -> bytes:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", metadata={"Software": None})
-    plt.close(fig)
     return buffer.getvalue()

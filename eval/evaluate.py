@@ -23,11 +23,13 @@ from clipship.progress import Bars
 from clipship.runtime.data import DataError, ImageSource, Preprocess, TaskImages, collate
 from clipship.runtime.heads import build_heads, check_heads, load_heads
 from clipship.runtime.model import PRECISIONS, ZeroShotModel, hub_dataset, load_zero_shot
+from clipship.runtime.state import borrows_process_state
 from clipship.runtime.tasks import Task
 
 MAX_BATCH = 65536
 
 
+@borrows_process_state
 def evaluate(
     model: str,
     tasks: list[Task],

@@ -29,6 +29,7 @@ from clipship.pool import resolve_folder
 from clipship.runtime.data import DataError, ImageSource, Preprocess, TaskImages, collate
 from clipship.runtime.heads import build_heads
 from clipship.runtime.model import PRECISIONS, ZeroShotModel
+from clipship.runtime.state import borrows_process_state
 from clipship.runtime.tasks import Task
 
 STATE_FILE = "trainer_state.json"
@@ -99,6 +100,7 @@ def _latest_checkpoint(root: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+@borrows_process_state
 def finetune(
     pretrained: str,
     task: Task,
@@ -122,10 +124,7 @@ def finetune(
 ) -> dict[str, Any]:
     """Tune the vision tower on ``task``'s train split; writes a CLIPVisionModel folder."""
     from transformers import CLIPModel, CLIPVisionModel
-    from transformers.utils import logging
 
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
     out = Path(out)
     check_target(out, force, inputs=(pretrained, task.data))
     if steps < 1 or batch_size < 1:

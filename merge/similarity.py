@@ -40,13 +40,11 @@ def write_csv(path: Path, names: list[str], matrix: torch.Tensor) -> None:
 def write_heatmap(path: Path, names: list[str], matrix: torch.Tensor) -> None:
     import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from clipship.runtime.state import figure
 
     size = 1.2 + 0.7 * len(names)
-    fig, ax = plt.subplots(figsize=(size + 1.5, size), dpi=120)
+    fig = figure(figsize=(size + 1.5, size), dpi=120)
+    ax = fig.subplots()
     image = ax.imshow(matrix.numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set_yticks(range(len(names)), names)
@@ -68,7 +66,6 @@ def write_heatmap(path: Path, names: list[str], matrix: torch.Tensor) -> None:
     buffer = io.BytesIO()
     # No timestamp or software version in the file, so reruns give the same bytes.
     fig.savefig(buffer, format="png", metadata={"Software": None})
-    plt.close(fig)
     write_bytes_atomic(path, buffer.getvalue())
 
 

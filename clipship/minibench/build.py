@@ -29,6 +29,7 @@ from clipship.minibench import sources
 from clipship.outputs import atomic_folder, library_versions
 from clipship.progress import Bars
 from clipship.runtime.heads import cache_dir
+from clipship.runtime.state import borrows_process_state
 from clipship.runtime.tasks import Task
 
 RECIPE_VERSION = 2  # bump whenever the build changes what it produces
@@ -147,12 +148,12 @@ def write_parquet(
     from datasets import Image as ImageFeature
     from PIL import Image
 
-    from clipship.runtime.data import quiet_datasets
+    from clipship.runtime.state import quiet_datasets
 
-    quiet_datasets()
     features = Features({"image": ImageFeature(), "label": ClassLabel(names=classnames)})
     rows = {"image": [Image.fromarray(x) for x in images], "label": labels.tolist()}
-    Dataset.from_dict(rows, features=features).to_parquet(str(path))
+    with quiet_datasets():
+        Dataset.from_dict(rows, features=features).to_parquet(str(path))
 
 
 def bytes_to_unicode() -> list[str]:
@@ -186,6 +187,7 @@ def write_tokenizer(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+@borrows_process_state
 def pretrain(
     folder: Path, tasks: list[Task], data: dict, budget: Budget, seed: int, log, tick=None
 ) -> None:

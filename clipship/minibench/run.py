@@ -15,6 +15,7 @@ from clipship.eval.evaluate import evaluate
 from clipship.minibench.build import pool_tasks
 from clipship.outputs import write_text_atomic
 from clipship.pool import read_pool_yaml
+from clipship.runtime.state import figure
 
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "task_arithmetic": {"scaling_factor": 0.3},
@@ -120,14 +121,10 @@ def write_tables(out: Path, results: dict[str, Any]) -> None:
     write_text_atomic(out / "results.md", markdown(results))
     import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = results["tasks"]
     table = rows(results)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(names), 4), dpi=110)
+    fig = figure(figsize=(1.6 + 1.4 * len(names), 4), dpi=110)
+    ax = fig.subplots()
     width = 0.8 / len(table)
     for i, (label, acc) in enumerate(table):
         ax.bar(
@@ -144,5 +141,4 @@ def write_tables(out: Path, results: dict[str, Any]) -> None:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", metadata={"Software": None})
-    plt.close(fig)
     (out / "results.png").write_bytes(buffer.getvalue())

@@ -20,6 +20,7 @@ import torch
 
 from clipship.errors import DataError
 from clipship.imaging import ImagePreprocess
+from clipship.runtime.state import quiet_datasets
 from clipship.runtime.tasks import Task
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -61,9 +62,8 @@ class ImageSource:
             if path.is_dir() and (
                 (path / "state.json").exists() or (path / "dataset_dict.json").exists()
             ):
-                load_from_disk = quiet_datasets().load_from_disk
-
-                rows = _readable(task, path, lambda: load_from_disk(str(path)))
+                with quiet_datasets() as datasets:
+                    rows = _readable(task, path, lambda: datasets.load_from_disk(str(path)))
                 if hasattr(rows, "keys"):
                     if self.split not in rows:
                         raise DataError(f"task {task.name}: {path} has no {self.split!r} split")
@@ -83,12 +83,11 @@ class ImageSource:
                 raise DataError(
                     f"task {task.name}: no dataset source; give its data with --data-dir or --task"
                 )
-            load_dataset = quiet_datasets().load_dataset
-
             spec = task.dataset
             try:
                 split = spec.get("split", "test") if self.split == "test" else self.split
-                self._rows = load_dataset(spec["path"], spec.get("name"), split=split)
+                with quiet_datasets() as datasets:
+                    self._rows = datasets.load_dataset(spec["path"], spec.get("name"), split=split)
             except Exception as e:  # datasets raises many types for missing or unreachable data
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise DataError(f"task {task.name}: cannot load {spec['path']} ({first})") from None
@@ -136,24 +135,14 @@ def _readable(task: Task, path: Path, read):
         raise DataError(f"task {task.name}: {path}: cannot read the data ({first})") from None
 
 
-def quiet_datasets():
-    """The ``datasets`` library, quiet (ImageFolder data never needs it)."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    # Its parquet reader logs the error it then raises; ours names the task and the file.
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
-    return datasets
-
-
 def _read_parquet(path: Path, split: str) -> Any:
     """One split of parquet data: the files named after it (``test-00000-of-00001.parquet``),
     or every file when none is."""
-    Dataset = quiet_datasets().Dataset
     files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
     named = [f for f in files if f.name.startswith(f"{split}-") or f.parent.name == split]
     chosen = named or files
-    return Dataset.from_parquet([str(f) for f in chosen])
+    with quiet_datasets() as datasets:
+        return datasets.Dataset.from_parquet([str(f) for f in chosen])
 
 
 def _image_folder(path: Path, task: Task) -> list[tuple[Path, int]]:

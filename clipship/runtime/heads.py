@@ -24,6 +24,7 @@ from clipship.hashing import file_sha256
 from clipship.memory import load_owned, own_module
 from clipship.outputs import atomic_folder, library_versions, usual_modes
 from clipship.pool import TOKENIZER_FILES
+from clipship.runtime.state import quiet_transformers
 from clipship.runtime.tasks import Task
 from clipship.safetensors_io import Checkpoint
 
@@ -155,12 +156,10 @@ def _logit_scale(folder: Path) -> float:
 
 def load_clip(folder: Path, device: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     from transformers import CLIPModel, CLIPTokenizer
-    from transformers.utils import logging
 
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    model = own_module(CLIPModel.from_pretrained(folder, dtype=dtype).to(device).eval())
-    return model, CLIPTokenizer.from_pretrained(folder)
+    with quiet_transformers():
+        model = own_module(CLIPModel.from_pretrained(folder, dtype=dtype).to(device).eval())
+        return model, CLIPTokenizer.from_pretrained(folder)
 
 
 def save_heads(

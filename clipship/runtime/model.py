@@ -13,6 +13,7 @@ import torch
 from clipship.errors import PoolMismatchError
 from clipship.memory import own_module
 from clipship.pool import load_model, resolve_folder
+from clipship.runtime.state import quiet_transformers
 from clipship.runtime.tasks import Task
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -50,10 +51,7 @@ def load_zero_shot(
 ) -> tuple[ZeroShotModel, Path, dict]:
     """(model on device, pretrained folder, model_info) for a merged folder, encoder or hub id."""
     from transformers import CLIPModel, CLIPVisionModel
-    from transformers.utils import logging
 
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
     checked = load_model("model", model)  # headers only: refuses folders without a vision tower
     checked.checkpoint.close()
     if pretrained is None:
@@ -65,8 +63,9 @@ def load_zero_shot(
         pretrained_folder = checked.folder
     else:
         pretrained_folder = resolve_folder(pretrained)[0]
-    clip = CLIPModel.from_pretrained(pretrained_folder)
-    vision = CLIPVisionModel.from_pretrained(checked.folder)
+    with quiet_transformers():
+        clip = CLIPModel.from_pretrained(pretrained_folder)
+        vision = CLIPVisionModel.from_pretrained(checked.folder)
     zero_shot = ZeroShotModel(vision, clip.visual_projection, clip.logit_scale).to(device).eval()
     own_module(zero_shot)  # out of the files' mappings (clipship.memory)
     n = sum(p.numel() for p in vision.parameters())

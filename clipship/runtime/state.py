@@ -1,0 +1,70 @@
+"""Process-wide state that library calls borrow and give back.
+
+transformers and datasets log and draw progress bars for every load; torch keeps one global RNG.
+A clipship call quiets the libraries and seeds torch for its own work, then leaves all of them
+as it found them, so a notebook or a program that calls clipship keeps its own settings.
+Figures are drawn with matplotlib's object API (``figure``), which never selects a backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging
+
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[Any]:
+    """The ``datasets`` module with its progress bars off and its logging silent (its parquet
+    reader logs the error it then raises; ours names the task and the file)."""
+    import datasets
+    from datasets.utils import logging, tqdm
+
+    level, bars = logging.get_verbosity(), tqdm.are_progress_bars_disabled()
+    tqdm.disable_progress_bars()
+    logging.set_verbosity(logging.CRITICAL)
+    try:
+        yield datasets
+    finally:
+        logging.set_verbosity(level)
+        if not bars:
+            tqdm.enable_progress_bars()
+
+
+def borrows_process_state(function: F) -> F:
+    """Run ``function`` with transformers quiet and torch's global RNG state (CPU and every
+    CUDA device) restored afterwards, whatever it seeds."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        with quiet_transformers(), torch.random.fork_rng():
+            return function(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def figure(**kwargs: Any) -> Any:
+    """A matplotlib ``Figure`` not registered with pyplot (no backend switch, no global state)."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
