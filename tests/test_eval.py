@@ -268,3 +268,31 @@ def test_images_open_as_their_owners_see_them(tmp_path):
     Image.new("L", (30000, 30000)).save(tmp_path / "bomb.png")
     with pytest.raises(DataError, match="bomb.png: cannot read the image"):
         open_image(tmp_path / "bomb.png")
+
+
+def test_library_calls_leave_process_state_as_they_found_it(digits):
+    """evaluate() quiets transformers and datasets and seeds torch for its own work only."""
+    import datasets
+    from datasets.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    tlog.set_verbosity_info()
+    dlog.set_verbosity_info()
+    datasets.enable_progress_bars()
+    torch.manual_seed(1234)
+    rng = torch.get_rng_state()
+    try:
+        evaluate(
+            str(MNIST),
+            [mnist_task(digits["parquet"])],
+            pretrained=str(PRETRAINED),
+            device="cpu",
+            seed=7,
+            workers=0,
+        )
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert tlog.get_verbosity() == tlog.INFO and dlog.get_verbosity() == dlog.INFO
+        assert not datasets.utils.tqdm.are_progress_bars_disabled()
+    finally:
+        tlog.set_verbosity_warning()
+        dlog.set_verbosity_warning()
