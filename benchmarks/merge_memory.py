@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -86,10 +87,12 @@ def run(
     if os.waitstatus_to_exitcode(status) == NOT_WIRED:
         return "no FusionBench counterpart"
     if os.waitstatus_to_exitcode(status) != 0:
-        error = proc.stderr.read().decode(errors="replace").strip().splitlines()[-1:]
+        lines = proc.stderr.read().decode(errors="replace").strip().splitlines()
         if not failures_are_results:
-            raise SystemExit(f"failed: {' '.join(cmd)}: {' '.join(error)}")
-        return f"failed: {' '.join(error).split(':')[0].split('.')[-1][:28]}"
+            raise SystemExit(f"failed: {' '.join(cmd)}: {' '.join(lines[-1:])}")
+        # the exception's class: the last line that starts "SomeError:" (messages may wrap)
+        raised = [ln.split(":")[0] for ln in lines if re.match(r"^[\w.]+(Error|Exception):", ln)]
+        return f"failed: {(raised or ['error'])[-1].split('.')[-1][:28]}"
     return wall, usage.ru_maxrss * 1024
 
 
