@@ -179,21 +179,25 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path):
         run(tmp_path, "wudi", ["task_a"], device="cuda")
 
 
-def test_an_svd_that_fails_to_converge_in_float32_is_redone_in_float64(monkeypatch):
+def test_an_svd_that_fails_to_converge_is_redone_transposed_then_in_float64(monkeypatch):
     from clipship.merge import matrices
 
     real = torch.linalg.svd
 
-    def flaky(matrix, full_matrices=True):
-        if matrix.dtype == torch.float32:  # as LAPACK's sgesdd on near-repeated singular values
-            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
-        return real(matrix, full_matrices=full_matrices)
-
     tau = torch.randn(20, 12, generator=torch.Generator().manual_seed(0))
-    monkeypatch.setattr(torch.linalg, "svd", flaky)
-    u, s, vh = matrices.svd(tau)
-    assert u.dtype == s.dtype == vh.dtype == torch.float32
-    assert torch.allclose(u @ torch.diag(s) @ vh, tau, atol=1e-5)
+    for failing in ({tau.shape}, {tau.shape, tau.T.shape}):  # as LAPACK's sgesdd can, on
+        # near-repeated singular values: the transpose is tried, then float64
+
+        def flaky(matrix, full_matrices=True, failing=failing):
+            if matrix.dtype == torch.float32 and matrix.shape in failing:
+                raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+            return real(matrix, full_matrices=full_matrices)
+
+        monkeypatch.setattr(torch.linalg, "svd", flaky)
+        u, s, vh = matrices.svd(tau)
+        assert u.shape == (20, 12) and vh.shape == (12, 12)
+        assert u.dtype == s.dtype == vh.dtype == torch.float32
+        assert torch.allclose(u @ torch.diag(s) @ vh, tau, atol=1e-5)
 
 
 def test_iso_c_flattens_the_spectrum_of_the_summed_task_matrices():
@@ -259,3 +263,19 @@ def test_cli_list_parameters_and_recipe_replay_are_byte_identical(tmp_path):
     assert (tmp_path / "a/model.safetensors").read_bytes() == (
         tmp_path / "b/model.safetensors"
     ).read_bytes()
+
+
+def test_wudi_adam_is_torch_adams_single_tensor_step_bit_for_bit():
+    from clipship.merge.methods.wudi import adam_on_quadratic
+
+    g = torch.Generator().manual_seed(3)
+    taus = torch.randn(3, 16, 24, generator=g) * 0.01
+    gram, cross = interference_terms(taus)
+    start = torch.sum(taus, dim=0)
+    ours = adam_on_quadratic(start.clone(), gram, cross, 25, 1e-3)
+    delta = torch.nn.Parameter(start.clone())
+    optimizer = torch.optim.Adam([delta], lr=1e-3, weight_decay=0, foreach=False)
+    for _ in range(25):
+        delta.grad = torch.addmm(cross, delta.detach(), gram, beta=-2, alpha=2)
+        optimizer.step()
+    assert torch.equal(ours, delta.detach())
