@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -57,10 +58,14 @@ def resident(pid: int) -> int:
 
 
 def run(
-    cmd: list[str], timeout: float | None = None, memory: float | None = None
+    cmd: list[str],
+    timeout: float | None = None,
+    memory: float | None = None,
+    failures_are_results: bool = False,
 ) -> tuple[float, int] | str:
     """Wall seconds and peak RSS (bytes) of one child process, or why it was stopped (past
-    ``timeout`` seconds, or above ``memory`` bytes resident: FusionBench can fill the machine)."""
+    ``timeout`` seconds, or above ``memory`` bytes resident: FusionBench can fill the machine),
+    or, with ``failures_are_results``, the error it failed with."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = None if timeout is None else start + timeout
@@ -82,8 +87,12 @@ def run(
     if os.waitstatus_to_exitcode(status) == NOT_WIRED:
         return "no FusionBench counterpart"
     if os.waitstatus_to_exitcode(status) != 0:
-        error = proc.stderr.read().decode(errors="replace").strip().splitlines()[-1:]
-        raise SystemExit(f"failed: {' '.join(cmd)}: {' '.join(error)}")
+        lines = proc.stderr.read().decode(errors="replace").strip().splitlines()
+        if not failures_are_results:
+            raise SystemExit(f"failed: {' '.join(cmd)}: {' '.join(lines[-1:])}")
+        # the exception's class: the last line that starts "SomeError:" (messages may wrap)
+        raised = [ln.split(":")[0] for ln in lines if re.match(r"^[\w.]+(Error|Exception):", ln)]
+        return f"failed: {(raised or ['error'])[-1].split('.')[-1][:28]}"
     return wall, usage.ru_maxrss * 1024
 
 
@@ -182,7 +191,7 @@ def main() -> None:
             if args.fusionbench:
                 fb_cmd = [args.fusionbench, str(driver), method, str(work / "pool.yaml")]
                 limit = args.fusionbench_memory * 2**30
-                theirs = run(fb_cmd, args.fusionbench_timeout, limit)
+                theirs = run(fb_cmd, args.fusionbench_timeout, limit, failures_are_results=True)
                 line += f" {cell(theirs, encoder)}"
             print(line, flush=True)
     finally:

@@ -234,7 +234,8 @@ def iter_inputs(
 
     Pieces this size stay in the CPU cache through a method's few element-wise passes, and
     bound memory to a few MB per model whatever the tensor size. The next piece is read in a
-    background thread while the current one is merged.
+    background thread while the current one is merged. Whole tensors share one buffer: a
+    yielded ``finetuned`` is valid until the next one is requested.
     """
     pieces = []
     for name in names:
@@ -242,9 +243,17 @@ def iter_inputs(
         step = max(numel, 1) if whole else CHUNK
         pieces += [(name, off, min(step, numel - off)) for off in range(start, max(numel, 1), step)]
 
+    # Whole tensors are read into one buffer sized for the largest: a fresh [N, n] block per
+    # tensor would leave the allocator holding freed blocks of every size (RSS creeps up).
+    largest = max((count for _, _, count in pieces), default=0)
+    shared = torch.empty(len(pool.models) * largest) if whole else None
+
     def load(piece: tuple[str, int, int]) -> TensorInputs:
         name, offset, count = piece
-        block = torch.empty(len(pool.models), count, dtype=torch.float32)
+        if shared is not None:
+            block = shared[: len(pool.models) * count].view(len(pool.models), count)
+        else:
+            block = torch.empty(len(pool.models), count, dtype=torch.float32)
         for row, model in zip(block, pool.models):
             model.read(name, offset, count, check, out=row)
         pretrained = pool.pretrained.read(name, offset, count, check).to(torch.float32)

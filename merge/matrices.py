@@ -66,11 +66,18 @@ def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
     LAPACK's float32 divide-and-conquer SVD can fail to converge on matrices with many equal
     (near-zero) singular values, such as a task matrix with Iso-CTS's common space projected
-    out; FusionBench then stops with ``LinAlgError``. Here that one SVD is recomputed in float64
-    and rounded back, so a merge never fails on it and every other SVD keeps FusionBench's bits.
+    out; FusionBench then stops with ``LinAlgError``. Here that one SVD is computed from the
+    transpose (Aᵀ = V Σ Uᵀ, which LAPACK takes another path through), or failing that in
+    float64, so a merge never stops on it and every other SVD keeps FusionBench's bits. The
+    methods use singular vectors in sign-invariant ways, so either gives the same merge.
     """
     try:
         return torch.linalg.svd(matrix, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        pass
+    try:
+        u, s, vh = torch.linalg.svd(matrix.T, full_matrices=False)
+        return vh.T, s, u.T
     except torch.linalg.LinAlgError:
         u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
         return u.to(matrix.dtype), s.to(matrix.dtype), vh.to(matrix.dtype)

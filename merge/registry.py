@@ -45,6 +45,12 @@ class TensorInputs:
             return torch.stack([v.reshape(-1) for v in self.vectors])
         return self.finetuned - self.pretrained
 
+    def release(self) -> None:
+        """Drop the task models' values: a method done with them frees memory before a long
+        computation (``pretrained`` stays, for the result)."""
+        self.finetuned = torch.empty(0)
+        self.vectors = None
+
     @property
     def task_vectors(self) -> list[torch.Tensor]:
         """τ_t = θ_t − θ_pre for each task, in pool order."""

@@ -1,6 +1,8 @@
 """Properties of the per-tensor data-free methods (TSV-M, Iso-C, Iso-CTS, WUDI, Model Stock,
 SLERP, magnitude pruning) on the parity fixture; parity itself is in test_parity.py."""
 
+import json
+
 import pytest
 import torch
 
@@ -177,18 +179,103 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path):
         run(tmp_path, "wudi", ["task_a"], device="cuda")
 
 
-def test_an_svd_that_fails_to_converge_in_float32_is_redone_in_float64(monkeypatch):
+def test_an_svd_that_fails_to_converge_is_redone_transposed_then_in_float64(monkeypatch):
     from clipship.merge import matrices
 
     real = torch.linalg.svd
 
-    def flaky(matrix, full_matrices=True):
-        if matrix.dtype == torch.float32:  # as LAPACK's sgesdd on near-repeated singular values
-            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
-        return real(matrix, full_matrices=full_matrices)
-
     tau = torch.randn(20, 12, generator=torch.Generator().manual_seed(0))
-    monkeypatch.setattr(torch.linalg, "svd", flaky)
-    u, s, vh = matrices.svd(tau)
-    assert u.dtype == s.dtype == vh.dtype == torch.float32
-    assert torch.allclose(u @ torch.diag(s) @ vh, tau, atol=1e-5)
+    for failing in ({tau.shape}, {tau.shape, tau.T.shape}):  # as LAPACK's sgesdd can, on
+        # near-repeated singular values: the transpose is tried, then float64
+
+        def flaky(matrix, full_matrices=True, failing=failing):
+            if matrix.dtype == torch.float32 and matrix.shape in failing:
+                raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+            return real(matrix, full_matrices=full_matrices)
+
+        monkeypatch.setattr(torch.linalg, "svd", flaky)
+        u, s, vh = matrices.svd(tau)
+        assert u.shape == (20, 12) and vh.shape == (12, 12)
+        assert u.dtype == s.dtype == vh.dtype == torch.float32
+        assert torch.allclose(u @ torch.diag(s) @ vh, tau, atol=1e-5)
+
+
+def test_iso_c_flattens_the_spectrum_of_the_summed_task_matrices():
+    from clipship.merge.methods.iso_c import iso_c_matrix
+
+    total = torch.randn(40, 24, generator=torch.Generator().manual_seed(1))
+    s = torch.linalg.svdvals(iso_c_matrix(total))
+    assert torch.allclose(s, torch.full_like(s, torch.linalg.svdvals(total).mean()), rtol=1e-4)
+
+
+def test_wudi_without_steps_is_the_sum_for_matrices_and_the_mean_elsewhere(tmp_path):
+    pre = load_weights(PRE)
+    out = run(tmp_path, "wudi", ["task_a", "task_b"], {"iter_num": 0})
+    a, b = weights("task_a"), weights("task_b")
+    assert torch.allclose(out[FC1], pre[FC1] + (a[FC1] - pre[FC1]) + (b[FC1] - pre[FC1]), atol=1e-6)
+    mean = ((a[NORM] - pre[NORM]) + (b[NORM] - pre[NORM])) / 2
+    assert torch.allclose(out[NORM], pre[NORM] + mean, atol=1e-6)
+
+
+def test_cli_list_parameters_and_recipe_replay_are_byte_identical(tmp_path):
+    from typer.testing import CliRunner
+
+    from clipship.cli import app
+
+    pool = [a for t in ("task_a", "task_b") for a in ("--model", f"{t}={FIXTURE / t}")]
+    runner = CliRunner()
+    first = runner.invoke(
+        app,
+        [
+            "merge",
+            "--pretrained",
+            str(PRE),
+            *pool,
+            "--method",
+            "wudi",
+            "--out",
+            str(tmp_path / "a"),
+            "--param",
+            "iter_num=30",
+            "--param",
+            f"exclude_keys={POS},{FC1}",
+            "--quiet",
+        ],
+    )
+    assert first.exit_code == 0, first.output
+    recipe = tmp_path / "a" / "clipship_recipe.json"
+    assert json.loads(recipe.read_text())["parameters"]["exclude_keys"] == [POS, FC1]
+    again = runner.invoke(
+        app,
+        [
+            "merge",
+            "--recipe",
+            str(recipe),
+            "--pretrained",
+            str(PRE),
+            *pool,
+            "--out",
+            str(tmp_path / "b"),
+            "--quiet",
+        ],
+    )
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "a/model.safetensors").read_bytes() == (
+        tmp_path / "b/model.safetensors"
+    ).read_bytes()
+
+
+def test_wudi_adam_is_torch_adams_single_tensor_step_bit_for_bit():
+    from clipship.merge.methods.wudi import adam_on_quadratic
+
+    g = torch.Generator().manual_seed(3)
+    taus = torch.randn(3, 16, 24, generator=g) * 0.01
+    gram, cross = interference_terms(taus)
+    start = torch.sum(taus, dim=0)
+    ours = adam_on_quadratic(start.clone(), gram, cross, 25, 1e-3)
+    delta = torch.nn.Parameter(start.clone())
+    optimizer = torch.optim.Adam([delta], lr=1e-3, weight_decay=0, foreach=False)
+    for _ in range(25):
+        delta.grad = torch.addmm(cross, delta.detach(), gram, beta=-2, alpha=2)
+        optimizer.step()
+    assert torch.equal(ours, delta.detach())

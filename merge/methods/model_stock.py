@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from clipship.merge.matrices import canonical
+from clipship.merge.matrices import canonical, task_matrices
 from clipship.merge.registry import Method, Param, TensorInputs, parse_names
 
 EPS = 1e-8
@@ -39,7 +39,7 @@ def model_stock(inputs: TensorInputs, ignore_keys: list[str] | None) -> torch.Te
     average /= len(finetuned)
     if canonical(inputs.name) in {canonical(k) for k in ignore_keys or ()}:
         return average.reshape(-1)
-    taus = [t.reshape(inputs.shape) for t in inputs.task_vectors]
+    taus = task_matrices(inputs)  # in place of the fine-tuned values, read above
     total, count = 0.0, 0
     for i in range(len(taus)):
         for j in range(i + 1, len(taus)):

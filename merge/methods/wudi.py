@@ -16,6 +16,8 @@ same Adam updates the same parameter, so the result equals FusionBench's within 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from clipship.merge.matrices import EXCLUDE_KEYS, is_matrix, task_matrices
@@ -23,26 +25,42 @@ from clipship.merge.registry import Method, Param, TensorInputs
 
 
 def interference_terms(task_vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(G, C) of the quadratic loss: ∇L(Δ) = 2(Δ G − C)."""
-    gram = cross = None
+    """(G, C) of the quadratic loss: ∇L(Δ) = 2(Δ G − C), accumulated in place (the only
+    temporary is min(m, n)² for C's inner product)."""
+    _, m, n = task_vectors.shape
+    gram = task_vectors.new_zeros(n, n)
+    cross = task_vectors.new_zeros(m, n)
     for tau in task_vectors:
-        g = tau.T @ tau / torch.square(torch.linalg.vector_norm(tau))
-        c = tau @ g
-        gram = g if gram is None else gram.add_(g)
-        cross = c if cross is None else cross.add_(c)
+        weight = 1 / float(torch.square(torch.linalg.vector_norm(tau)))
+        gram.addmm_(tau.T, tau, alpha=weight)
+        if m <= n:  # τ τᵀ τ, cheaper and smaller as (τ τᵀ) τ when τ is wide
+            cross.addmm_(tau @ tau.T, tau, alpha=weight)
+        else:
+            cross.addmm_(tau, tau.T @ tau, alpha=weight)
     return gram, cross
 
 
-def wudi_matrix(task_vectors: torch.Tensor, iter_num: int, lr: float) -> torch.Tensor:
-    """Δ after ``iter_num`` Adam steps from Σ_t τ_t ([N, m, n] task vectors in)."""
-    gram, cross = interference_terms(task_vectors)
-    delta = torch.nn.Parameter(torch.sum(task_vectors, dim=0))
-    optimizer = torch.optim.Adam([delta], lr=lr, weight_decay=0)
-    with torch.no_grad():
-        for _ in range(iter_num):
-            delta.grad = torch.addmm(cross, delta, gram, beta=-2, alpha=2)
-            optimizer.step()
-    return delta.detach()
+def adam_on_quadratic(
+    start: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, iter_num: int, lr: float
+) -> torch.Tensor:
+    """FusionBench's optimiser, Adam (β = 0.9, 0.999, ε = 1e-8, no weight decay), on the loss
+    whose gradient is 2(Δ G − C), from ``start``.
+
+    The update is ``torch.optim.Adam``'s single-tensor step, operation for operation (the same
+    bits on CPU; tests/test_subspace_methods.py checks), written out so that the gradient and
+    the denominator live in reused buffers and ``torch.optim`` (whose import costs ~70 MB of
+    resident memory) stays unloaded."""
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    delta = start
+    grad, exp_avg, exp_avg_sq, denom = (torch.zeros_like(start) for _ in range(4))
+    for step in range(1, iter_num + 1):
+        torch.addmm(cross, delta, gram, beta=-2, alpha=2, out=grad)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step_size = lr / (1 - beta1**step)
+        torch.sqrt(exp_avg_sq, out=denom).div_(math.sqrt(1 - beta2**step)).add_(eps)
+        delta.addcdiv_(exp_avg, denom, value=-step_size)
+    return delta
 
 
 def wudi(
@@ -50,7 +68,11 @@ def wudi(
 ) -> torch.Tensor:
     taus = task_matrices(inputs)
     if is_matrix(inputs, exclude_keys):
-        merged = wudi_matrix(taus, iter_num, lr)
+        gram, cross = interference_terms(taus)
+        start = torch.sum(taus, dim=0)
+        del taus
+        inputs.release()  # the steps need only G, C and Δ: N task matrices fewer
+        merged = adam_on_quadratic(start, gram, cross, iter_num, lr)
     else:
         merged = torch.sum(taus, dim=0) / len(taus)
     return inputs.pretrained + merged.reshape(-1).cpu()
