@@ -18,7 +18,7 @@ import yaml
 NOT_WIRED = 3  # exit status merge_memory.py reads as "no counterpart"
 
 
-def algorithm(method: str):
+def algorithm(method: str, n_models: int):
     import fusion_bench.method as fb
 
     table = {
@@ -28,6 +28,9 @@ def algorithm(method: str):
             scaling_factor=0.3, threshold=20, remove_keys=[], merge_func="sum"
         ),
         "magmax": lambda: fb.MagMaxAlgorithm(scaling_factor=1.0),
+        "weighted_average": lambda: fb.WeightedAverageAlgorithm(
+            normalize=True, weights=[1.0] * n_models
+        ),
         "dare": lambda: fb.DareTaskArithmetic(
             scaling_factor=0.3, sparsity_ratio=0.5, only_on_linear_weights=False, rescale=True
         ),
@@ -55,7 +58,7 @@ def main() -> None:
         members = {n: members[n] for n in names[:2]}
     elif method == "magnitude_prune":  # the base and one task model
         members = {"_pretrained_": members["_pretrained_"], names[0]: members[names[0]]}
-    algorithm(method).run(CLIPVisionModelPool(models=members))
+    algorithm(method, len(names)).run(CLIPVisionModelPool(models=members))
 
 
 if __name__ == "__main__":

@@ -185,6 +185,8 @@ def main() -> None:
                 *members(method, work, args.models),
             ]
             cmd += ["--method", method, "--out", str(out), "--device", args.device]
+            if method == "weighted_average":  # its weights belong to the pool: uniform here
+                cmd += ["--param", "weights=" + ",".join(["1"] * args.models)]
             ours = run([*cmd, "--force", "--quiet"])
             shutil.rmtree(out, ignore_errors=True)
             line = f"{method:22s} {cell(ours, encoder)}"
