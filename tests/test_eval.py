@@ -292,7 +292,7 @@ def test_library_calls_leave_process_state_as_they_found_it(digits):
         )
         assert torch.equal(torch.get_rng_state(), rng)
         assert tlog.get_verbosity() == tlog.INFO and dlog.get_verbosity() == dlog.INFO
-        assert not datasets.utils.tqdm.are_progress_bars_disabled()
+        assert datasets.is_progress_bar_enabled()
     finally:
         tlog.set_verbosity_warning()
         dlog.set_verbosity_warning()

@@ -170,7 +170,6 @@ def bytes_to_unicode() -> list[str]:
 
 def write_tokenizer(folder: Path) -> None:
     """The CLIP BPE tokenizer (49,408 ids) built from open_clip's merges file."""
-    from synthetic import bytes_to_unicode
     from transformers import CLIPTokenizer
 
     lines = sources.clip_bpe()

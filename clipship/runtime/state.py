@@ -36,17 +36,17 @@ def quiet_datasets() -> Iterator[Any]:
     """The ``datasets`` module with its progress bars off and its logging silent (its parquet
     reader logs the error it then raises; ours names the task and the file)."""
     import datasets
-    from datasets.utils import logging, tqdm
+    from datasets.utils import logging
 
-    level, bars = logging.get_verbosity(), tqdm.are_progress_bars_disabled()
-    tqdm.disable_progress_bars()
+    level, bars = logging.get_verbosity(), datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
     logging.set_verbosity(logging.CRITICAL)
     try:
         yield datasets
     finally:
         logging.set_verbosity(level)
-        if not bars:
-            tqdm.enable_progress_bars()
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def borrows_process_state(function: F) -> F:
