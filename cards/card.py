@@ -17,6 +17,7 @@ from typing import Any
 
 from clipship.errors import ClipshipError
 from clipship.outputs import write_bytes_atomic, write_text_atomic
+from clipship.reports import read_eval_reports
 
 RECIPE = "clipship_recipe.json"
 EVAL_REPORT = "eval_report.json"
@@ -49,63 +50,6 @@ def _ours(readme: Path) -> bool:
     from clipship.pool import card_metadata
 
     return "clipship" in (card_metadata(readme).get("tags") or [])
-
-
-def _checked_report(path: Path, report: Any) -> Any:
-    """An eval report (one FusionBench-shaped report, or one per pool member) whose accuracies
-    are fractions; anything else is one line naming the file."""
-    if report is None:
-        return None
-
-    def rows(single: Any) -> None:
-        if not isinstance(single, dict):
-            raise ClipshipError(f"{path}: not an eval report")
-        for task, row in single.items():
-            if task == "model_info":
-                continue
-            accuracy = row.get("accuracy") if isinstance(row, dict) else None
-            if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)):
-                raise ClipshipError(f"{path}: {task} has no accuracy (not an eval report)")
-            if not 0 <= accuracy <= 1:  # NaN fails this too
-                raise ClipshipError(
-                    f"{path}: {task}: {accuracy} is not a finite accuracy in [0, 1]"
-                )
-
-    if isinstance(report, dict) and "average" in report:
-        rows(report)
-    elif isinstance(report, dict) and report:
-        for label, single in report.items():
-            if label == "individual":
-                rows(single)
-            else:
-                rows(single if isinstance(single, dict) and "average" in single else None)
-    else:
-        raise ClipshipError(f"{path}: not an eval report")
-    return report
-
-
-def _datasets(report: Any) -> dict[str, str | None]:
-    """{task: hub dataset id or None} as the evaluation recorded them (merged model's rows)."""
-    if not report:
-        return {}
-    merged = report if "average" in report else report.get("merged") or {}
-    return {t: r.get("dataset") for t, r in merged.items() if isinstance(r, dict)}
-
-
-def _accuracy_rows(report: dict[str, Any] | None) -> dict[str, dict[str, float]]:
-    """{row label: {task: accuracy}} from a single report or a pool report."""
-    if not report:
-        return {}
-    if "average" in report:
-        return {
-            "merged": {
-                t: r["accuracy"] for t, r in report.items() if t not in ("average", "model_info")
-            }
-        }
-    return {
-        name: {t: r["accuracy"] for t, r in rep.items() if t not in ("average", "model_info")}
-        for name, rep in report.items()
-    }
 
 
 def public_source(entry: dict[str, Any]) -> str:
@@ -143,12 +87,13 @@ def write_card(
     license = license or _base_license(recipe)
     if not license:
         raise ClipshipError("the base model's license is unknown here: pass --license (e.g. mit)")
-    report = _checked_report(run / EVAL_REPORT, _read(run / EVAL_REPORT))
-    rows = _accuracy_rows(report)
+    data = _read(run / EVAL_REPORT)
+    reports = read_eval_reports(data, str(run / EVAL_REPORT)) if data is not None else {}
+    rows = {label: report.accuracies() for label, report in reports.items()}
     merged = rows.get("merged") or {}
     name = name or run.resolve().name
     base = recipe["pretrained"].get("repo_id") or base_model  # a hub id, or no base_model field
-    task_datasets = _datasets(report)
+    task_datasets = reports["merged"].datasets() if "merged" in reports else {}
     results, datasets = [], []
     for task, accuracy in merged.items():
         hub = task_datasets.get(task)

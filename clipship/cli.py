@@ -442,24 +442,30 @@ def _print_report(report: dict, is_pool: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from clipship.reports import EvalReport
+
     if is_pool:
-        names = [k for k in next(iter(report.values())) if k not in ("average", "model_info")]
+        reports = {model: EvalReport.from_json(rep) for model, rep in report.items()}
+        names = list(next(iter(reports.values())).tasks)
         grid = Table("model", *names, "average", title="zero-shot accuracy (%)")
-        for model, rep in report.items():
+        for model, rep in reports.items():
+            accuracy = rep.accuracies()
             grid.add_row(
                 model,
-                *(f"{100 * rep[t]['accuracy']:.1f}" for t in names),
-                f"{100 * rep['average']['accuracy']:.1f}",
+                *(f"{100 * accuracy[t]:.1f}" for t in names),
+                f"{100 * (rep.average or {})['accuracy']:.1f}",
             )
     else:
+        single = EvalReport.from_json(report)
         grid = Table("task", "accuracy (%)", "loss", "images")
-        for name, row in report.items():
-            if name in ("average", "model_info"):
-                continue
+        for name, score in single.tasks.items():
             grid.add_row(
-                name, f"{100 * row['accuracy']:.2f}", f"{row['loss']:.4f}", str(row["samples"])
+                name,
+                f"{100 * score.accuracy:.2f}",
+                f"{score.fields['loss']:.4f}",
+                str(score.fields["samples"]),
             )
-        avg = report["average"]
+        avg = single.average or {}
         grid.add_row("average", f"{100 * avg['accuracy']:.2f}", f"{avg['loss']:.4f}", "")
     Console().print(grid)
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from clipship.errors import ReleaseConfigError
 from clipship.outputs import atomic_folder, remove_stale_temporaries
+from clipship.reports import EvalReport, read_eval_reports
 
 SECTIONS = {
     "name": None,
@@ -410,18 +411,9 @@ def _evaluate(stage: Path, model: Path, pretrained: str, models: dict, tasks, sp
     (stage / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
 
 
-def accuracies(report: dict[str, Any]) -> dict[str, float]:
-    """{task: accuracy} from a FusionBench-shaped report (without its average)."""
-    return {
-        t: r["accuracy"]
-        for t, r in report.items()
-        if t != "average" and isinstance(r, dict) and "accuracy" in r
-    }
-
-
-def accuracy_gates(gates: dict[str, Any], report: dict[str, Any]) -> list[dict[str, Any]]:
+def accuracy_gates(gates: dict[str, Any], reports: dict[str, EvalReport]) -> list[dict[str, Any]]:
     """Every accuracy gate with its value, limit and verdict (accuracies are fractions)."""
-    merged = accuracies(report["merged"])
+    merged = reports["merged"].accuracies()
     out = []
 
     def check(name: str, value: float, limit: float, at_least: bool) -> None:
@@ -430,7 +422,7 @@ def accuracy_gates(gates: dict[str, Any], report: dict[str, Any]) -> list[dict[s
         out.append({"gate": name, "value": value, "limit": limit, "op": op, "passed": passed})
 
     if "min_average_accuracy" in gates:
-        average = report["merged"]["average"]["accuracy"]
+        average = (reports["merged"].average or {})["accuracy"]
         check("average accuracy", average, float(gates["min_average_accuracy"]), True)
     minimum = gates.get("min_accuracy")
     if minimum is not None:
@@ -440,11 +432,11 @@ def accuracy_gates(gates: dict[str, Any], report: dict[str, Any]) -> list[dict[s
                 raise ReleaseConfigError(f"gates.min_accuracy.{task}: not an evaluated task")
             check(f"{task} accuracy", merged[task], float(limit), True)
     if "max_drop" in gates:
-        individual = report.get("individual")
-        if not individual:
+        individual = reports.get("individual")
+        if not individual or not individual.tasks:
             raise ReleaseConfigError("gates.max_drop needs eval.baselines: true")
-        for task, row in individual.items():
-            drop = row["accuracy"] - merged[task]
+        for task, accuracy in individual.accuracies().items():
+            drop = accuracy - merged[task]
             check(f"{task} drop vs its fine-tuned model", drop, float(gates["max_drop"]), False)
     return out
 
@@ -543,10 +535,12 @@ def release(
         eval_key,
         lambda tmp: _evaluate(tmp, merged / "model", pretrained, models, tasks, spec),
     )
-    report = json.loads((evaluated / "eval_report.json").read_text())
-    summary["accuracy"] = {label: accuracies(rows) for label, rows in report.items()}
+    reports = read_eval_reports(
+        json.loads((evaluated / "eval_report.json").read_text()), "eval_report.json"
+    )
+    summary["accuracy"] = {label: report.accuracies() for label, report in reports.items()}
     gates = config.get("gates") or {}
-    summary["gates"] = accuracy_gates(gates, report)
+    summary["gates"] = accuracy_gates(gates, reports)
     failed = [g for g in summary["gates"] if not g["passed"]]
     if failed:
         return _failed(summary, failed)

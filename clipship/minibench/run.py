@@ -15,6 +15,7 @@ from clipship.eval.evaluate import evaluate
 from clipship.minibench.build import pool_tasks
 from clipship.outputs import write_text_atomic
 from clipship.pool import read_pool_yaml
+from clipship.reports import EvalReport
 from clipship.runtime.state import figure
 
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
@@ -60,7 +61,7 @@ def run(
 
     def accuracy(model: str, pretrained_for: str | None = None) -> dict[str, float]:
         report = evaluate(model, tasks, pretrained=pretrained_for, device="cpu", workers=0)
-        return {t: report[t]["accuracy"] for t in names}
+        return EvalReport.from_json(report).accuracies()
 
     def log(message: str) -> None:
         if not quiet:
