@@ -17,7 +17,7 @@ from typing import Any
 
 from clipship.errors import ClipshipError
 from clipship.outputs import write_bytes_atomic, write_text_atomic
-from clipship.reports import read_eval_reports
+from clipship.reports import ExportReport, read_eval_reports
 
 RECIPE = "clipship_recipe.json"
 EVAL_REPORT = "eval_report.json"
@@ -178,13 +178,13 @@ def _body(name: str, base: str, recipe: dict[str, Any], rows: dict, export: dict
             "| variant | task | max abs Δlogit | top-1 agreement |",
             "|---|---|---|---|",
         ]
-        for variant, result in export.get("variants", {}).items():
-            for task, row in result.items():
-                if isinstance(row, dict):
-                    lines.append(
-                        f"| {variant} | {task} | {row['max_abs_logit_diff']:.2e} | "
-                        f"{100 * row['top1_agreement']:.2f} % |"
-                    )
+        validated = ExportReport.from_json(export, EXPORT_REPORT)
+        for variant in validated.variants:
+            for task, row in validated.task_rows(variant).items():
+                lines.append(
+                    f"| {variant} | {task} | {row['max_abs_logit_diff']:.2e} | "
+                    f"{100 * row['top1_agreement']:.2f} % |"
+                )
         lines.append("")
     lines += [
         "## Usage",

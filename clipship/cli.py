@@ -613,15 +613,13 @@ def export(
     if json_out:
         print(json.dumps(result["report"], indent=2))
         return
-    for variant, rows in result["report"]["variants"].items():
-        per_task = [r for r in rows.values() if isinstance(r, dict)]
-        worst = min(r["top1_agreement"] for r in per_task)
-        diff = max(r["max_abs_logit_diff"] for r in per_task)
-        wrong = sum(r["disagreements"] for r in per_task)
-        images = sum(r["images"] for r in per_task)
+    from clipship.reports import ExportReport
+
+    for variant, s in ExportReport.from_json(result["report"]).summary().items():
         print(
-            f"{variant}: max |Δlogit| {diff:.2e}, top-1 agreement ≥ {100 * worst:.2f} % per "
-            f"task ({wrong} of {images} images disagree)"
+            f"{variant}: max |Δlogit| {s['max_abs_logit_diff']:.2e}, top-1 agreement ≥ "
+            f"{100 * s['min_top1_agreement']:.2f} % per task ({s['disagreements']} of "
+            f"{s['images']} images disagree)"
         )
     print(f"exported → {result['out']}/")
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from clipship.errors import ReleaseConfigError
 from clipship.outputs import atomic_folder, remove_stale_temporaries
-from clipship.reports import EvalReport, read_eval_reports
+from clipship.reports import EvalReport, ExportReport, read_eval_reports
 
 SECTIONS = {
     "name": None,
@@ -616,17 +616,7 @@ def _export_stage(config, stages: Stages, eval_key: str, merged: Path, evaluated
 
 
 def _export_figures(path: Path) -> dict[str, Any]:
-    report = json.loads(path.read_text())
-    out = {}
-    for variant, rows in report["variants"].items():
-        tasks = {t: r for t, r in rows.items() if isinstance(r, dict)}
-        out[variant] = {
-            "max_abs_logit_diff": max(r["max_abs_logit_diff"] for r in tasks.values()),
-            "min_top1_agreement": min(r["top1_agreement"] for r in tasks.values()),
-            "disagreements": sum(r["disagreements"] for r in tasks.values()),
-            "images": sum(r["images"] for r in tasks.values()),
-        }
-    return out
+    return ExportReport.from_json(json.loads(path.read_text()), str(path)).summary()
 
 
 def _failed(summary: dict[str, Any], failed: list[dict[str, Any]]) -> dict[str, Any]:

@@ -97,3 +97,40 @@ def read_eval_reports(data: Any, where: str = "eval report") -> dict[str, EvalRe
             raise ClipshipError(f"{where}: not an eval report")
         reports[label] = EvalReport.from_json(single, where)
     return reports
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """``export_report.json``: per variant (fp32, fp16, int8), one validation row per task
+    (``max_abs_logit_diff``, ``top1_agreement``, ``disagreements``, ``images``, bounds, …)
+    beside the variant's other entries; the rest of the file kept as written."""
+
+    variants: dict[str, dict[str, Any]]
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def task_rows(self, variant: str) -> dict[str, dict[str, Any]]:
+        """{task: validation row} of one variant (its non-task entries left out)."""
+        return {t: r for t, r in self.variants[variant].items() if isinstance(r, dict)}
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Per variant: the worst task's Δlogit and agreement, and the disagreeing images."""
+        out = {}
+        for variant in self.variants:
+            rows = self.task_rows(variant).values()
+            out[variant] = {
+                "max_abs_logit_diff": max(r["max_abs_logit_diff"] for r in rows),
+                "min_top1_agreement": min(r["top1_agreement"] for r in rows),
+                "disagreements": sum(r["disagreements"] for r in rows),
+                "images": sum(r["images"] for r in rows),
+            }
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.fields, "variants": self.variants}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "export report") -> ExportReport:
+        if not isinstance(data, dict) or not isinstance(data.get("variants"), dict):
+            raise ClipshipError(f"{where}: not an export report")
+        fields = {k: v for k, v in data.items() if k != "variants"}
+        return cls(data["variants"], fields)

@@ -58,3 +58,29 @@ def test_a_bad_report_is_one_line_naming_the_file(data, message):
     with pytest.raises(ClipshipError, match=message) as caught:
         read_eval_reports(data, "run/eval_report.json")
     assert str(caught.value).startswith("run/eval_report.json: ")
+
+
+def test_export_report_summary_and_round_trip():
+    from clipship.reports import ExportReport
+
+    row = {"max_abs_logit_diff": 1e-5, "top1_agreement": 1.0, "disagreements": 0, "images": 8}
+    data = {
+        "format": "x",
+        "variants": {
+            "fp32": {"mnist": row, "svhn": {**row, "max_abs_logit_diff": 3e-5}, "file": "a"},
+            "int8": {"mnist": {**row, "top1_agreement": 0.75, "disagreements": 2}},
+        },
+    }
+    report = ExportReport.from_json(json.loads(json.dumps(data)))
+    assert report.to_json() == data
+    assert set(report.task_rows("fp32")) == {"mnist", "svhn"}
+    summary = report.summary()
+    assert summary["fp32"] == {
+        "max_abs_logit_diff": 3e-5,
+        "min_top1_agreement": 1.0,
+        "disagreements": 0,
+        "images": 16,
+    }
+    assert summary["int8"]["min_top1_agreement"] == 0.75 and summary["int8"]["disagreements"] == 2
+    with pytest.raises(ClipshipError, match="not an export report"):
+        ExportReport.from_json({"variants": []})
