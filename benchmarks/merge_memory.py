@@ -107,7 +107,7 @@ def all_methods() -> list[str]:
     return [m["name"] for m in json.loads(listing.stdout)]
 
 
-def members(method: str, work: Path, n_models: int) -> list[str]:
+def members(method: str, work: Path) -> list[str]:
     """The pool arguments: the whole pool, or the first two / first task model."""
     if method not in ("slerp", "magnitude_prune"):
         return ["--pool", str(work / "pool.yaml")]
@@ -182,7 +182,7 @@ def main() -> None:
                 "-m",
                 "clipship.cli",
                 "merge",
-                *members(method, work, args.models),
+                *members(method, work),
             ]
             cmd += ["--method", method, "--out", str(out), "--device", args.device]
             if method == "weighted_average":  # its weights belong to the pool: uniform here

@@ -26,10 +26,14 @@ def canonical(name: str) -> str:
     return name if name.startswith("vision_model.") else f"vision_model.{name}"
 
 
+def named_in(name: str, keys: list[str] | None) -> bool:
+    """Whether ``keys`` names the tensor, with or without the leading ``vision_model.``."""
+    return canonical(name) in {canonical(k) for k in keys or ()}
+
+
 def is_matrix(inputs: TensorInputs, exclude_keys: list[str] | None) -> bool:
-    """2-D and not excluded (names match with or without the leading ``vision_model.``)."""
-    excluded = {canonical(k) for k in exclude_keys or ()}
-    return len(inputs.shape) == 2 and canonical(inputs.name) not in excluded
+    """2-D and not in ``exclude_keys``."""
+    return len(inputs.shape) == 2 and not named_in(inputs.name, exclude_keys)
 
 
 def task_matrices(inputs: TensorInputs) -> torch.Tensor:

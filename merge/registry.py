@@ -116,6 +116,10 @@ def finite(value: float) -> str | None:
     return None if math.isfinite(value) else "is not a finite number"
 
 
+def unit_interval(value: float) -> str | None:
+    return None if 0 <= value <= 1 else "must be in [0, 1]"
+
+
 def parse_value(param: Param, raw: Any) -> Any:
     where = f"parameter {param.name}"
     try:

@@ -7,10 +7,13 @@ flat: U diag(mean(σ)) Vᵀ from Δ's thin SVD. Every other tensor gets the mean
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from clipship.merge.matrices import EXCLUDE_KEYS, is_matrix, sequential_sum, svd, task_matrices
-from clipship.merge.registry import Method, Param, TensorInputs, finite
+from clipship.merge.methods import task_arithmetic
+from clipship.merge.registry import Method, TensorInputs
 
 
 def iso_c_matrix(total: torch.Tensor) -> torch.Tensor:
@@ -31,9 +34,7 @@ def iso_c(
     return inputs.pretrained + scaling_factor * merged.reshape(-1).cpu()
 
 
-SCALING_FACTOR = Param(
-    "scaling_factor", float, 1.0, "λ, the merged task-vector scale (--lambda)", check=finite
-)
+SCALING_FACTOR = replace(task_arithmetic.SCALING_FACTOR, default=1.0)
 
 METHOD = Method(
     name="iso_c",

@@ -28,7 +28,7 @@ from clipship.merge.matrices import (
     task_matrices,
 )
 from clipship.merge.methods.iso_c import SCALING_FACTOR
-from clipship.merge.registry import Method, Param, TensorInputs
+from clipship.merge.registry import Method, Param, TensorInputs, unit_interval
 
 
 def subspace_sizes(rank: int, n_tasks: int, fraction: float) -> tuple[int, int]:
@@ -85,10 +85,6 @@ def iso_cts(
     return inputs.pretrained + scaling_factor * merged.reshape(-1).cpu()
 
 
-def _check_fraction(value: float) -> str | None:
-    return None if 0 <= value <= 1 else "must be in [0, 1]"
-
-
 METHOD = Method(
     name="iso_cts",
     summary="Iso-CTS: a common subspace plus one per task, with a flat spectrum.",
@@ -100,7 +96,7 @@ METHOD = Method(
             float,
             0.8,
             "share of each matrix's rank given to the common subspace",
-            check=_check_fraction,
+            check=unit_interval,
         ),
         EXCLUDE_KEYS,
     ),

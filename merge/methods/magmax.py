@@ -5,10 +5,12 @@ On equal magnitudes the later task in pool order wins (FusionBench's rule).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from clipship.merge.methods.task_arithmetic import SCALING_FACTOR
-from clipship.merge.registry import Method, Param, TensorInputs
+from clipship.merge.registry import Method, TensorInputs
 
 
 def max_magnitude(task_vectors: list[torch.Tensor]) -> torch.Tensor:
@@ -26,6 +28,6 @@ METHOD = Method(
     name="magmax",
     summary="Keep, per entry, the task-vector value of largest magnitude.",
     paper="https://arxiv.org/abs/2407.06322",
-    params=(Param("scaling_factor", float, 1.0, SCALING_FACTOR.help, check=SCALING_FACTOR.check),),
+    params=(replace(SCALING_FACTOR, default=1.0),),
     merge=magmax,
 )

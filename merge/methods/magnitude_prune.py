@@ -26,6 +26,7 @@ from clipship.merge.registry import (
     TensorInputs,
     parse_names,
     parse_null_bool_or_number,
+    unit_interval,
 )
 
 
@@ -74,16 +75,12 @@ def magnitude_prune(
     return (pretrained + delta).reshape(-1)
 
 
-def _check_ratio(value: float) -> str | None:
-    return None if 0 <= value <= 1 else "must be in [0, 1]"
-
-
 METHOD = Method(
     name="magnitude_prune",
     summary="Zero the smallest task-vector entries of each linear-weight row of one model.",
     paper="https://arxiv.org/abs/1506.02626",
     params=(
-        Param("prune_ratio", float, 0.5, "share of each row's entries zeroed", check=_check_ratio),
+        Param("prune_ratio", float, 0.5, "share of each row's entries zeroed", check=unit_interval),
         Param(
             "prune_type",
             str,

@@ -14,7 +14,8 @@ import math
 import numpy as np
 import torch
 
-from clipship.merge.matrices import canonical, task_matrices
+from clipship.merge.matrices import named_in, task_matrices
+from clipship.merge.methods.simple_average import simple_average
 from clipship.merge.registry import Method, Param, TensorInputs, parse_names
 
 EPS = 1e-8
@@ -32,12 +33,8 @@ def interpolation_ratio(angle: float, n_models: int) -> float:
 
 
 def model_stock(inputs: TensorInputs, ignore_keys: list[str] | None) -> torch.Tensor:
-    finetuned = [theta.reshape(inputs.shape) for theta in inputs.finetuned]
-    average = torch.zeros_like(finetuned[0])
-    for theta in finetuned:
-        average += theta
-    average /= len(finetuned)
-    if canonical(inputs.name) in {canonical(k) for k in ignore_keys or ()}:
+    average = simple_average(inputs).reshape(inputs.shape)
+    if named_in(inputs.name, ignore_keys):
         return average.reshape(-1)
     taus = task_matrices(inputs)  # in place of the fine-tuned values, read above
     total, count = 0.0, 0
