@@ -14,6 +14,8 @@ from clipship.merge.methods.wudi import interference_terms
 
 from .conftest import FIXTURE, load_weights, write_model
 
+pytestmark = pytest.mark.numerics  # run again under other threads/ISA (Makefile)
+
 PRE = FIXTURE / "pretrained"
 POS = "vision_model.embeddings.position_embedding.weight"
 FC1 = "vision_model.encoder.layers.0.mlp.fc1.weight"
