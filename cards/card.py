@@ -81,12 +81,15 @@ def write_card(
         raise ClipshipError(f"{run / RECIPE}: not a clipship recipe")
     if (run / "README.md").exists() and not force and not _ours(run / "README.md"):
         raise ClipshipError(
-            f"{run / 'README.md'} was not written by clipship card: keeping it (pass --force "
-            "to replace it)"
+            f"{run / 'README.md'} was not written by clipship card: keeping it (pass `force` "
+            "to replace it)",
+            option="force",
         )
     license = license or _base_license(recipe)
     if not license:
-        raise ClipshipError("the base model's license is unknown here: pass --license (e.g. mit)")
+        raise ClipshipError(
+            "the base model's license is unknown here: pass `license` (e.g. mit)", option="license"
+        )
     data = _read(run / EVAL_REPORT)
     reports = read_eval_reports(data, str(run / EVAL_REPORT)) if data is not None else {}
     rows = {label: report.accuracies() for label, report in reports.items()}

@@ -11,10 +11,11 @@ lines are built here from the HTTP status, and any echo of the token is masked.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -119,10 +120,10 @@ def open_checked(local: LocalFile):
 REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-def check_repo_id(repo_id: Any, where: str = "--repo-id") -> str:
+def check_repo_id(repo_id: Any, where: str = "`repo_id`") -> str:
     """``owner/name`` with the Hub's characters (letters, digits, '.', '_', '-')."""
     if not isinstance(repo_id, str) or not REPO_ID.fullmatch(repo_id) or ".." in repo_id:
-        raise ClipshipError(f"{where}: {repo_id!r} is not a repo id (owner/name)")
+        raise ClipshipError(f"{where}: {repo_id!r} is not a repo id (owner/name)", option="repo_id")
     return repo_id
 
 
@@ -145,7 +146,10 @@ def resolve_token(token: str | None) -> str:
 
     token = token or get_token()  # HF_TOKEN, then the saved login
     if not token:
-        raise PushError("no Hugging Face token: pass --token, set HF_TOKEN or run `hf auth login`")
+        raise PushError(
+            "no Hugging Face token: pass `token`, set HF_TOKEN or run `hf auth login`",
+            option="token",
+        )
     return token
 
 
@@ -200,7 +204,7 @@ class _Hub:
             if status == 401 and not isinstance(error, RepositoryNotFoundError):
                 return (
                     f"the Hub at {self.endpoint} rejected the token (401 Unauthorized): "
-                    "check --token / HF_TOKEN"
+                    "check `token` / HF_TOKEN"
                 )
             if status == 412:
                 return (
@@ -224,6 +228,36 @@ class _Hub:
         return f"push failed: {type(error).__name__}: {error}"
 
 
+@dataclass(frozen=True)
+class PushResult:
+    """What a push did (or, with ``dry_run``, would upload): the JSON ``clipship push --json``
+    prints. ``committed`` is false when the repo already had every file."""
+
+    repo_id: str
+    endpoint: str
+    revision: str
+    files: list[dict[str, Any]]  # [{path, size}] of the folder
+    bytes: int
+    dry_run: bool
+    committed: bool = False
+    uploaded: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    commit: str | None = None
+    tag: str | None = None
+    url: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if self.dry_run:  # nothing was contacted: only what would be uploaded
+            for key in ("committed", "uploaded", "deleted", "commit", "tag", "url"):
+                del data[key]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PushResult:
+        return cls(**data)
+
+
 def push(
     folder: Path | str,
     repo_id: str,
@@ -236,21 +270,21 @@ def push(
     dry_run: bool = False,
     message: str | None = None,
     prune: bool = False,
-) -> dict[str, Any]:
-    """Upload ``folder`` to ``repo_id`` in one commit (none if nothing changed): a summary."""
+) -> PushResult:
+    """Upload ``folder`` to ``repo_id`` in one commit (none if nothing changed)."""
     folder = Path(folder)
     files = release_files(folder)
     check_repo_id(repo_id)
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
     branch = revision or "main"
-    summary = {
-        "repo_id": repo_id,
-        "endpoint": public_url(endpoint),
-        "revision": branch,
-        "files": [{"path": f.path, "size": f.size} for f in files],
-        "bytes": sum(f.size for f in files),
-        "dry_run": dry_run,
-    }
+    summary = PushResult(
+        repo_id,
+        public_url(endpoint),
+        branch,
+        [{"path": f.path, "size": f.size} for f in files],
+        sum(f.size for f in files),
+        dry_run,
+    )
     if dry_run:
         return summary
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
@@ -274,8 +308,9 @@ def push(
         api.create_repo(repo_id, private=True if private else None, exist_ok=True)
         if private and not api.repo_info(repo_id).private:
             raise PushError(
-                f"{repo_id} already exists and is public: --private does not change an existing "
-                "repo (change its visibility in its settings, or push without --private)"
+                f"{repo_id} already exists and is public: `private` does not change an existing "
+                "repo (change its visibility in its settings, or push without `private`)",
+                option="private",
             )
         if branch != "main":
             api.create_branch(repo_id, branch=branch, exist_ok=True)
@@ -315,7 +350,8 @@ def push(
         if tag and tag not in tags:
             api.create_tag(repo_id, tag=tag, revision=commit)
     suffix = "" if branch == "main" else f"/tree/{branch}"
-    summary.update(
+    return dataclasses.replace(
+        summary,
         committed=commit != head,
         uploaded=[f.path for f in changed],
         deleted=stale,
@@ -323,4 +359,3 @@ def push(
         tag=tag,
         url=f"{public_url(endpoint)}/{repo_id}{suffix}",
     )
-    return summary

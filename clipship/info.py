@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from clipship.errors import SourceNotFoundError
 from clipship.pool import PRETRAINED, Model, count_params, load_model
 
 _VISION_KEYS = (
@@ -54,3 +56,18 @@ def model_info(sources: dict[str, str], allow_pickle: bool = False) -> list[dict
         finally:
             model.checkpoint.close()
     return out
+
+
+def pool_info(
+    sources: list[str], pool: Path | None = None, allow_pickle: bool = False
+) -> list[dict[str, Any]]:
+    """``clipship info``: the models named, or every model of a pool file."""
+    from clipship.requests import resolve_sources
+
+    if pool is not None:
+        return model_info(resolve_sources(pool).members(), allow_pickle)
+    if not sources:
+        raise SourceNotFoundError(
+            "give one or more model sources, or `pool` POOL.yaml", option="pool"
+        )
+    return model_info({src: src for src in sources}, allow_pickle)

@@ -56,7 +56,9 @@ def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ClipshipError("--device cuda: no CUDA GPU is available (use --device cpu or auto)")
+        raise ClipshipError(
+            "`device` cuda: no CUDA GPU is available (use `device` cpu or auto)", option="device"
+        )
     if device != "cpu" and not device.startswith("cuda"):
-        raise ClipshipError(f"--device {device}: choose cuda, cpu or auto")
+        raise ClipshipError(f"`device` {device}: choose cuda, cpu or auto", option="device")
     return device

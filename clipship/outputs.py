@@ -28,14 +28,16 @@ def check_target(out: Path, force: bool, inputs: tuple = (), kind: str = "folder
     if kind == "file" and out.is_dir():
         raise OutputError(f"{out} is a folder (give a file name)")
     if out.exists() and not force:
-        raise OutputExistsError(f"{out} already exists (pass --force to replace it)")
+        raise OutputExistsError(
+            f"{out} already exists (pass `force` to replace it)", path=out, option="force"
+        )
     if out.exists() and not out.is_symlink():  # replacing a link deletes nothing it points to
         for item in inputs:
             source = Path(os.path.expanduser(str(item))) if item is not None else None
             if source is not None and source.exists():
                 # The same file or folder (device and inode), or one inside what out replaces.
                 if any(_same(ancestor, out) for ancestor in [source, *source.resolve().parents]):
-                    raise OutputError(f"--out {out} would replace an input ({item})")
+                    raise OutputError(f"`out` {out} would replace an input ({item})", option="out")
     _probe(out)
 
 
@@ -113,6 +115,17 @@ def _signals_held():
         pending, _CRITICAL["pending"] = _CRITICAL["pending"], None
         if pending is not None:
             raise pending
+
+
+def unwind_on_sigterm() -> None:
+    """SIGTERM raises ``Terminated`` (at the end of a critical section), so temporary folders
+    are removed on the way out; a handler someone else installed is left alone."""
+    import signal
+
+    from clipship.errors import Terminated
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: deliver(Terminated()))
 
 
 def deliver(error: BaseException) -> None:

@@ -269,7 +269,8 @@ def open_checkpoint(folder: Path, source: str, allow_pickle: bool) -> Checkpoint
         if not allow_pickle:
             raise CheckpointError(
                 f"{source}: only a pickle checkpoint (pytorch_model.bin); pickles can run code "
-                "when loaded, pass --allow-pickle to load it with torch.load(weights_only=True)"
+                "when loaded, `allow_pickle` loads it with torch.load(weights_only=True)",
+                option="allow_pickle",
             )
         try:
             state = torch.load(pickled, map_location="cpu", weights_only=True, mmap=True)
@@ -369,7 +370,7 @@ def parse_model_args(items: list[str]) -> dict[str, str]:
     for item in items:
         name, sep, src = item.partition("=")
         if not sep or not name or not src:
-            raise SourceNotFoundError(f"--model {item!r}: expected NAME=SOURCE")
+            raise SourceNotFoundError(f"`model` {item!r}: expected NAME=SOURCE", option="model")
         if name in out:
             raise PoolMismatchError(f"model name {name!r} appears twice in the pool")
         out[name] = src

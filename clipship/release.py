@@ -21,8 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from clipship.errors import ReleaseConfigError
+from clipship.eval.request import EvalRequest
+from clipship.exporter.request import ExportRequest
+from clipship.merge.request import MergeRequest
 from clipship.outputs import atomic_folder, remove_stale_temporaries
 from clipship.reports import EvalReport, ExportReport, read_eval_reports
+from clipship.requests import Sources, TaskSpec, local_path, resolve_sources
 
 SECTIONS = {
     "name": None,
@@ -189,21 +193,11 @@ def _check_values(config: dict[str, Any]) -> None:
 
 def _path(config: dict[str, Any], value: str | None) -> Path | None:
     """Paths in a release file are relative to the file."""
-    if value is None:
-        return None
-    path = Path(os.path.expanduser(str(value)))
-    return path if path.is_absolute() else config["_base"] / path
+    return None if value is None else local_path(value, config["_base"])
 
 
-def _source(config: dict[str, Any], source: str) -> str:
-    local = _path(config, source)
-    return str(local) if local is not None and local.exists() else source
-
-
-def resolve_pool(config: dict[str, Any], quiet: bool) -> tuple[str, dict[str, str], Path | None]:
-    """(pretrained, {task: source}, taskfile or None) for the pool the release names."""
-    from clipship.pool import read_pool_yaml
-
+def resolve_pool(config: dict[str, Any], quiet: bool) -> Sources:
+    """The pool the release names (the mini-benchmark comes with its task file)."""
     pool = config["pool"]
     chosen = [k for k in ("minibench", "yaml", "pretrained") if k in pool]
     if len(chosen) != 1:
@@ -211,25 +205,15 @@ def resolve_pool(config: dict[str, Any], quiet: bool) -> tuple[str, dict[str, st
             "pool: give exactly one of minibench:, yaml:, pretrained: + models:"
         )
     if "minibench" in pool:
-        from clipship.minibench.build import BUDGETS, build
+        from clipship.minibench.build import pool_sources
 
-        budget = str(pool["minibench"])
-        if budget not in BUDGETS:
-            raise ReleaseConfigError(f"pool.minibench: {budget!r}: choose {', '.join(BUDGETS)}")
-        folder = build(None, budget, int(pool.get("seed", 0)), quiet=quiet)
-        pretrained, models = read_pool_yaml(folder / "pool.yaml")
-        return pretrained, models, folder / "tasks.json"
+        return pool_sources(str(pool["minibench"]), int(pool.get("seed", 0)), quiet)
     if "yaml" in pool:
-        pretrained, models = read_pool_yaml(_path(config, pool["yaml"]))
-        return pretrained, models, None
+        return resolve_sources(pool["yaml"], base=config["_base"])
     models = pool.get("models")
     if not isinstance(models, dict) or not models:
         raise ReleaseConfigError("pool.models: a mapping of task name → source")
-    return (
-        _source(config, pool["pretrained"]),
-        {name: _source(config, src) for name, src in models.items()},
-        None,
-    )
+    return resolve_sources(pretrained=pool["pretrained"], models=models, base=config["_base"])
 
 
 def fingerprint(source: str) -> Any:
@@ -345,7 +329,8 @@ def check_name(name: str) -> str:
     if not NAME.fullmatch(name) or name in (".", ".."):
         raise ReleaseConfigError(
             f"name: {name!r}: a release name is letters, digits, '.', '_' and '-' (it names the "
-            "folder release_out/<name>; use --run-dir for another place)"
+            "folder release_out/<name>; use `run_dir` for another place)",
+            option="run_dir",
         )
     return name
 
@@ -357,8 +342,9 @@ def claim_run_dir(run: Path, force: bool) -> None:
         raise ReleaseConfigError(f"{run}: exists and is not a folder")
     if run.is_dir() and any(run.iterdir()) and not (run / RUN_MARKER).is_file() and not force:
         raise ReleaseConfigError(
-            f"{run} already holds files that clipship release did not write (pass --force to "
-            "use it: its stages/ and release/ are replaced)"
+            f"{run} already holds files that clipship release did not write (pass `force` to "
+            "use it: its stages/ and release/ are replaced)",
+            option="force",
         )
     run.mkdir(parents=True, exist_ok=True)
     (run / RUN_MARKER).write_text("made by clipship release\n")
@@ -367,44 +353,54 @@ def claim_run_dir(run: Path, force: bool) -> None:
     remove_stale_temporaries(run / "release")
 
 
-def _tasks(config: dict[str, Any], models: dict[str, str], taskfile: Path | None):
-    from clipship.runtime.tasks import select_tasks
-
+def task_spec(config: dict[str, Any], sources: Sources) -> TaskSpec:
+    """The tasks the release evaluates (and validates the export on): the pool's by default."""
     spec = config.get("eval", {})
     names = spec.get("tasks", "pool")
     if names == "pool":
-        names = list(models)
-    names = ",".join(names) if isinstance(names, list) else str(names)
-    return select_tasks(
-        names,
+        names = list(sources.models)
+    return TaskSpec(
+        ",".join(names) if isinstance(names, list) else str(names),
         data_dir=_path(config, spec.get("data_dir")),
-        taskfile=_path(config, spec.get("taskfile")) or taskfile,
+        taskfile=_path(config, spec.get("taskfile")) or sources.taskfile,
     )
 
 
-def _evaluate(stage: Path, model: Path, pretrained: str, models: dict, tasks, spec: dict) -> None:
-    from clipship.eval import build_heads, evaluate, save_heads
+def eval_request(config: dict[str, Any], tasks: TaskSpec, sources: Sources) -> EvalRequest:
+    """The eval section as the request ``clipship eval`` makes (its model comes later)."""
+    spec = config.get("eval", {})
+    settings = {k: spec[k] for k in ("device", "batch_size", "limit") if spec.get(k) is not None}
+    return EvalRequest(tasks, workers=0, **settings)
 
-    heads, meta = build_heads(pretrained, tasks)
+
+def _evaluate(stage: Path, model: Path, request: EvalRequest, sources: Sources, baselines: bool):
+    """Heads, then the merged model's report (with the pretrained model's and each fine-tuned
+    model's on its own task as baselines); timings kept apart from the report."""
+    from clipship.eval import build_heads, save_heads
+
+    tasks = request.tasks.select()
+    heads, meta = build_heads(sources.pretrained or "", tasks)
     save_heads(stage / "heads", heads, meta, force=False)
-    options = {
-        "heads": stage / "heads",
-        "device": spec.get("device", "auto"),
-        "batch_size": int(spec.get("batch_size", 128)),
-        "limit": spec.get("limit"),
-        "workers": 0,
-    }
-    report: dict[str, Any] = {"merged": evaluate(str(model), tasks, **options)}
-    if spec.get("baselines", True):
-        report["pretrained"] = evaluate(pretrained, tasks, **options)
-        report["individual"] = {
-            t.name: evaluate(models[t.name], [t], pretrained=pretrained, **options)[t.name]
-            for t in tasks
-            if t.name in models
-        }
+    request = dataclasses.replace(request, heads=stage / "heads")
+    reports = {"merged": dataclasses.replace(request, model=str(model)).run().reports}
+    if baselines:
+        reports["pretrained"] = dataclasses.replace(request, model=sources.pretrained).run().reports
+        individual = {}
+        for name, source in sources.models.items():
+            if name in {t.name for t in tasks}:
+                one = dataclasses.replace(
+                    request,
+                    model=source,
+                    pretrained=sources.pretrained,
+                    tasks=dataclasses.replace(request.tasks, names=name),
+                )
+                individual[name] = one.run().reports.tasks[name]
+        reports["individual"] = EvalReport(individual)
     timings = {}  # kept out of the report, which must be the same bytes on every run
-    for label, rows in report.items():
-        for task, row in rows.items():
+    report = {}
+    for label, single in reports.items():
+        report[label] = single.to_json()
+        for task, row in report[label].items():
             if isinstance(row, dict) and "images_per_second" in row:
                 timings[f"{label}/{task}"] = row.pop("images_per_second")
     (stage / "eval_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -483,13 +479,10 @@ def release(
     """Run the release; returns the summary (``status`` is ``released``, ``dry_run``,
     ``built`` without a hub target, or ``gate_failed``). ``force`` allows a ``run_dir`` that
     holds files clipship release did not write."""
-    from clipship.merge import merge
-
     config = read_config(Path(config_path))
-    if (config.get("export") or {}).get("tensorrt"):
-        from clipship.exporter.tensorrt import require_tensorrt
-
-        require_tensorrt()  # before any stage runs, not after the merge and eval
+    exporting = config.get("export") is not None
+    if exporting:
+        export_request(config, Path(), Path()).check()  # before any stage runs
     name = check_name(str(config.get("name") or Path(config_path).stem))
     run = Path(run_dir) if run_dir else Path("release_out") / name
 
@@ -502,52 +495,42 @@ def release(
 
         check_repo_id(repo_id)
     claim_run_dir(run, force)
-    pretrained, models, taskfile = resolve_pool(config, quiet)
-    tasks = _tasks(config, models, taskfile)
+    sources = resolve_pool(config, quiet)
+    tasks = task_spec(config, sources)
+    evaluation = eval_request(config, tasks, sources)
+    evaluation.check_settings()
     stages = Stages(run / "stages", log)
     summary: dict[str, Any] = {"name": name, "run_dir": str(run), "stages": stages.record}
-    method, params = config["method"], dict(config.get("parameters") or {})
-    seed = int(config.get("seed", 0))
 
-    merge_key = key_of(
-        "merge/1",
-        {n: fingerprint(s) for n, s in {"pretrained": pretrained, **models}.items()},
-        list(models),
-        method,
-        params,
-        seed,
-    )
-    merged = stages.run(
-        "merge",
-        merge_key,
-        lambda tmp: merge(pretrained, models, method, tmp / "model", params, seed=seed),
-    )
+    merged, merge_key = _merge_stage(config, stages, sources)
+    selected = tasks.select()
     spec = config.get("eval", {})
     eval_key = key_of(
-        "eval/1",
+        "eval/2",
         merge_key,
-        [dataclasses.asdict(t) for t in tasks],
-        [data_fingerprint(t.data) for t in tasks],
+        [dataclasses.asdict(t) for t in selected],
+        [data_fingerprint(t.data) for t in selected],
         spec,
     )
+    baselines = bool(spec.get("baselines", True))
     evaluated = stages.run(
         "eval",
         eval_key,
-        lambda tmp: _evaluate(tmp, merged / "model", pretrained, models, tasks, spec),
+        lambda tmp: _evaluate(tmp, merged / "model", evaluation, sources, baselines),
     )
     reports = read_eval_reports(
         json.loads((evaluated / "eval_report.json").read_text()), "eval_report.json"
     )
     summary["accuracy"] = {label: report.accuracies() for label, report in reports.items()}
-    gates = config.get("gates") or {}
-    summary["gates"] = accuracy_gates(gates, reports)
+    summary["gates"] = accuracy_gates(config.get("gates") or {}, reports)
     failed = [g for g in summary["gates"] if not g["passed"]]
     if failed:
         return _failed(summary, failed)
 
     exported = None
-    if config.get("export") is not None:
-        exported, failure = _export_stage(config, stages, eval_key, merged, evaluated, tasks)
+    if exporting:
+        request = export_request(config, merged / "model", evaluated / "heads", tasks)
+        exported, failure = _export_stage(request, stages, eval_key)
         if exported is not None:
             summary["export"] = _export_figures(exported / "export" / "export_report.json")
         if failure:
@@ -574,40 +557,67 @@ def release(
             message=hub.get("message"),
             dry_run=dry_run,
             prune=True,  # the release folder is the whole release: stale files go
-        )
+        ).to_json()
         summary["status"] = "dry_run" if dry_run else "released"
     return summary
 
 
-def _export_stage(config, stages: Stages, eval_key: str, merged: Path, evaluated: Path, tasks):
-    from clipship.exporter.onnx_export import (
-        VALIDATION_SIZE,
-        ExportValidationError,
-        Gates,
-        export,
+def _merge_stage(config: dict[str, Any], stages: Stages, sources: Sources) -> tuple[Path, str]:
+    """The merge, as ``clipship merge`` runs it, cached under its inputs' key."""
+    request = MergeRequest(
+        sources,
+        Path("model"),
+        method=config["method"],
+        params=dict(config.get("parameters") or {}),
+        seed=int(config.get("seed", 0)),
     )
-    from clipship.exporter.quantize import DEFAULT_SCHEME
+    request.check()
+    key = key_of(
+        "merge/1",
+        {
+            n: fingerprint(s)
+            for n, s in {"pretrained": sources.pretrained, **sources.models}.items()
+        },
+        list(sources.models),
+        request.method,
+        request.params,
+        request.seed,
+    )
+    build = lambda tmp: dataclasses.replace(request, out=tmp / "model").run()  # noqa: E731
+    return stages.run("merge", key, build), key
 
-    spec = config["export"] or {}
-    limits = {**dataclasses.asdict(Gates()), **(config.get("gates", {}).get("export") or {})}
-    precisions = spec.get("precisions", ["fp32"])
-    data = _path(config, spec.get("validation_data"))
-    key = key_of("export/1", eval_key, spec, limits, data_fingerprint(data))
+
+def export_request(
+    config: dict[str, Any], model: Path, heads: Path, tasks: TaskSpec | None = None
+) -> ExportRequest:
+    """The export section as the request ``clipship export`` makes, gates included."""
+    from clipship.exporter.onnx_export import Gates
+
+    spec = dict(config["export"] or {})
+    limits = config.get("gates", {}).get("export") or {}
+    gates = Gates(**{k: float(v) for k, v in limits.items()})
+    if "validation_data" in spec:
+        spec["validation_data"] = _path(config, spec["validation_data"])
+    if "precisions" in spec:
+        spec["precisions"] = tuple(spec["precisions"])
+    return ExportRequest(
+        str(model), heads, Path("export"), tasks or TaskSpec(), gates=gates, **spec
+    )
+
+
+def _export_stage(request: ExportRequest, stages: Stages, eval_key: str):
+    from clipship.exporter.onnx_export import ExportValidationError
+
+    settings = {
+        k: v
+        for k, v in dataclasses.asdict(request).items()
+        if k not in ("model", "heads", "out", "tasks")
+    }
+    data = request.validation_data
+    key = key_of("export/2", eval_key, settings, data_fingerprint(data))
 
     def build(tmp: Path) -> None:
-        export(
-            str(merged / "model"),
-            evaluated / "heads",
-            tmp / "export",
-            precisions=list(precisions),
-            validation_tasks=tasks,
-            validation_data=data,
-            validation_size=int(spec.get("validation_size", VALIDATION_SIZE)),
-            gates=Gates(**{k: float(v) for k, v in limits.items()}),
-            tensorrt=bool(spec.get("tensorrt", False)),
-            max_batch=int(spec.get("max_batch", 64)),
-            int8_scheme=str(spec.get("int8_scheme", DEFAULT_SCHEME)),
-        )
+        dataclasses.replace(request, out=tmp / "export").run()
 
     try:
         return stages.run("export", key, build), None

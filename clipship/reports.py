@@ -33,7 +33,7 @@ class TaskScore:
         return self.fields.get("dataset")
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.fields, "accuracy": self.accuracy}
+        return {"accuracy": self.accuracy, **self.fields}
 
 
 @dataclass(frozen=True)

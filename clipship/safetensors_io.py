@@ -206,7 +206,9 @@ def parse_size(text: str | int) -> int:
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
     if not m:
-        raise CheckpointError(f"--max-shard-size {text!r}: not a size (try 5GB or 500MB)")
+        raise CheckpointError(
+            f"`max_shard_size` {text!r}: not a size (try 5GB or 500MB)", option="max_shard_size"
+        )
     unit = m.group(2).rstrip("B") or ""
     base = 1024 if unit.endswith("I") else 1000
     power = " KMGT".index(unit[:1] or " ")

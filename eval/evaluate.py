@@ -20,9 +20,11 @@ import torch.nn.functional as F
 from clipship.errors import ClipshipError
 from clipship.machine import pick_device
 from clipship.progress import Bars
+from clipship.reports import EvalReport
+from clipship.requests import choice
 from clipship.runtime.data import DataError, ImageSource, Preprocess, TaskImages, collate
 from clipship.runtime.heads import build_heads, check_heads, load_heads
-from clipship.runtime.model import PRECISIONS, ZeroShotModel, hub_dataset, load_zero_shot
+from clipship.runtime.model import PRECISIONS, Precision, ZeroShotModel, hub_dataset, load_zero_shot
 from clipship.runtime.state import borrows_process_state
 from clipship.runtime.tasks import Task
 
@@ -44,22 +46,18 @@ def evaluate(
     seed: int = 0,
     skip_bad_images: bool = False,
     quiet: bool = True,
-) -> dict[str, Any]:
-    """FusionBench's report shape: ``{task: {accuracy, loss}, "average", "model_info"}``.
+) -> EvalReport:
+    """Accuracy and loss per task, their average and the model's size (FusionBench's report
+    shape, ``EvalReport.to_json()``).
 
     >>> evaluate("merged/", get_tasks("all"), device="cuda")   # doctest: +SKIP
     """
-    if precision not in PRECISIONS:
-        raise ClipshipError(f"--precision {precision}: choose fp32, fp16 or bf16")
-    if batch_size < 1 or (limit is not None and limit < 1):
-        raise ClipshipError("--batch-size and --limit must be positive")
-    if batch_size > MAX_BATCH:
-        raise ClipshipError(f"--batch-size {batch_size}: at most {MAX_BATCH}")
-    if workers is not None and workers < 0:
-        raise ClipshipError(f"--workers {workers}: must be 0 (load in this process) or more")
+    check_options(precision, batch_size, limit, workers)
     device = init_distributed(pick_device(device))
     if precision == "fp16" and device == "cpu":
-        raise ClipshipError("--precision fp16 needs a GPU (use bf16 or fp32 on CPU)")
+        raise ClipshipError(
+            "`precision` fp16 needs a GPU (use bf16 or fp32 on CPU)", option="precision"
+        )
     torch.manual_seed(seed)
     zero_shot, pretrained_folder, info = load_zero_shot(model, pretrained, device)
     if heads is not None:
@@ -71,9 +69,9 @@ def evaluate(
     else:
         head_table, _ = build_heads(pretrained_folder, tasks)
     preprocess = Preprocess.from_pretrained(pretrained_folder)
-    report: dict[str, Any] = {}
+    rows: dict[str, dict[str, Any]] = {}
     for task in tasks:
-        report[task.name] = evaluate_task(
+        rows[task.name] = evaluate_task(
             zero_shot,
             task,
             head_table[task.name],
@@ -86,11 +84,25 @@ def evaluate(
             skip_bad_images,
             quiet,
         )
-    report["average"] = {
-        key: sum(report[t.name][key] for t in tasks) / len(tasks) for key in ("accuracy", "loss")
+    average = {
+        key: sum(rows[t.name][key] for t in tasks) / len(tasks) for key in ("accuracy", "loss")
     }
-    report["model_info"] = info
-    return report
+    return EvalReport.from_json({**rows, "average": average, "model_info": info})
+
+
+def check_options(precision: str, batch_size: int, limit: int | None, workers: int | None) -> None:
+    """An evaluation's settings, checked before anything loads."""
+    choice(Precision, precision, "precision")
+    if batch_size < 1:
+        raise ClipshipError(f"`batch_size` {batch_size}: must be positive", option="batch_size")
+    if batch_size > MAX_BATCH:
+        raise ClipshipError(f"`batch_size` {batch_size}: at most {MAX_BATCH}", option="batch_size")
+    if limit is not None and limit < 1:
+        raise ClipshipError(f"`limit` {limit}: must be positive", option="limit")
+    if workers is not None and workers < 0:
+        raise ClipshipError(
+            f"`workers` {workers}: must be 0 (load in this process) or more", option="workers"
+        )
 
 
 @torch.no_grad()
@@ -146,7 +158,8 @@ def evaluate_task(
                 if not skip_bad_images:
                     raise DataError(
                         f"task {task.name}: image {position} cannot be read ({message}); "
-                        "pass --skip-bad-images to skip it"
+                        "pass `skip_bad_images` to skip it",
+                        option="skip_bad_images",
                     )
                 skipped.append(position)
             if len(labels):
@@ -229,7 +242,7 @@ def _gather(parts: tuple) -> tuple:
 
 def evaluate_pool(
     pretrained: str, models: dict[str, str], tasks: list[Task], **options: Any
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, EvalReport]:
     """One report per pool member: the pretrained model first, then each fine-tuned model."""
     from clipship.pool import PRETRAINED
 

@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,10 @@ from clipship.machine import pick_device
 from clipship.memory import load_owned, own_module
 from clipship.outputs import atomic_folder, check_target, library_versions
 from clipship.pool import resolve_folder
+from clipship.requests import choice
 from clipship.runtime.data import DataError, ImageSource, Preprocess, TaskImages, collate
 from clipship.runtime.heads import build_heads
-from clipship.runtime.model import PRECISIONS, ZeroShotModel
+from clipship.runtime.model import PRECISIONS, Precision, ZeroShotModel
 from clipship.runtime.state import borrows_process_state
 from clipship.runtime.tasks import Task
 
@@ -100,6 +102,32 @@ def _latest_checkpoint(root: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+@dataclass(frozen=True)
+class Settings:
+    """How a fine-tuning run trains (what its recipe records)."""
+
+    steps: int = 4000
+    batch_size: int = 32
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    seed: int = 0
+    precision: str = "fp32"
+
+    def check(self) -> None:
+        for option in ("steps", "batch_size"):
+            if getattr(self, option) < 1:
+                value = getattr(self, option)
+                raise ClipshipError(f"`{option}` {value}: must be positive", option=option)
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise ClipshipError(f"`lr` {self.lr}: must be a positive finite number", option="lr")
+        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise ClipshipError(
+                f"`weight_decay` {self.weight_decay}: must be a finite number ≥ 0",
+                option="weight_decay",
+            )
+        choice(Precision, self.precision, "precision")
+
+
 @borrows_process_state
 def finetune(
     pretrained: str,
@@ -123,106 +151,167 @@ def finetune(
     on_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Tune the vision tower on ``task``'s train split; writes a CLIPVisionModel folder."""
-    from transformers import CLIPModel, CLIPVisionModel
-
     out = Path(out)
     check_target(out, force, inputs=(pretrained, task.data))
-    if steps < 1 or batch_size < 1:
-        raise ClipshipError("--steps and --batch-size must be positive")
-    if not math.isfinite(lr) or lr <= 0:
-        raise ClipshipError(f"--lr {lr}: must be a positive finite number")
-    if not math.isfinite(weight_decay) or weight_decay < 0:
-        raise ClipshipError(f"--weight-decay {weight_decay}: must be a finite number ≥ 0")
-    if precision not in PRECISIONS:
-        raise ClipshipError(f"--precision {precision}: choose fp32, fp16 or bf16")
+    settings = Settings(steps, batch_size, lr, weight_decay, seed, str(precision))
+    settings.check()
     device = pick_device(device)
     checkpoints = (
         Path(checkpoint_dir) if checkpoint_dir else out.with_name(f"{out.name}.checkpoints")
     )
     torch.manual_seed(seed)
     folder, repo_id, _ = resolve_folder(pretrained)
-    heads, _ = build_heads(folder, [task])
-    head = heads[task.name].to(device)
-    clip = CLIPModel.from_pretrained(folder)
-    start = 0
     latest = _latest_checkpoint(checkpoints) if resume else None
-    vision = CLIPVisionModel.from_pretrained(latest or folder).to(device)
-    # Out of the files' mappings (clipship.memory): a resumed run then computes what the
-    # uninterrupted one did, bit for bit.
-    model = own_module(ZeroShotModel(vision, clip.visual_projection, clip.logit_scale).to(device))
-    for module in (model.projection,):
-        module.requires_grad_(False)
-    vision.train()
-    optimizer = torch.optim.Adam(vision.parameters(), lr=lr, weight_decay=weight_decay)
-    if latest is not None:
-        start = _restore_optimizer(optimizer, latest, device)
-    preprocess = Preprocess.from_pretrained(folder)
-    source = ImageSource(task, split="train")
-    images = TaskImages(source, preprocess, train_limit)
-    table = preprocess.lookup_table().to(device)
-    classes = head.shape[0]
-    autocast = torch.autocast(
-        device.split(":")[0], dtype=PRECISIONS[precision], enabled=precision != "fp32"
-    )
-    scaler = torch.amp.GradScaler(enabled=precision == "fp16")
-    losses: list[float] = []
+    run = _Run.load(folder, task, latest, settings, device, train_limit)
     started = time.perf_counter()
-    sampler = list(batch_indices(len(images), batch_size, seed, start, steps))
-    loader = torch.utils.data.DataLoader(
-        images,
-        batch_sampler=sampler,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=device.startswith("cuda"),
-    )
-    step = start
-    for batch, labels, _, bad in loader:
-        if bad:
-            index, message = bad[0]
-            raise DataError(f"task {task.name}: training image {index} cannot be read ({message})")
-        if int(labels.min()) < 0 or int(labels.max()) >= classes:
-            raise DataError(
-                f"task {task.name}: label {int(labels.max())} is outside the {classes} classes"
-            )
-        pixels = preprocess.normalize(batch.to(device, non_blocking=True), table)
-        with autocast:
-            logits = model.logits(model.embed(pixels), head)
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        losses.append(float(loss.detach()))
-        if not math.isfinite(losses[-1]):
-            raise DataError(
-                f"task {task.name}: the loss is not finite at step {step + 1} (is --lr "
-                f"{lr} too high?); nothing was written"
-            )
-        step += 1
-        if on_step is not None:
-            on_step(step)
-        if checkpoint_every and step % checkpoint_every == 0 and step < steps:
-            checkpoints.mkdir(parents=True, exist_ok=True)
-            _save_checkpoint(checkpoints / f"step-{step}", vision, optimizer, step)
-        if not quiet and (step % 50 == 0 or step == steps):
-            print(
-                f"step {step}/{steps}  loss {sum(losses[-50:]) / len(losses[-50:]):.4f}", flush=True
-            )
+    losses = run.train(workers, checkpoints, checkpoint_every, quiet, on_step)
     recipe = {
         "task": task.name,
         "pretrained": repo_id or folder.resolve().name,  # never a local path: encoders get pushed
         "steps": steps,
-        "resumed_from": start or None,
+        "resumed_from": run.start or None,
         "batch_size": batch_size,
         "lr": lr,
         "weight_decay": weight_decay,
         "optimizer": "Adam",
         "seed": seed,
-        "precision": precision,
-        "train_images": len(images),
+        "precision": settings.precision,
+        "train_images": len(run.images),
         "final_loss": losses[-1] if losses else None,
         "versions": library_versions(),
     }
+    _write_encoder(out, force, run.vision, folder, recipe, task)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    recipe["seconds"] = round(time.perf_counter() - started, 2)
+    recipe["out"] = str(out)
+    return recipe
+
+
+@dataclass
+class _Run:
+    """A training run's pieces: the model, its optimizer, the data and where it starts."""
+
+    task: Task
+    settings: Settings
+    device: str
+    model: ZeroShotModel
+    vision: Any
+    optimizer: torch.optim.Optimizer
+    head: torch.Tensor
+    images: TaskImages
+    preprocess: Preprocess
+    start: int
+
+    @classmethod
+    def load(
+        cls,
+        folder: Path,
+        task: Task,
+        latest: Path | None,
+        settings: Settings,
+        device: str,
+        train_limit: int | None,
+    ) -> _Run:
+        from transformers import CLIPModel, CLIPVisionModel
+
+        heads, _ = build_heads(folder, [task])
+        clip = CLIPModel.from_pretrained(folder)
+        vision = CLIPVisionModel.from_pretrained(latest or folder).to(device)
+        # Out of the files' mappings (clipship.memory): a resumed run then computes what the
+        # uninterrupted one did, bit for bit.
+        model = own_module(
+            ZeroShotModel(vision, clip.visual_projection, clip.logit_scale).to(device)
+        )
+        model.projection.requires_grad_(False)
+        vision.train()
+        optimizer = torch.optim.Adam(
+            vision.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+        )
+        start = _restore_optimizer(optimizer, latest, device) if latest is not None else 0
+        preprocess = Preprocess.from_pretrained(folder)
+        images = TaskImages(ImageSource(task, split="train"), preprocess, train_limit)
+        head = heads[task.name].to(device)
+        return cls(
+            task, settings, device, model, vision, optimizer, head, images, preprocess, start
+        )
+
+    def train(
+        self,
+        workers: int,
+        checkpoints: Path,
+        checkpoint_every: int,
+        quiet: bool,
+        on_step: Callable[[int], None] | None,
+    ) -> list[float]:
+        """Steps ``start`` to ``steps``; returns each step's loss."""
+        settings, device, task = self.settings, self.device, self.task
+        table = self.preprocess.lookup_table().to(device)
+        classes = self.head.shape[0]
+        precision = settings.precision
+        autocast = torch.autocast(
+            device.split(":")[0], dtype=PRECISIONS[precision], enabled=precision != "fp32"
+        )
+        scaler = torch.amp.GradScaler(enabled=precision == "fp16")
+        sampler = list(
+            batch_indices(
+                len(self.images), settings.batch_size, settings.seed, self.start, settings.steps
+            )
+        )
+        loader = torch.utils.data.DataLoader(
+            self.images,
+            batch_sampler=sampler,
+            num_workers=workers,
+            collate_fn=collate,
+            pin_memory=device.startswith("cuda"),
+        )
+        losses: list[float] = []
+        step = self.start
+        for batch, labels, _, bad in loader:
+            _check_batch(task, labels, bad, classes)
+            pixels = self.preprocess.normalize(batch.to(device, non_blocking=True), table)
+            with autocast:
+                logits = self.model.logits(self.model.embed(pixels), self.head)
+                loss = torch.nn.functional.cross_entropy(logits.float(), labels.to(device))
+            self.optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(self.optimizer)
+            scaler.update()
+            losses.append(float(loss.detach()))
+            if not math.isfinite(losses[-1]):
+                raise DataError(
+                    f"task {task.name}: the loss is not finite at step {step + 1} (is `lr` "
+                    f"{settings.lr} too high?); nothing was written",
+                    option="lr",
+                )
+            step += 1
+            if on_step is not None:
+                on_step(step)
+            if checkpoint_every and step % checkpoint_every == 0 and step < settings.steps:
+                checkpoints.mkdir(parents=True, exist_ok=True)
+                _save_checkpoint(checkpoints / f"step-{step}", self.vision, self.optimizer, step)
+            if not quiet and (step % 50 == 0 or step == settings.steps):
+                recent = losses[-50:]
+                print(
+                    f"step {step}/{settings.steps}  loss {sum(recent) / len(recent):.4f}",
+                    flush=True,
+                )
+        return losses
+
+
+def _check_batch(task: Task, labels: torch.Tensor, bad: list, classes: int) -> None:
+    if bad:
+        index, message = bad[0]
+        raise DataError(f"task {task.name}: training image {index} cannot be read ({message})")
+    if int(labels.min()) < 0 or int(labels.max()) >= classes:
+        raise DataError(
+            f"task {task.name}: label {int(labels.max())} is outside the {classes} classes"
+        )
+
+
+def _write_encoder(
+    out: Path, force: bool, vision: Any, folder: Path, recipe: dict[str, Any], task: Task
+) -> None:
+    """The tuned vision tower, the processor files and the recipe, atomically."""
     broken = [n for n, p in vision.named_parameters() if not torch.isfinite(p).all()]
     if broken:
         raise DataError(f"task {task.name}: training made {broken[0]} non-finite; nothing written")
@@ -232,7 +321,3 @@ def finetune(
             if (folder / name).is_file():
                 shutil.copyfile(folder / name, tmp / name)
         (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    recipe["seconds"] = round(time.perf_counter() - started, 2)
-    recipe["out"] = str(out)
-    return recipe

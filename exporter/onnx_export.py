@@ -35,13 +35,28 @@ from clipship.exporter.quantize import (
 )
 from clipship.hashing import file_sha256
 from clipship.outputs import atomic_folder, check_target, library_versions
+from clipship.requests import VALIDATION_SIZE, Choice, choice
 from clipship.runtime.data import ImageSource, Preprocess
 from clipship.runtime.heads import check_heads, load_heads
 from clipship.runtime.model import ZeroShotModel, load_zero_shot
 from clipship.runtime.tasks import Task
 
 OPSET = 20
-FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}
+
+
+class Variant(Choice):
+    """A graph variant: the precision its weights (and, for fp16, its arithmetic) run in."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+
+FILES = {
+    Variant.FP32: "model.onnx",
+    Variant.FP16: "model_fp16.onnx",
+    Variant.INT8: "model_int8.onnx",
+}
 
 
 @dataclass(frozen=True)
@@ -56,7 +71,6 @@ class Gates:
 
 
 CONFIDENCE = 0.95
-VALIDATION_SIZE = 500  # images per task
 
 
 def agreement_bounds(agreeing: int, images: int, confidence: float = CONFIDENCE):
@@ -145,15 +159,17 @@ def validation_images(
             except DataError as e:
                 raise DataError(
                     f"task {task.name}: no test images to validate on ({e}); give its data "
-                    "(--taskfile / --data-dir) or pass --validation-data"
+                    "(`taskfile` / `data_dir`) or pass `validation_data`",
+                    option="validation_data",
                 ) from None
             for index in range(min(size, len(source))):
                 images.append(preprocess.to_uint8(source.load(index)[0]))
                 where.append(task.name)
     if not images:
         raise ClipshipError(
-            "no validation images: pass --validation-data (images or a dataset) or tasks with "
-            "local test data (--taskfile / --data-dir)"
+            "no validation images: pass `validation_data` (images or a dataset) or tasks with "
+            "local test data (`taskfile` / `data_dir`)",
+            option="validation_data",
         )
     return np.stack(images), where
 
@@ -328,21 +344,7 @@ def export(
     1 … ``max_batch``), validated the same way."""
     out = Path(out)
     check_target(out, force, inputs=(model, heads_dir, pretrained, validation_data))
-    if validation_size < 1:
-        raise ClipshipError(f"--validation-size {validation_size}: must be at least 1")
-    if not precisions:
-        raise ClipshipError(f"--precision: name at least one of {', '.join(FILES)}")
-    if int8_scheme not in SCHEMES:
-        raise ClipshipError(f"--int8-scheme {int8_scheme}: choose among {', '.join(SCHEMES)}")
-    if tensorrt:
-        from clipship.exporter.tensorrt import require_tensorrt
-
-        require_tensorrt()
-        if max_batch < 32:
-            raise ClipshipError("--max-batch must be at least 32 (validation runs batches of 32)")
-    unknown = [p for p in precisions if p not in FILES]
-    if unknown:
-        raise ClipshipError(f"--precision {unknown[0]}: choose among {', '.join(FILES)}")
+    variants = check_settings(precisions, validation_size, int8_scheme, tensorrt, max_batch)
     zero_shot, pretrained_folder, info = load_zero_shot(model, pretrained, "cpu")
     table, meta = load_heads(heads_dir)
     check_heads(meta, pretrained_folder)
@@ -360,17 +362,95 @@ def export(
     if unvalidated and validation_data is None:
         raise ClipshipError(
             f"task {unvalidated[0]}: no validation images (every exported task needs its own: "
-            "--taskfile / --data-dir with its test data, or --validation-data for all)"
+            "`taskfile` / `data_dir` with its test data, or `validation_data` for all)",
+            option="validation_data",
         )
     images = _Validation(
         *validation_images(val_tasks, preprocess, validation_size, validation_data), preprocess
     )
-    outputs = ["image_embeds", "logits", *[f"logits_{n}" for n in names]]
+    record = _record(model, names, heads, meta, preprocess, info, variants)
+    report: dict[str, Any] = {
+        "validation_images": len(images.where),
+        "confidence": CONFIDENCE,
+        "cpu": machine.describe(),  # the float kernels around int8 products differ per CPU
+        "variants": {},
+    }
+
+    def validate(session, variant: str, gate: Variant) -> None:
+        result = _compare(session, deploy, images, names)
+        result["batch_1_7_vs_32_max_diff"] = _batch_consistency(session, images)
+        need = _minimum(gate, gates)
+        for name in names:
+            result[name]["disagreements_allowed"] = allowed_disagreements(
+                result[name]["images"], need
+            )
+        report["variants"][variant] = result
+        _gate(gate, result, names, gates)
+
+    with atomic_folder(out, force) as tmp:
+        _write_variants(tmp, deploy, images, record, variants, int8_scheme)
+        for variant in variants:
+            validate(_session(tmp / FILES[variant]), str(variant), variant)
+        if tensorrt:
+            _write_engine(tmp, images, record, variants, max_batch)
+            from clipship.exporter.tensorrt import ENGINE_FILE, EngineSession
+
+            validate(EngineSession(tmp / ENGINE_FILE), "tensorrt_fp16", Variant.FP16)
+        if Variant.FP32 not in variants:
+            (tmp / FILES[Variant.FP32]).unlink()
+        _embed_metadata(tmp, record)
+        record["sha256"] = {  # predict refuses a graph that changed since it was validated
+            name: file_sha256(tmp / name) for name in sorted(set(record["variants"].values()))
+        }
+        (tmp / "export.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+        (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return {"out": str(out), "record": record, "report": report}
+
+
+def check_settings(
+    precisions: Any, validation_size: int, int8_scheme: str, tensorrt: bool, max_batch: int
+) -> list[Variant]:
+    """An export's settings, checked before anything loads: the variants to write."""
+    if validation_size < 1:
+        raise ClipshipError(
+            f"`validation_size` {validation_size}: must be at least 1", option="validation_size"
+        )
+    if not precisions:
+        raise ClipshipError(
+            f"`precision`: name at least one of {', '.join(map(str, Variant))}", option="precision"
+        )
+    variants = [choice(Variant, p, "precision") for p in precisions]
+    if int8_scheme not in SCHEMES:
+        raise ClipshipError(
+            f"`int8_scheme` {int8_scheme}: choose among {', '.join(SCHEMES)}", option="int8_scheme"
+        )
+    if tensorrt:
+        from clipship.exporter.tensorrt import require_tensorrt
+
+        require_tensorrt()
+        if max_batch < 32:
+            raise ClipshipError(
+                "`max_batch` must be at least 32 (validation runs batches of 32)",
+                option="max_batch",
+            )
+    return variants
+
+
+def _record(
+    model: str,
+    names: list[str],
+    heads: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    preprocess: Preprocess,
+    info: dict[str, Any],
+    variants: list[Variant],
+) -> dict[str, Any]:
+    """``export.json``: what ``clipship predict`` needs besides the graph."""
     offsets, start = {}, 0
     for name in names:
         offsets[name] = [start, start + heads[name].shape[0]]
         start += heads[name].shape[0]
-    record = {
+    return {
         "format": "clipship-export/1",
         "model": Path(model).name if Path(model).is_dir() else str(model),  # no local paths
         "opset": OPSET,
@@ -378,7 +458,7 @@ def export(
             "name": "pixel_values",
             "shape": ["batch", 3, *preprocess.crop_hw] if preprocess.crop_hw else None,
         },
-        "outputs": outputs,
+        "outputs": ["image_embeds", "logits", *[f"logits_{n}" for n in names]],
         "tasks": names,
         "class_offsets": offsets,
         "classnames": {n: meta["tasks"][n]["classnames"] for n in names},
@@ -389,70 +469,53 @@ def export(
         "preprocessing": preprocess.record(),
         "recipe_sha256": _recipe_hash(model),
         "model_info": info,
-        "variants": {p: FILES[p] for p in precisions},
+        "variants": {str(v): FILES[v] for v in variants},
         "versions": {**library_versions(), **_onnx_versions()},
     }
-    report: dict[str, Any] = {
-        "validation_images": len(images.where),
-        "confidence": CONFIDENCE,
-        "cpu": machine.describe(),  # the float kernels around int8 products differ per CPU
-        "variants": {},
-    }
-    with atomic_folder(out, force) as tmp:
-        _onnx_export(deploy, images.pixels(0, 2), tmp / FILES["fp32"], outputs)
-        _check_graph(tmp / FILES["fp32"])
-        if "fp16" in precisions:
-            _to_fp16(tmp / FILES["fp32"], tmp / FILES["fp16"])
-        if "int8" in precisions:
-            record["int8"] = _to_int8(
-                tmp / FILES["fp32"], tmp / FILES["int8"], SCHEMES[int8_scheme]
-            )
-
-        def validate(session, variant: str, gate: str) -> None:
-            result = _compare(session, deploy, images, names)
-            result["batch_1_7_vs_32_max_diff"] = _batch_consistency(session, images)
-            need = _minimum(gate, gates)
-            for name in names:
-                result[name]["disagreements_allowed"] = allowed_disagreements(
-                    result[name]["images"], need
-                )
-            report["variants"][variant] = result
-            _gate(gate, result, names, gates)
-
-        for precision in precisions:
-            validate(_session(tmp / FILES[precision]), precision, precision)
-        if tensorrt:
-            from clipship.exporter.tensorrt import ENGINE_FILE, EngineSession, build_engine
-
-            if "fp16" not in precisions:
-                _to_fp16(tmp / FILES["fp32"], tmp / FILES["fp16"])
-            shape = tuple(images.uint8.shape[1:])
-            record["tensorrt"] = build_engine(
-                tmp / FILES["fp16"], tmp / ENGINE_FILE, shape, max_batch
-            )
-            if "fp16" not in precisions:
-                (tmp / FILES["fp16"]).unlink()
-            validate(EngineSession(tmp / ENGINE_FILE), "tensorrt_fp16", "fp16")
-        if "fp32" not in precisions:
-            (tmp / FILES["fp32"]).unlink()
-        _embed_metadata(tmp, record)
-        record["sha256"] = {  # predict refuses a graph that changed since it was validated
-            name: file_sha256(tmp / name) for name in sorted(set(record["variants"].values()))
-        }
-        (tmp / "export.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-        (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    return {"out": str(out), "record": record, "report": report}
 
 
-def _minimum(precision: str, gates: Gates) -> float:
+def _write_variants(
+    tmp: Path,
+    deploy: DeployModel,
+    images: _Validation,
+    record: dict[str, Any],
+    variants: list[Variant],
+    int8_scheme: str,
+) -> None:
+    """The fp32 graph (always: the others derive from it), then fp16 and int8 when asked."""
+    fp32 = tmp / FILES[Variant.FP32]
+    _onnx_export(deploy, images.pixels(0, 2), fp32, record["outputs"])
+    _check_graph(fp32)
+    if Variant.FP16 in variants:
+        _to_fp16(fp32, tmp / FILES[Variant.FP16])
+    if Variant.INT8 in variants:
+        record["int8"] = _to_int8(fp32, tmp / FILES[Variant.INT8], SCHEMES[int8_scheme])
+
+
+def _write_engine(
+    tmp: Path, images: _Validation, record: dict[str, Any], variants: list[Variant], max_batch: int
+) -> None:
+    """A TensorRT fp16 engine built from the fp16 graph (made for it when not kept)."""
+    from clipship.exporter.tensorrt import ENGINE_FILE, build_engine
+
+    fp16 = tmp / FILES[Variant.FP16]
+    if Variant.FP16 not in variants:
+        _to_fp16(tmp / FILES[Variant.FP32], fp16)
+    shape = tuple(images.uint8.shape[1:])
+    record["tensorrt"] = build_engine(fp16, tmp / ENGINE_FILE, shape, max_batch)
+    if Variant.FP16 not in variants:
+        fp16.unlink()
+
+
+def _minimum(variant: Variant, gates: Gates) -> float:
     return {
-        "fp32": gates.min_agreement_fp32,
-        "fp16": gates.min_agreement_fp16,
-        "int8": gates.min_agreement_int8,
-    }[precision]
+        Variant.FP32: gates.min_agreement_fp32,
+        Variant.FP16: gates.min_agreement_fp16,
+        Variant.INT8: gates.min_agreement_int8,
+    }[variant]
 
 
-def _gate(precision: str, result: dict[str, Any], names: list[str], gates: Gates) -> None:
+def _gate(precision: Variant, result: dict[str, Any], names: list[str], gates: Gates) -> None:
     need = _minimum(precision, gates)
     for name in names:
         row = result[name]
@@ -465,12 +528,12 @@ def _gate(precision: str, result: dict[str, Any], names: list[str], gates: Gates
                 f"disagree; {100 * CONFIDENCE:.0f} % upper bound {row['agreement_upper']:.4f}) "
                 f"< {need}"
             )
-        if precision == "fp32" and row["max_abs_logit_diff"] > gates.max_logit_diff:
+        if precision == Variant.FP32 and row["max_abs_logit_diff"] > gates.max_logit_diff:
             raise ExportValidationError(
                 f"fp32 export differs from PyTorch on {name}: max |Δlogit| "
                 f"{row['max_abs_logit_diff']:.2e} > {gates.max_logit_diff}"
             )
-    if precision == "fp32" and result["batch_1_7_vs_32_max_diff"] > gates.max_logit_diff:
+    if precision == Variant.FP32 and result["batch_1_7_vs_32_max_diff"] > gates.max_logit_diff:
         raise ExportValidationError(
             "fp32 export gives different rows at batch 1 or 7 than at batch 32"
         )

@@ -87,7 +87,7 @@ def predict(
 
     folder = Path(export_dir)
     if top_k < 1:
-        raise ClipshipError(f"--top-k {top_k}: must be at least 1")
+        raise ClipshipError(f"`top_k` {top_k}: must be at least 1", option="top_k")
     if batch_size < 1:
         raise ClipshipError(f"batch size {batch_size}: must be at least 1")
     record = read_record(folder)
@@ -99,7 +99,9 @@ def predict(
     if task not in record["tasks"]:
         raise ClipshipError(f"unknown task {task!r} (exported: {', '.join(record['tasks'])})")
     if provider not in PROVIDERS:
-        raise ClipshipError(f"--provider {provider}: choose {', '.join(PROVIDERS)}")
+        raise ClipshipError(
+            f"`provider` {provider}: choose {', '.join(PROVIDERS)}", option="provider"
+        )
     if PROVIDERS[provider] not in ort.get_available_providers():
         raise ClipshipError(
             f"onnxruntime here has no {PROVIDERS[provider]} (install onnxruntime-gpu)"

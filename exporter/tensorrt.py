@@ -28,14 +28,17 @@ def require_tensorrt() -> None:
         import tensorrt  # noqa: F401
     except ImportError:
         raise ClipshipError(
-            "--tensorrt needs the tensorrt package and an NVIDIA GPU "
-            "(pip install clipship[tensorrt]); or serve the ONNX file with onnxruntime-gpu: "
-            "clipship predict --provider tensorrt"
+            "`tensorrt` needs the tensorrt package and an NVIDIA GPU "
+            "(pip install clipship[tensorrt]); or serve the ONNX file with onnxruntime-gpu's "
+            "TensorRT provider (`clipship predict --provider tensorrt`)",
+            option="tensorrt",
         ) from None
     import torch
 
     if not torch.cuda.is_available():
-        raise ClipshipError("--tensorrt needs an NVIDIA GPU; none is visible here")
+        raise ClipshipError(
+            "`tensorrt` needs an NVIDIA GPU; none is visible here", option="tensorrt"
+        )
 
 
 def _logger():

@@ -103,7 +103,8 @@ def merge(
         if not vision_only and not pool.pretrained.has_text_tower:
             raise PoolMismatchError(
                 f"{pretrained} is a vision-only model, so the output cannot be a full CLIPModel "
-                "(pass --vision-only)"
+                "(pass `vision_only`)",
+                option="vision_only",
             )
         hasher = ThreadPoolExecutor(1)
         try:
@@ -151,8 +152,10 @@ def merge_from_recipe(
     unknown = sorted(set(given) - {m["name"] for m in recipe["models"]})
     if unknown:
         known = ", ".join(m["name"] for m in recipe["models"])
-        raise RecipeError(f"--model {unknown[0]}: not in the recipe (its models: {known})")
-    base = pretrained or _pinned(recipe["pretrained"], "--pretrained PATH")
+        raise RecipeError(
+            f"`model` {unknown[0]}: not in the recipe (its models: {known})", option="model"
+        )
+    base = pretrained or _pinned(recipe["pretrained"], "pretrained")
     sources = {m["name"]: given.get(m["name"]) or _pinned(m) for m in recipe["models"]}
     return merge(
         base,
@@ -201,12 +204,14 @@ def _pinned(source: dict[str, Any], option: str | None = None) -> str:
         return f"{source['repo_id']}@{rev}" if rev else source["repo_id"]
     if source.get("path"):  # recipes written before local paths were left out
         return source["path"]
-    option = option or f"--model {source['name']}=PATH"
-    label = "the pretrained model" if option.startswith("--pretrained") else source["name"]
+    option = option or "model"
+    label = "the pretrained model" if option == "pretrained" else source["name"]
+    given = "`pretrained` PATH" if option == "pretrained" else f"`model` {source['name']}=PATH"
     raise RecipeError(
         f"{label} was merged from a local folder ({source['source']}), which a recipe "
-        f"does not locate: give it with {option} (or --pool); its files are checked against "
-        "the recipe's sha256"
+        f"does not locate: give it with {given} (or `pool`); its files are checked against "
+        "the recipe's sha256",
+        option=option,
     )
 
 

@@ -220,3 +220,23 @@ def get_method(name: str) -> Method:
     if name not in table:
         raise MethodError(f"unknown merge method {name!r} (known: {', '.join(sorted(table))})")
     return table[name]
+
+
+def method_rows() -> list[dict[str, Any]]:
+    """``clipship methods --json``: each method's name, summary, paper and parameters."""
+    return [
+        {
+            "name": m.name,
+            "summary": m.summary,
+            "paper": m.paper,
+            "params": {
+                p.name: {
+                    "default": p.default,
+                    "help": p.help,
+                    **({"choices": list(p.choices)} if p.choices else {}),
+                }
+                for p in m.params
+            },
+        }
+        for m in method_table().values()
+    ]

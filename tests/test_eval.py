@@ -174,7 +174,7 @@ def test_accuracy_and_both_losses_match_fusionbench(digits, batch_size, name, fo
         [mnist_task(digits["parquet"])],
         pretrained=str(PRETRAINED),
         batch_size=batch_size,
-    )
+    ).to_json()
     expected = METRICS[f"batch_size_{batch_size}"][name]
     # Accuracy exact (margins ≫ rounding, see above); a mean cross-entropy of ~2 from logits
     # within 1e-4 of FusionBench's moves by less than 1e-5.
@@ -193,7 +193,7 @@ def test_every_local_format_gives_the_same_report(digits):
     for fmt in ("parquet", "disk", "folder"):
         report = evaluate(
             str(MNIST), [mnist_task(digits[fmt])], pretrained=str(PRETRAINED), batch_size=64
-        )
+        ).to_json()
         reports[fmt] = {k: v for k, v in report["mnist"].items() if k != "images_per_second"}
     # Same images in the same order along two data paths: bit-equal (tensors that feed products
     # are owned, aligned memory: clipship/memory.py), on this machine and thread count.
@@ -205,7 +205,7 @@ def test_every_local_format_gives_the_same_report(digits):
         assert reports["folder"][key] == pytest.approx(reports["parquet"][key], abs=1e-6)
     limited = evaluate(
         str(MNIST), [mnist_task(digits["disk"])], pretrained=str(PRETRAINED), limit=10
-    )
+    ).to_json()
     assert limited["mnist"]["samples"] == 10
 
 
@@ -231,7 +231,7 @@ def test_hub_style_sources_go_through_load_dataset(digits):
             "label_column": "label",
         },
     )
-    report = evaluate(str(MNIST), [task], pretrained=str(PRETRAINED))
+    report = evaluate(str(MNIST), [task], pretrained=str(PRETRAINED)).to_json()
     assert report["mnist"]["samples"] == 64 and report["mnist"]["accuracy"] == 0.0625
 
 
@@ -289,7 +289,7 @@ def test_library_calls_leave_process_state_as_they_found_it(digits):
             device="cpu",
             seed=7,
             workers=0,
-        )
+        ).to_json()
         assert torch.equal(torch.get_rng_state(), rng)
         assert tlog.get_verbosity() == tlog.INFO and dlog.get_verbosity() == dlog.INFO
         assert datasets.is_progress_bar_enabled()

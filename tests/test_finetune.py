@@ -45,7 +45,7 @@ def digits(tmp_path_factory):
 
 def test_finetuning_raises_accuracy_and_the_result_merges(digits, tmp_path):
     task = replace(get_tasks("mnist")[0], data=str(digits))
-    before = evaluate(str(PRETRAINED), [task])["mnist"]["accuracy"]
+    before = evaluate(str(PRETRAINED), [task]).tasks["mnist"].accuracy
     result = runner.invoke(
         app,
         [
@@ -65,9 +65,8 @@ def test_finetuning_raises_accuracy_and_the_result_merges(digits, tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    after = evaluate(str(tmp_path / "mnist"), [task], pretrained=str(PRETRAINED))["mnist"][
-        "accuracy"
-    ]
+    tuned = evaluate(str(tmp_path / "mnist"), [task], pretrained=str(PRETRAINED))
+    after = tuned.tasks["mnist"].accuracy
     assert before < 0.2 and after > before + 0.5, (before, after)
     merged = runner.invoke(
         app,
@@ -87,7 +86,7 @@ def test_finetuning_raises_accuracy_and_the_result_merges(digits, tmp_path):
         ],
     )
     assert merged.exit_code == 0, merged.output
-    again = evaluate(str(tmp_path / "merged"), [task])["mnist"]["accuracy"]
+    again = evaluate(str(tmp_path / "merged"), [task]).tasks["mnist"].accuracy
     assert again == pytest.approx(after, abs=0.01)
 
 

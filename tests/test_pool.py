@@ -207,7 +207,7 @@ def test_non_float_tensors_must_agree(tmp_path, fixture_pool):
 def test_vision_only_pretrained_needs_vision_only_output(tmp_path):
     from clipship.merge import merge
 
-    with pytest.raises(PoolMismatchError, match="pass --vision-only"):
+    with pytest.raises(PoolMismatchError, match="pass `vision_only`"):
         merge(
             str(FIXTURE / "task_a"),
             {"b": str(FIXTURE / "task_b")},

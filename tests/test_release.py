@@ -370,5 +370,5 @@ def test_tensorrt_without_the_package_fails_before_any_stage(tmp_path, hub_env):
     path = tmp_path / "release.yaml"
     path.write_text("pool: {minibench: smoke}\nmethod: ties\nexport: {tensorrt: true}\n")
     result = release(path, tmp_path / "run", hub_env)
-    assert result.returncode == 1 and "--tensorrt needs the tensorrt package" in result.stderr
+    assert result.returncode == 1 and "error: tensorrt needs the tensorrt package" in result.stderr
     assert not (tmp_path / "run").exists()

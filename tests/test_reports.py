@@ -84,3 +84,54 @@ def test_export_report_summary_and_round_trip():
     assert summary["int8"]["min_top1_agreement"] == 0.75 and summary["int8"]["disagreements"] == 2
     with pytest.raises(ClipshipError, match="not an export report"):
         ExportReport.from_json({"variants": []})
+
+
+def test_push_result_round_trip_and_dry_run_layout():
+    from clipship.cards.push import PushResult
+
+    files = [{"path": "model.safetensors", "size": 10}]
+    dry = PushResult("alice/m", "https://hub", "main", files, 10, dry_run=True)
+    assert set(dry.to_json()) == {"repo_id", "endpoint", "revision", "files", "bytes", "dry_run"}
+    pushed = PushResult(
+        "alice/m", "https://hub", "main", files, 10, False, True, ["model.safetensors"], [],
+        "a" * 40, "v1", "https://hub/alice/m",
+    )  # fmt: skip
+    data = json.loads(json.dumps(pushed.to_json()))
+    assert data["committed"] and data["commit"] == "a" * 40 and data["tag"] == "v1"
+    assert PushResult.from_json(data) == pushed
+
+
+def test_closed_choices_are_str_enums_that_read_and_write_as_their_value():
+    from clipship.exporter.onnx_export import FILES, Variant
+    from clipship.requests import choice
+    from clipship.runtime.model import PRECISIONS, Precision
+
+    assert choice(Precision, "bf16", "precision") is Precision.BF16
+    assert f"{Precision.BF16}" == str(Precision.BF16) == "bf16" == Precision.BF16
+    assert json.dumps({"p": Precision.FP16}) == '{"p": "fp16"}'
+    assert PRECISIONS["fp32"] is PRECISIONS[Precision.FP32]
+    assert FILES["int8"] == FILES[Variant.INT8] == "model_int8.onnx"
+    with pytest.raises(ClipshipError, match=r"`precision` fp8: choose fp32, fp16 or bf16") as error:
+        choice(Precision, "fp8", "precision")
+    assert error.value.option == "precision"
+
+
+def test_library_errors_name_the_parameter_and_the_cli_names_the_flag(tmp_path):
+    """A Python caller reads the parameter's name; the CLI writes the command's own flag, and
+    leaves a name that is not one of its flags as it is."""
+    from typer.testing import CliRunner
+
+    from clipship.cli import app
+    from clipship.eval.evaluate import check_options
+
+    with pytest.raises(ClipshipError, match="`batch_size` 0: must be positive"):
+        check_options("fp32", 0, None, None)
+    runner = CliRunner()
+    result = runner.invoke(app, ["eval", "m", "--tasks", "mnist", "--batch-size", "0"])
+    assert result.exit_code == 1 and result.stderr == "error: --batch-size 0: must be positive\n"
+    result = runner.invoke(app, ["eval", "m", "--tasks", "mnist", "--precision", "fp8"])
+    assert result.stderr == "error: --precision fp8: choose fp32, fp16 or bf16\n"
+    out = tmp_path / "taken"
+    out.mkdir()
+    result = runner.invoke(app, ["minibench", "build", "--out", str(out), "--budget", "tiny"])
+    assert result.stderr == "error: --budget tiny: choose smoke or full\n"

@@ -100,5 +100,5 @@ def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9
     assert parse_size("512MiB") == 512 * 2**20
     assert parse_size("1000") == 1000
-    with pytest.raises(CheckpointError, match="--max-shard-size 'lots': not a size"):
+    with pytest.raises(CheckpointError, match="`max_shard_size` 'lots': not a size"):
         parse_size("lots")

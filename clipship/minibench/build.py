@@ -24,10 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from clipship.errors import ClipshipError
 from clipship.hashing import file_sha256
 from clipship.minibench import sources
 from clipship.outputs import atomic_folder, library_versions
 from clipship.progress import Bars
+from clipship.requests import Sources
 from clipship.runtime.heads import cache_dir
 from clipship.runtime.state import borrows_process_state
 from clipship.runtime.tasks import Task
@@ -280,6 +282,21 @@ def build_key(budget: Budget, seed: int) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
+def check_budget(budget: str) -> str:
+    if budget not in BUDGETS:
+        raise ClipshipError(f"`budget` {budget}: choose {' or '.join(BUDGETS)}", option="budget")
+    return budget
+
+
+def pool_sources(budget: str, seed: int = 0, quiet: bool = True) -> Sources:
+    """The mini-benchmark as a pool (built, or reused from the cache), with its task file."""
+    from clipship.pool import read_pool_yaml
+
+    folder = build(None, budget, seed, quiet=quiet)
+    pretrained, models = read_pool_yaml(folder / "pool.yaml")
+    return Sources(pretrained, models, folder / "tasks.json")
+
+
 def build(
     out: Path | None = None,
     budget: str = "full",
@@ -290,7 +307,7 @@ def build(
     """Build (or reuse from the cache) the mini-benchmark pool; returns its folder."""
     from clipship.eval.finetune import finetune
 
-    plan = BUDGETS[budget]
+    plan = BUDGETS[check_budget(budget)]
     key = build_key(plan, seed)
     cached = cache_dir() / "minibench" / f"{budget}-seed{seed}-{key[:12]}"
 

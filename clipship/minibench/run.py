@@ -15,7 +15,6 @@ from clipship.eval.evaluate import evaluate
 from clipship.minibench.build import pool_tasks
 from clipship.outputs import write_text_atomic
 from clipship.pool import read_pool_yaml
-from clipship.reports import EvalReport
 from clipship.runtime.state import figure
 
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
@@ -61,7 +60,7 @@ def run(
 
     def accuracy(model: str, pretrained_for: str | None = None) -> dict[str, float]:
         report = evaluate(model, tasks, pretrained=pretrained_for, device="cpu", workers=0)
-        return EvalReport.from_json(report).accuracies()
+        return report.accuracies()
 
     def log(message: str) -> None:
         if not quiet:
@@ -90,6 +89,24 @@ def run(
     results["chance"] = {t.name: 1 / len(t.classnames) for t in tasks}
     write_tables(out, results)
     return results
+
+
+def benchmark(
+    methods: str,
+    pool_dir: Path | None = None,
+    budget: str = "full",
+    seed: int = 0,
+    out: Path | None = None,
+    quiet: bool = True,
+) -> tuple[dict[str, Any], str]:
+    """``clipship minibench run``: the methods (comma-separated, or ``all``) on a built pool
+    (built first when none is given); (results, markdown table)."""
+    from clipship.minibench.build import build, check_budget
+
+    chosen = expand_methods([m for m in methods.split(",") if m])
+    folder = pool_dir or build(None, check_budget(budget), seed, quiet=quiet)
+    results = run(folder, chosen, out, quiet=quiet)
+    return results, markdown(results)
 
 
 def rows(results: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:

@@ -81,7 +81,8 @@ class ImageSource:
         else:
             if not task.dataset:
                 raise DataError(
-                    f"task {task.name}: no dataset source; give its data with --data-dir or --task"
+                    f"task {task.name}: no dataset source; give its data with `data_dir` or `task`",
+                    option="data_dir",
                 )
             spec = task.dataset
             try:

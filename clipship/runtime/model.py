@@ -13,10 +13,24 @@ import torch
 from clipship.errors import PoolMismatchError
 from clipship.memory import own_module
 from clipship.pool import load_model, resolve_folder
+from clipship.requests import Choice
 from clipship.runtime.state import quiet_transformers
 from clipship.runtime.tasks import Task
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+class Precision(Choice):
+    """Compute precision of evaluation and fine-tuning (fp16 and bf16 through autocast)."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+PRECISIONS = {
+    Precision.FP32: torch.float32,
+    Precision.FP16: torch.float16,
+    Precision.BF16: torch.bfloat16,
+}
 
 
 def hub_dataset(task: Task) -> str | None:
@@ -57,8 +71,9 @@ def load_zero_shot(
     if pretrained is None:
         if not checked.has_text_tower:
             raise PoolMismatchError(
-                f"{model} is a vision-only model: pass --pretrained with the CLIPModel "
-                "it was fine-tuned from"
+                f"{model} is a vision-only model: pass `pretrained` with the CLIPModel "
+                "it was fine-tuned from",
+                option="pretrained",
             )
         pretrained_folder = checked.folder
     else:

@@ -110,7 +110,8 @@ def custom_task(
         folder = Path(data)
         if not folder.is_dir():
             raise TaskError(
-                f"task {name}: {data} is not a folder (give --classnames for other data)"
+                f"task {name}: {data} is not a folder (give `classnames` for other data)",
+                option="classnames",
             )
         names = tuple(p.name.replace("_", " ") for p in sorted(folder.iterdir()) if p.is_dir())
         if not names:
@@ -145,14 +146,15 @@ def with_local_data(tasks: list[Task], data_dir: Path | None) -> list[Task]:
     if data_dir is None:
         return tasks
     if not Path(data_dir).is_dir():
-        raise TaskError(f"--data-dir {data_dir}: no such folder")
+        raise TaskError(f"`data_dir` {data_dir}: no such folder", option="data_dir")
     out = []
     for task in tasks:
         local = Path(data_dir) / task.name
         if local.exists() and task.data is not None and Path(task.data) != local:
             raise TaskError(
-                f"task {task.name}: its data is given already ({task.data}) and --data-dir "
-                f"gives another copy ({local}); use one"
+                f"task {task.name}: its data is given already ({task.data}) and `data_dir` "
+                f"gives another copy ({local}); use one",
+                option="data_dir",
             )
         out.append(replace(task, data=str(local)) if local.exists() else task)
     return out
@@ -220,11 +222,12 @@ def select_tasks(
     for item in custom or []:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise TaskError(f"--task {item!r}: expected NAME=PATH")
+            raise TaskError(f"`task` {item!r}: expected NAME=PATH", option="task")
         chosen.append(custom_task(name, path, classnames, templates))
     if not chosen:
         raise TaskError(
-            "no tasks: give --tasks all (or names), --taskpool FILE or --task NAME=PATH"
+            "no tasks: give `tasks` all (or names), `taskpool` FILE or `task` NAME=PATH",
+            option="tasks",
         )
     seen: set[str] = set()
     for task in chosen:

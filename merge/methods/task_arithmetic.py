@@ -19,9 +19,7 @@ def task_arithmetic(inputs: TensorInputs, scaling_factor: float) -> torch.Tensor
     return inputs.pretrained + sum_task_vectors(inputs.task_vectors) * scaling_factor
 
 
-SCALING_FACTOR = Param(
-    "scaling_factor", float, 0.3, "λ, the task-vector scale (--lambda)", check=finite
-)
+SCALING_FACTOR = Param("scaling_factor", float, 0.3, "λ, the task-vector scale", check=finite)
 
 METHOD = Method(
     name="task_arithmetic",

@@ -1,0 +1,142 @@
+"""How the CLI shows results: tables and lines drawn from the typed stage results. Printing
+only; every figure comes from the result objects (``clipship.reports``, ``PushResult``,
+release's summary)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _table(*columns: str, title: str | None = None) -> Any:
+    from rich.table import Table
+
+    return Table(*columns, title=title)
+
+
+def _show(table: Any) -> None:
+    from rich.console import Console
+
+    Console().print(table)
+
+
+def methods(rows: list[dict[str, Any]]) -> None:
+    grid = _table("method", "parameters (default)", "paper")
+    for row in rows:
+        params = ", ".join(f"{k}={v['default']}" for k, v in row["params"].items()) or "—"
+        grid.add_row(row["name"], params, row["paper"])
+    _show(grid)
+
+
+def model_info(rows: list[dict[str, Any]]) -> None:
+    columns = ("model", "architecture", "params", "vision params")
+    grid = _table(*columns, "vision (image/patch/width/layers)", "dtype")
+    for row in rows:
+        v = row["vision"]
+        shape = (v.get(k) for k in ("image_size", "patch_size", "hidden_size", "num_hidden_layers"))
+        grid.add_row(
+            row["name"],
+            row["architecture"],
+            f"{row['model_info']['all_params']:,}",
+            f"{row['vision_params']:,}",
+            "/".join(map(str, shape)),
+            ",".join(row["dtype"]),
+        )
+    _show(grid)
+
+
+def eval_reports(reports: Any) -> None:
+    """One model's table (task, accuracy, loss, images), or a pool's (model × task)."""
+    from clipship.reports import EvalReport
+
+    if isinstance(reports, EvalReport):
+        grid = _table("task", "accuracy (%)", "loss", "images")
+        for name, score in reports.tasks.items():
+            loss, samples = score.fields["loss"], score.fields["samples"]
+            grid.add_row(name, f"{100 * score.accuracy:.2f}", f"{loss:.4f}", str(samples))
+        avg = reports.average or {}
+        grid.add_row("average", f"{100 * avg['accuracy']:.2f}", f"{avg['loss']:.4f}", "")
+    else:
+        names = list(next(iter(reports.values())).tasks)
+        grid = _table("model", *names, "average", title="zero-shot accuracy (%)")
+        for model, report in reports.items():
+            accuracy = report.accuracies()
+            cells = [f"{100 * accuracy[t]:.1f}" for t in names]
+            grid.add_row(model, *cells, f"{100 * (report.average or {})['accuracy']:.1f}")
+    _show(grid)
+
+
+def export_lines(figures: dict[str, dict[str, Any]], prefix: str = "") -> None:
+    """Per variant: the worst task's Δlogit and agreement (``ExportReport.summary()``)."""
+    for variant, s in figures.items():
+        print(
+            f"{prefix}{variant}: max |Δlogit| {s['max_abs_logit_diff']:.2e}, top-1 agreement ≥ "
+            f"{100 * s['min_top1_agreement']:.2f} % per task ({s['disagreements']} of "
+            f"{s['images']} images disagree)"
+        )
+
+
+def push_lines(result: Any) -> None:
+    """A ``PushResult``: what was (or, dry, would be) uploaded, the commit, the tag, the URL."""
+    from clipship.outputs import human_size
+
+    if result.dry_run:
+        where = f"{result.endpoint}/{result.repo_id} ({result.revision})"
+        print(f"dry run: would upload {len(result.files)} files to {where}")
+        for f in result.files:
+            print(f"  {human_size(f['size']):>10}  {f['path']}")
+        print(f"  {human_size(result.bytes):>10}  total")
+        return
+    if result.committed:
+        deleted = f", deleted {len(result.deleted)}" if result.deleted else ""
+        changed = len(result.uploaded)
+        print(f"pushed {changed} changed file(s){deleted} in commit {result.commit[:12]}")
+    else:
+        print(f"nothing to push: {result.repo_id} already has these files")
+    if result.tag:
+        print(f"tag {result.tag} → {result.commit[:12]}")
+    print(result.url)
+
+
+def release_summary(summary: dict[str, Any]) -> None:
+    from clipship.cards.push import PushResult
+    from clipship.release import describe
+
+    accuracy = summary.get("accuracy") or {}
+    if accuracy:
+        tasks = list(accuracy.get("merged", {}))
+        print("| model | " + " | ".join(tasks) + " |")
+        print("|---" * (len(tasks) + 1) + "|")
+        for label, row in accuracy.items():
+            cells = " | ".join(f"{100 * row[t]:.1f}" if t in row else "—" for t in tasks)
+            print(f"| {label} | {cells} |")
+    for gate in summary.get("gates", []):
+        print(f"gate {'pass' if gate['passed'] else 'FAIL'}: {describe(gate)}")
+    export_lines(summary.get("export") or {}, prefix="export ")
+    if summary.get("card"):
+        print(f"card: {summary['card']}")
+    if summary.get("push"):
+        push_lines(PushResult.from_json(summary["push"]))
+
+
+def merged(result: Any, vision_only: bool) -> None:
+    kind = "CLIPVisionModel" if vision_only else "CLIPModel"
+    print(f"merged with {result.method} in {result.seconds:.1f}s → {result.out}/")
+    print(f"load it with: transformers.{kind}.from_pretrained({str(result.out)!r})")
+
+
+def heads(shapes: dict[str, list[int]], out: Any) -> None:
+    sizes = ", ".join(f"{k} {v[0]}×{v[1]}" for k, v in shapes.items())
+    print(f"{len(shapes)} heads → {out}/ ({sizes})")
+
+
+def export_result(result: dict[str, Any]) -> None:
+    from clipship.reports import ExportReport
+
+    export_lines(ExportReport.from_json(result["report"]).summary())
+    print(f"exported → {result['out']}/")
+
+
+def predictions(results: list[dict[str, Any]]) -> None:
+    for row in results:
+        top = ", ".join(f"{t['label']} {100 * t['score']:.1f}%" for t in row["top"])
+        print(f"{row['image']}: {top}")

@@ -1,0 +1,131 @@
+"""The eval stage's requests, as the CLI and ``clipship release`` make them: evaluate a model
+(or every model of a pool), build text heads, fine-tune one task encoder. Each checks its
+settings and resolves its tasks before any model loads, then makes one library call."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clipship.errors import SourceNotFoundError
+from clipship.eval.evaluate import check_options, distributed_rank, evaluate, evaluate_pool
+from clipship.outputs import check_target, write_text_atomic
+from clipship.reports import EvalReport
+from clipship.requests import EVAL_BATCH_SIZE, Sources, TaskSpec
+
+
+@dataclass(frozen=True)
+class EvalOutcome:
+    """One report (a model) or one per pool member; ``primary`` is false on the non-zero ranks
+    of a torchrun launch, where rank 0 reports for everyone."""
+
+    reports: EvalReport | dict[str, EvalReport]
+    primary: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        if isinstance(self.reports, EvalReport):
+            return self.reports.to_json()
+        return {name: report.to_json() for name, report in self.reports.items()}
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    tasks: TaskSpec
+    model: str | None = None
+    pretrained: str | None = None
+    pool: Sources | None = None
+    heads: Path | None = None
+    device: str = "auto"
+    precision: str = "fp32"
+    batch_size: int = EVAL_BATCH_SIZE
+    limit: int | None = None
+    workers: int | None = None
+    seed: int = 0
+    skip_bad_images: bool = False
+    out: Path | None = None
+    force: bool = False
+    quiet: bool = True
+
+    def check_settings(self) -> None:
+        check_options(self.precision, self.batch_size, self.limit, self.workers)
+
+    def check(self) -> list:
+        """The settings, the model or pool, and the tasks (returned)."""
+        self.check_settings()
+        if self.pool is not None and (self.model or self.pretrained):
+            raise SourceNotFoundError("give either MODEL or `pool`, not both", option="pool")
+        if self.pool is None and not self.model:
+            raise SourceNotFoundError(
+                "no model: give MODEL (a folder or hub id) or `pool` POOL.yaml", option="model"
+            )
+        if self.out is not None:
+            sources = self.pool.members().values() if self.pool else ()
+            inputs = (self.model, self.pretrained, *sources, self.heads, self.tasks.taskfile)
+            inputs += (self.tasks.taskpool, self.tasks.classnames, self.tasks.templates)
+            check_target(self.out, self.force, inputs=inputs, kind="file")
+        return self.tasks.select()
+
+    def run(self) -> EvalOutcome:
+        tasks = self.check()
+        options = dict(
+            heads=self.heads,
+            device=self.device,
+            precision=self.precision,
+            batch_size=self.batch_size,
+            limit=self.limit,
+            workers=self.workers,
+            seed=self.seed,
+            skip_bad_images=self.skip_bad_images,
+            quiet=self.quiet,
+        )
+        if self.pool is not None:
+            pretrained = self.pool.pretrained or ""
+            reports: Any = evaluate_pool(pretrained, self.pool.models, tasks, **options)
+        else:
+            reports = evaluate(self.model or "", tasks, pretrained=self.pretrained, **options)
+        outcome = EvalOutcome(reports, primary=distributed_rank()[0] == 0)
+        if self.out is not None and outcome.primary:
+            write_text_atomic(self.out, json.dumps(outcome.to_json(), indent=2) + "\n")
+        return outcome
+
+
+@dataclass(frozen=True)
+class HeadsRequest:
+    """Zero-shot text heads of a pretrained CLIPModel, written to ``out``."""
+
+    model: str
+    out: Path
+    tasks: TaskSpec
+    device: str = "auto"
+    use_cache: bool = True
+    force: bool = False
+
+    def run(self) -> dict[str, list[int]]:
+        """{task: [classes, embedding size]}."""
+        from clipship.machine import pick_device
+        from clipship.runtime.heads import build_heads, save_heads
+
+        check_target(self.out, self.force, inputs=(self.model,))
+        chosen = self.tasks.select()
+        table, meta = build_heads(
+            self.model, chosen, device=pick_device(self.device), use_cache=self.use_cache
+        )
+        save_heads(self.out, table, meta, self.force)
+        return {name: list(head.shape) for name, head in table.items()}
+
+
+@dataclass(frozen=True)
+class FinetuneRequest:
+    """One task encoder from a pretrained CLIPModel; see ``clipship.eval.finetune``."""
+
+    pretrained: str
+    out: Path
+    tasks: TaskSpec
+    options: dict[str, Any] = field(default_factory=dict)  # finetune()'s keyword arguments
+
+    def run(self) -> dict[str, Any]:
+        from clipship.eval.finetune import finetune
+
+        return finetune(self.pretrained, self.tasks.single(), self.out, **self.options)
