@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -38,46 +37,6 @@ app.add_typer(minibench_app, name="minibench")
 
 _debug = {"on": False}
 T = TypeVar("T")
-FLAG_OF = {"scaling_factor": "lambda_", "heads": "heads_dir", "precisions": "precision"}
-
-
-def _line(error: ClipshipError) -> str:
-    """The error's message, each parameter it names (in backquotes) written as this command's
-    flag where the command has one (``precision`` → ``--precision``), else plainly."""
-    text = str(error)
-    if "`" not in text:
-        return text
-    flags = _flags()
-
-    def flag(match: re.Match) -> str:
-        name = match.group(1)
-        return flags.get(FLAG_OF.get(name, name)) or flags.get(name) or name
-
-    return re.sub(r"`(\w+)`", flag, text)
-
-
-def _flags() -> dict[str, str]:
-    """{parameter: its long flag} of the command running now (found on the call stack)."""
-    import inspect
-    import typing
-
-    groups = [app, *(group.typer_instance for group in app.registered_groups)]
-    commands = {c.callback.__code__: c.callback for g in groups for c in g.registered_commands}
-    frame = inspect.currentframe()
-    while frame is not None and frame.f_code not in commands:
-        frame = frame.f_back
-    if frame is None:
-        return {}
-    hints = typing.get_type_hints(commands[frame.f_code], include_extras=True)
-    flags = {}
-    for name, hint in hints.items():
-        for info in getattr(hint, "__metadata__", ()):
-            # In Annotated[..., typer.Option("--flag")], typer keeps "--flag" as the default.
-            names = (getattr(info, "default", None), *(getattr(info, "param_decls", None) or ()))
-            decls = [d for d in names if isinstance(d, str) and d.startswith("--")]
-            if decls:
-                flags[name] = decls[0]
-    return flags
 
 
 def _run(call: Callable[[], T]) -> T:
@@ -86,7 +45,7 @@ def _run(call: Callable[[], T]) -> T:
     except ClipshipError as e:
         if _debug["on"]:
             raise
-        print(f"error: {_line(e)}", file=sys.stderr)
+        print(f"error: {views.error_line(e, app)}", file=sys.stderr)
         raise typer.Exit(e.exit_code) from None
 
 
@@ -120,6 +79,13 @@ def merge(
     recipe: o.MergeRecipe = None,
     max_shard_size: o.MergeMaxShardSize = "5GB",
     device: o.MergeDevice = None,
+    taskfile: o.MergeTaskfile = None,
+    data_dir: o.MergeDataDir = None,
+    data_examples: o.MergeDataExamples = None,
+    batch_size: o.MergeBatchSize = None,
+    data_order: o.MergeDataOrder = None,
+    merging_weights: o.MergeMergingWeights = None,
+    save_merging_weights: o.MergeSaveMergingWeights = None,
     allow_pickle: o.Pickle = False,
     force: o.Force = False,
     quiet: o.Quiet = False,
@@ -132,6 +98,8 @@ def merge(
     request = _call(
         "clipship.merge.request:MergeRequest", sources, out, method, params, seed, vision_only,
         max_shard_size, device, recipe, allow_pickle, force, quiet,
+        TaskSpec(data_dir=data_dir, taskfile=taskfile), data_examples, batch_size, data_order,
+        merging_weights, save_merging_weights,
     )  # fmt: skip
     result = _run(request.run)
     if json_out:

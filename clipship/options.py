@@ -151,3 +151,22 @@ MinibenchRunPoolDir = Annotated[
 ]
 MinibenchRunOut = Annotated[Path | None, Opt("--out", help="Results folder.")]
 DemoOut = Annotated[Path, Opt("--out", help="Folder for the results.")]
+MergeTaskfile = Annotated[
+    Path | None, Opt("--taskfile", help="Data-aware methods: the tasks' JSON task file.")
+]
+MergeDataDir = Annotated[
+    Path | None, Opt("--data-dir", help="Data-aware methods: local data, DIR/<task>.")
+]
+MergeDataExamples = Annotated[
+    int | None, Opt("--data-examples", help="Data-aware methods: training images per task.")
+]
+MergeBatchSize = Annotated[int | None, Opt("--batch-size", help="Data-aware methods: batch size.")]
+MergeDataOrder = Annotated[
+    Path | None, Opt("--data-order", help="Data-aware methods: fixed rows, JSON {task: [row]}.")
+]
+MergeMergingWeights = Annotated[
+    Path | None, Opt("--merging-weights", help="AdaMerging: merge with these weights, no data.")
+]
+MergeSaveMergingWeights = Annotated[
+    Path | None, Opt("--save-merging-weights", help="AdaMerging: write the learned weights.")
+]

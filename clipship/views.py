@@ -4,7 +4,50 @@ release's summary)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+# Parameters whose flag has another name.
+FLAG_OF = {"scaling_factor": "lambda_", "heads": "heads_dir", "precisions": "precision"}
+
+
+def error_line(error: Exception, app: Any) -> str:
+    """The error's message, each parameter it names (in backquotes) written as this command's
+    flag where the command has one (``precision`` → ``--precision``), else plainly."""
+    text = str(error)
+    if "`" not in text:
+        return text
+    flags = _flags(app)
+
+    def flag(match: re.Match) -> str:
+        name = match.group(1)
+        return flags.get(FLAG_OF.get(name, name)) or flags.get(name) or name
+
+    return re.sub(r"`(\w+)`", flag, text)
+
+
+def _flags(app: Any) -> dict[str, str]:
+    """{parameter: its long flag} of the command running now (found on the call stack)."""
+    import inspect
+    import typing
+
+    groups = [app, *(group.typer_instance for group in app.registered_groups)]
+    commands = {c.callback.__code__: c.callback for g in groups for c in g.registered_commands}
+    frame = inspect.currentframe()
+    while frame is not None and frame.f_code not in commands:
+        frame = frame.f_back
+    if frame is None:
+        return {}
+    hints = typing.get_type_hints(commands[frame.f_code], include_extras=True)
+    flags = {}
+    for name, hint in hints.items():
+        for info in getattr(hint, "__metadata__", ()):
+            # In Annotated[..., typer.Option("--flag")], typer keeps "--flag" as the default.
+            names = (getattr(info, "default", None), *(getattr(info, "param_decls", None) or ()))
+            decls = [d for d in names if isinstance(d, str) and d.startswith("--")]
+            if decls:
+                flags[name] = decls[0]
+    return flags
 
 
 def _table(*columns: str, title: str | None = None) -> Any:

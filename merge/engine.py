@@ -8,6 +8,7 @@ recipe while the merge runs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +28,9 @@ from clipship.outputs import atomic_folder, check_target, library_versions
 from clipship.pool import TOKENIZER_FILES, Model, ModelPool, card_metadata, open_pool
 from clipship.progress import Bars
 from clipship.safetensors_io import Checkpoint, ShardedWriter, parse_size
+
+if TYPE_CHECKING:
+    from clipship.merge.dataaware.plan import DataOptions
 
 RECIPE_NAME = "clipship_recipe.json"
 RECIPE_FORMAT = "clipship-recipe/1"
@@ -72,6 +76,7 @@ def merge(
     quiet: bool = True,
     expected_hashes: dict[str, dict[str, str]] | None = None,
     device: str = "cpu",
+    data: DataOptions | None = None,
 ) -> MergeResult:
     """Merge task encoders into ``out``: a CLIPModel folder (CLIPVisionModel with ``vision_only``).
 
@@ -79,6 +84,9 @@ def merge(
     ...       {"mnist": "tanganke/clip-vit-base-patch32_mnist",
     ...        "svhn": "tanganke/clip-vit-base-patch32_svhn"},
     ...       "ties", "merged/", {"scaling_factor": 0.3})  # doctest: +SKIP
+
+    A data-aware method (RegMean, Fisher, AdaMerging) reads each task model's images from
+    ``data.tasks`` (see ``clipship.merge.dataaware.plan``).
     """
     started = time.perf_counter()
     out = Path(out)
@@ -106,6 +114,9 @@ def merge(
                 "(pass `vision_only`)",
                 option="vision_only",
             )
+        data_record = None
+        if spec.data is not None:
+            spec, data_record = _computed(pool, spec, values, data, seed, device, quiet)
         hasher = ThreadPoolExecutor(1)
         try:
             with atomic_folder(out, force) as tmp, Bars(quiet, "elapsed") as bar:
@@ -117,6 +128,8 @@ def merge(
                 recipe = _recipe(pool, spec, values, seed, vision_only, shard_bytes, hashes, stats)
                 if device != "cpu":  # results equal CPU's within float rounding, not bitwise
                     recipe["device"] = device
+                if data_record is not None:
+                    recipe["data"] = data_record
                 if expected_hashes is not None:
                     _check_hashes(recipe, expected_hashes)
                 (tmp / RECIPE_NAME).write_text(json.dumps(recipe, indent=2) + "\n")
@@ -133,6 +146,27 @@ def merge(
         )
     finally:
         pool.close()
+
+
+def _computed(
+    pool: ModelPool,
+    spec: Method,
+    values: dict[str, Any],
+    data: DataOptions | None,
+    seed: int,
+    device: str,
+    quiet: bool,
+) -> tuple[Method, dict[str, Any]]:
+    """A data-aware method's merged tower, computed from the images first, as a per-tensor
+    method that hands each tensor to the writer; and the recipe's ``data`` entry."""
+    from clipship.merge.dataaware.plan import DataOptions, compute
+
+    tower, record = compute(pool, spec, values, data or DataOptions(), seed, device, quiet)
+
+    def computed(x: TensorInputs, **_: Any) -> torch.Tensor:
+        return tower[x.name].reshape(-1)
+
+    return dataclasses.replace(spec, merge=computed, per_tensor=True, prepass=None), record
 
 
 def merge_from_recipe(
@@ -157,6 +191,8 @@ def merge_from_recipe(
         )
     base = pretrained or _pinned(recipe["pretrained"], "pretrained")
     sources = {m["name"]: given.get(m["name"]) or _pinned(m) for m in recipe["models"]}
+    if "data" in recipe:
+        kwargs["data"] = _recorded_data(recipe["data"], kwargs.get("data"))
     return merge(
         base,
         sources,
@@ -168,6 +204,22 @@ def merge_from_recipe(
         max_shard_size=recipe["max_shard_bytes"],
         expected_hashes={m["name"]: m["files"] for m in [recipe["pretrained"], *recipe["models"]]},
         **{"device": recipe.get("device", "cpu"), **kwargs},
+    )
+
+
+def _recorded_data(record: dict[str, Any], given: DataOptions | None) -> DataOptions:
+    """A data-aware recipe's images: the tasks (and their data) from the caller, the rows and
+    the local data's sha256 from the recipe; merging weights that were given come back too."""
+    from clipship.merge.dataaware.plan import DataOptions
+
+    given = given or DataOptions()
+    if record.get("given_merging_weights"):
+        return dataclasses.replace(given, merging_weights=torch.tensor(record["merging_weights"]))
+    tasks = record.get("tasks", {})
+    return dataclasses.replace(
+        given,
+        rows={name: entry["rows"] for name, entry in tasks.items()},
+        data_sha256={name: entry.get("sha256") for name, entry in tasks.items()},
     )
 
 

@@ -76,6 +76,23 @@ class Param:
 
 
 @dataclass(frozen=True)
+class DataUse:
+    """How a data-aware method sees images (``clipship.merge.dataaware``): each task model
+    reads its own task's ``split``, one pass in batches (``examples`` names the parameter that
+    caps the images, ``shuffle`` whether the rows are a seeded permutation) or, ``endless``,
+    ``max_steps`` batches of an endless shuffled loader; ``heads`` when it needs the tasks'
+    zero-shot heads. ``run(pool, data, preprocess, heads, values, device, quiet)`` returns a
+    ``DataAwareResult``."""
+
+    split: str
+    run: Callable[..., Any]
+    examples: str | None = None
+    shuffle: bool = True
+    endless: bool = False
+    heads: bool = False
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     summary: str
@@ -92,6 +109,9 @@ class Method:
     settle: Callable[[list], dict] | None = None
     # merge() sees whole tensors rather than pieces (SVD-, norm- and row-based methods).
     per_tensor: bool = False
+    # A data-aware method computes the merged tower from images first; merge() then only hands
+    # each tensor of it to the writer (``clipship.merge.dataaware``).
+    data: DataUse | None = None
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -159,6 +179,10 @@ def parse_value(param: Param, raw: Any) -> Any:
 
 def _is_null(raw: Any) -> bool:
     return raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "null", "none"))
+
+
+def positive(value: float) -> str | None:
+    return None if value > 0 else "must be positive"
 
 
 def parse_names(raw: Any) -> list[str] | None:

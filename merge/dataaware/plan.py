@@ -1,0 +1,187 @@
+"""A data-aware merge inside ``clipship.merge.merge``: which images each task model reads, the
+method's run, and the recipe entry that replays it.
+
+Each task model's images come from the task of the same name (built-in, task file or
+``--data-dir``: the sources ``clipship eval`` reads), from the split the method uses. The rows
+are drawn from the seed (one ``torch.Generator`` per task) or given (``rows``: a recipe's, or an
+order recorded elsewhere); the recipe records them with the data's identity: a hub dataset's
+id, or the sha256 of a local copy's files, checked again on replay.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clipship.errors import DataError, MethodError, RecipeError
+from clipship.hashing import file_sha256
+from clipship.merge.dataaware.batches import TaskData, endless_data, one_pass_data
+from clipship.merge.registry import Method
+from clipship.pool import ModelPool
+from clipship.runtime.tasks import Task
+
+WEIGHTS_KEY = "merging_weights"
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Where a data-aware merge's images come from, and AdaMerging's merging weights.
+
+    ``tasks``: the tasks with their data (one per task model, matched by name); ``rows``: a
+    fixed fetch order per task (otherwise drawn from the seed); ``merging_weights``: merge with
+    these instead of learning them (no data is read); ``save_merging_weights``: keep the learned
+    ones; ``data_sha256``: what a replay expects each task's local data to hash to."""
+
+    tasks: tuple[Task, ...] = ()
+    rows: dict[str, list[int]] | None = None
+    merging_weights: Path | torch.Tensor | None = None
+    save_merging_weights: Path | None = None
+    data_sha256: dict[str, str | None] | None = None
+
+
+def compute(
+    pool: ModelPool,
+    spec: Method,
+    values: dict[str, Any],
+    options: DataOptions,
+    seed: int,
+    device: str,
+    quiet: bool,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(the merged vision tower by tensor name, the recipe's ``data`` entry)."""
+    assert spec.data is not None
+    if options.merging_weights is not None:
+        return _with_weights(pool, spec, values, options.merging_weights)
+    if options.save_merging_weights is not None and spec.name != "adamerging":
+        raise MethodError(
+            f"{spec.name} learns no merging weights to save", option="save_merging_weights"
+        )
+    from clipship.runtime.data import Preprocess
+    from clipship.runtime.heads import build_heads
+
+    tasks = _tasks_of(pool, options.tasks)
+    identities = {t.name: data_identity(t) for t in tasks}
+    if options.data_sha256 is not None:
+        for name, expected in options.data_sha256.items():
+            if identities.get(name, {}).get("sha256") != expected:
+                raise RecipeError(
+                    f"task {name}: its data differs from the recipe's (sha256 of its files)",
+                    task=name,
+                )
+    data = [task_data(spec, values, t, seed, (options.rows or {}).get(t.name)) for t in tasks]
+    preprocess = Preprocess.from_pretrained(pool.pretrained.folder)
+    heads = build_heads(pool.pretrained.folder, tasks)[0] if spec.data.heads else {}
+    result = spec.data.run(pool, data, preprocess, heads, values, device, quiet)
+    record: dict[str, Any] = {
+        "tasks": {d.task.name: {**identities[d.task.name], **d.record()} for d in data},
+        "preprocessing": preprocess.record(),
+    }
+    if result.merging_weights is not None:
+        record["merging_weights"] = result.merging_weights.tolist()
+        if options.save_merging_weights is not None:
+            save_weights(options.save_merging_weights, result.merging_weights, result.weight_names)
+    return result.state_dict, record
+
+
+def task_data(
+    spec: Method, values: dict[str, Any], task: Task, seed: int, rows: list[int] | None
+) -> TaskData:
+    """The rows of ``task``'s split a method reads, in fetch order and batches."""
+    use = spec.data
+    assert use is not None
+    if use.endless:
+        return endless_data(
+            task, use.split, values["max_steps"], values["batch_size"], seed=seed, rows=rows
+        )
+    examples = values[use.examples] if use.examples else None
+    return one_pass_data(
+        task,
+        use.split,
+        examples,
+        values["batch_size"],
+        shuffle=use.shuffle,
+        seed=seed,
+        rows=rows,
+    )
+
+
+def _tasks_of(pool: ModelPool, tasks: tuple[Task, ...]) -> list[Task]:
+    by_name = {t.name: t for t in tasks}
+    missing = [name for name in pool.names if name not in by_name]
+    if missing:
+        raise DataError(
+            f"task model {missing[0]!r} has no task to read images from: name the task models "
+            "after tasks (mnist, svhn, ...) or give a `taskfile`, and the data with `data_dir`",
+            option="data_dir",
+        )
+    return [by_name[name] for name in pool.names]
+
+
+def data_identity(task: Task) -> dict[str, Any]:
+    """What identifies a task's images: a hub dataset's id and configuration, or the sha256 of
+    every file of a local copy (a replay checks it)."""
+    if task.data is None:
+        return {"dataset": dict(task.dataset or {}), "sha256": None}
+    return {"dataset": None, "sha256": folder_sha256(Path(task.data))}
+
+
+def folder_sha256(path: Path) -> str:
+    """One digest of a file, or of a folder's files (relative names and contents)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        name = file.relative_to(path).as_posix() if path.is_dir() else file.name
+        digest.update(f"{name}\0{file_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def save_weights(path: Path, weights: torch.Tensor, names: list[str] | None) -> None:
+    """``merging_weights`` as safetensors; a layer-wise file names its columns."""
+    from safetensors.torch import save
+
+    from clipship.outputs import write_bytes_atomic
+
+    metadata = {"weight_names": json.dumps(names)} if weights.dim() == 2 and names else None
+    write_bytes_atomic(Path(path), save({WEIGHTS_KEY: weights.contiguous()}, metadata=metadata))
+
+
+def load_weights(path: Path) -> tuple[torch.Tensor, list[str] | None]:
+    """Merging weights from ``save_weights``' safetensors, or a ``.npy`` array (no pickles)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such merging-weights file", option="merging_weights")
+    if path.suffix == ".npy":
+        import numpy as np
+
+        try:
+            return torch.from_numpy(np.load(path, allow_pickle=False)).float(), None
+        except ValueError as e:
+            raise DataError(f"{path}: not a numeric array ({e})") from None
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            if WEIGHTS_KEY not in f.keys():
+                raise DataError(f"{path}: no {WEIGHTS_KEY!r} tensor")
+            names = json.loads((f.metadata() or {}).get("weight_names", "null"))
+            return f.get_tensor(WEIGHTS_KEY).float(), names
+    except SafetensorError as e:
+        raise DataError(f"{path}: not a safetensors file ({e})") from None
+
+
+def _with_weights(
+    pool: ModelPool, spec: Method, values: dict[str, Any], given: Path | torch.Tensor
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """AdaMerging's merge with merging weights from a file (or a recipe), reading no data."""
+    if spec.name != "adamerging":
+        raise MethodError(f"{spec.name} takes no merging weights", option="merging_weights")
+    from clipship.merge.dataaware.adamerging import merge_with_weights
+
+    weights, names = (given, None) if isinstance(given, torch.Tensor) else load_weights(given)
+    state = merge_with_weights(pool, weights, names, clamp_weights=values["clamp_weights"])
+    return state, {"merging_weights": weights.tolist(), "given_merging_weights": True}
