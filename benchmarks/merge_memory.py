@@ -96,7 +96,7 @@ def run(
     return wall, usage.ru_maxrss * 1024
 
 
-def all_methods() -> list[str]:
+def method_rows() -> dict[str, dict]:
     """Every registered method, asked of a child (this process stays torch-free)."""
     listing = subprocess.run(
         [sys.executable, "-m", "clipship.cli", "methods", "--json"],
@@ -104,7 +104,7 @@ def all_methods() -> list[str]:
         capture_output=True,
         text=True,
     )
-    return [m["name"] for m in json.loads(listing.stdout)]
+    return {m["name"]: m for m in json.loads(listing.stdout)}
 
 
 def members(method: str, work: Path) -> list[str]:
@@ -131,6 +131,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="keep the pool here")
     parser.add_argument("--device", default="cpu", help="clipship's --device (cpu, cuda)")
     parser.add_argument("--fusionbench", default=None, help="python of a fusion-bench venv")
+    parser.add_argument("--data-examples", type=int, default=64, help="RegMean/Fisher images")
+    parser.add_argument("--data-steps", type=int, default=10, help="AdaMerging steps")
     parser.add_argument("--fusionbench-timeout", type=float, default=900)
     parser.add_argument("--fusionbench-memory", type=float, default=16, help="GiB")
     args = parser.parse_args()
@@ -146,11 +148,13 @@ def main() -> None:
             t = time.perf_counter()
             here = str(Path(__file__).parent)  # for `synthetic`, beside this script
             build = (
-                "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[4]); "
-                "from synthetic import build_pool, write_pool_yaml; "
+                "import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[4]); "
+                "from synthetic import build_pool, write_pool_yaml, write_task_data; "
                 "work = Path(sys.argv[1]); "
                 "pool = build_pool(work, sys.argv[2], int(sys.argv[3]), seed=0); "
-                "write_pool_yaml(work / 'pool.yaml', *pool)"
+                "write_pool_yaml(work / 'pool.yaml', *pool); "
+                "size = json.loads((pool[0] / 'config.json').read_text())['vision_config']; "
+                "write_task_data(work, list(pool[1]), 64, size['image_size'])"
             )
             subprocess.run(
                 [
@@ -167,7 +171,8 @@ def main() -> None:
             print(f"built {args.models} × {size} pool in {time.perf_counter() - t:.1f}s at {work}")
         encoder = weight_bytes(work / "task_a" / "model.safetensors")
         print(f"one encoder (fp32): {encoder / 2**30:.3f} GiB; cores: {os.cpu_count()}")
-        methods = all_methods() if args.methods == "all" else args.methods.split(",")
+        rows = method_rows()
+        methods = list(rows) if args.methods == "all" else args.methods.split(",")
         header = f"{'wall s':>8s} {'peak RSS GiB':>13s} {'RSS / encoder':>14s}"
         print(
             f"{'':22s} {'clipship':^37s}"
@@ -187,6 +192,12 @@ def main() -> None:
             cmd += ["--method", method, "--out", str(out), "--device", args.device]
             if method == "weighted_average":  # its weights belong to the pool: uniform here
                 cmd += ["--param", "weights=" + ",".join(["1"] * args.models)]
+            if rows[method]["reads"]:  # data-aware: random images (time and memory only)
+                cmd += ["--taskfile", str(work / "tasks.json"), "--batch-size", "16"]
+                if "max_steps" in rows[method]["params"]:
+                    cmd += ["--param", f"max_steps={args.data_steps}"]
+                else:
+                    cmd += ["--data-examples", str(args.data_examples)]
             ours = run([*cmd, "--force", "--quiet"])
             shutil.rmtree(out, ignore_errors=True)
             line = f"{method:22s} {cell(ours, encoder)}"

@@ -190,8 +190,7 @@ def build_pool(
     names = [f"task_{chr(97 + i)}" for i in range(tasks)] if isinstance(tasks, int) else list(tasks)
     folder = Path(folder)
     pretrained = write_model(folder / "pretrained", config, seed, label="pretrained")
-    if size == "tiny":
-        write_processor(pretrained, shape["vision_config"]["image_size"])
+    write_processor(pretrained, shape["vision_config"]["image_size"])
     models = {
         name: write_model(
             folder / name, config.vision_config, seed, base=pretrained, noise=noise, label=name
@@ -212,3 +211,32 @@ def write_pool_yaml(path: Path, pretrained: Path, models: dict[str, Path]) -> Pa
     ]
     Path(path).write_text("\n".join(lines) + "\n")
     return Path(path)
+
+
+def write_task_data(
+    folder: Path, names: list[str], images: int, image_size: int, seed: int = 0
+) -> Path:
+    """Seeded random images (10 classes, ``images`` per split) for each task, as parquet train
+    and test splits, and a ``tasks.json`` naming them: data for the data-aware merges."""
+    import numpy as np
+
+    from clipship.minibench.build import write_parquet
+
+    classnames = [f"class {i}" for i in range(10)]
+    spec = {}
+    for name in names:
+        rng = np.random.default_rng([seed, *name.encode()])
+        for split in ("train", "test"):
+            pixels = rng.integers(0, 256, (images, image_size, image_size, 3), dtype=np.uint8)
+            labels = rng.integers(0, 10, images)
+            path = Path(folder) / "data" / name / f"{split}-00000-of-00001.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_parquet(path, pixels, labels, classnames)
+        spec[name] = {
+            "classnames": classnames,
+            "templates": ["a photo of a {c}."],
+            "data": f"data/{name}",
+        }
+    path = Path(folder) / "tasks.json"
+    path.write_text(json.dumps({"tasks": spec}, indent=1) + "\n")
+    return path

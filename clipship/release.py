@@ -502,7 +502,7 @@ def release(
     stages = Stages(run / "stages", log)
     summary: dict[str, Any] = {"name": name, "run_dir": str(run), "stages": stages.record}
 
-    merged, merge_key = _merge_stage(config, stages, sources)
+    merged, merge_key = _merge_stage(config, stages, sources, tasks)
     selected = tasks.select()
     spec = config.get("eval", {})
     eval_key = key_of(
@@ -562,16 +562,24 @@ def release(
     return summary
 
 
-def _merge_stage(config: dict[str, Any], stages: Stages, sources: Sources) -> tuple[Path, str]:
-    """The merge, as ``clipship merge`` runs it, cached under its inputs' key."""
+def _merge_stage(
+    config: dict[str, Any], stages: Stages, sources: Sources, tasks: TaskSpec
+) -> tuple[Path, str]:
+    """The merge, as ``clipship merge`` runs it, cached under its inputs' key. A data-aware
+    method reads each task model's images from the tasks the eval section names."""
+    from clipship.merge.registry import get_method
+
+    data_aware = get_method(config["method"]).data is not None
     request = MergeRequest(
         sources,
         Path("model"),
         method=config["method"],
         params=dict(config.get("parameters") or {}),
         seed=int(config.get("seed", 0)),
+        tasks=dataclasses.replace(tasks, names=None) if data_aware else TaskSpec(),
     )
     request.check()
+    images = [data_fingerprint(t.data) for t in tasks.select()] if data_aware else []
     key = key_of(
         "merge/1",
         {
@@ -582,6 +590,7 @@ def _merge_stage(config: dict[str, Any], stages: Stages, sources: Sources) -> tu
         request.method,
         request.params,
         request.seed,
+        *([images] if images else []),
     )
     build = lambda tmp: dataclasses.replace(request, out=tmp / "model").run()  # noqa: E731
     return stages.run("merge", key, build), key

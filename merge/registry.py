@@ -253,6 +253,7 @@ def method_rows() -> list[dict[str, Any]]:
             "name": m.name,
             "summary": m.summary,
             "paper": m.paper,
+            "reads": m.data.split if m.data else None,  # the split a data-aware method reads
             "params": {
                 p.name: {
                     "default": p.default,

@@ -20,7 +20,10 @@ from clipship.runtime.state import figure
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "task_arithmetic": {"scaling_factor": 0.3},
     "ties": {"scaling_factor": 0.3, "threshold": 20},
-}  # every other method runs with its registered (FusionBench's packaged) defaults
+}  # every other method runs with its registered (FusionBench's packaged) defaults, except:
+# AdaMerging's steps, scaled to the miniature's CPU budget (FusionBench's 1000 steps take
+# minutes here; the smoke pool's test splits are small).
+ADAMERGING_STEPS = {"smoke": 20, "full": 300}
 
 
 def expand_methods(names: list[str]) -> list[str]:
@@ -51,12 +54,14 @@ def run(
 ) -> dict[str, Any]:
     """Merge with every method, evaluate everything, write the tables; returns the results."""
     from clipship.merge import merge
+    from clipship.merge.dataaware.plan import DataOptions
 
     pool_dir = Path(pool_dir)
     out = Path(out) if out else pool_dir / "results"
     pretrained, models = read_pool_yaml(pool_dir / "pool.yaml")
     tasks = pool_tasks(pool_dir)
     names = [t.name for t in tasks]
+    budget = json.loads((pool_dir / "build.json").read_text())["budget"]["name"]
 
     def accuracy(model: str, pretrained_for: str | None = None) -> dict[str, float]:
         report = evaluate(model, tasks, pretrained=pretrained_for, device="cpu", workers=0)
@@ -82,7 +87,11 @@ def run(
         folder = out / "merged" / method
         used = merged_tasks(method, list(models))
         pool = {t: models[t] for t in used}
-        merge(pretrained, pool, method, folder, DEFAULT_PARAMS.get(method, {}), force=True)
+        params = dict(DEFAULT_PARAMS.get(method, {}))
+        if method == "adamerging":
+            params["max_steps"] = ADAMERGING_STEPS[budget]
+        data = DataOptions(tuple(t for t in tasks if t.name in pool))
+        merge(pretrained, pool, method, folder, params, force=True, data=data)
         results["merged"][method] = accuracy(str(folder))
         if used != list(models):
             results["pools"][method] = used
