@@ -77,15 +77,16 @@ class Param:
 
 @dataclass(frozen=True)
 class DataUse:
-    """How a data-aware method sees images (``clipship.merge.dataaware``): each task model
-    reads its own task's ``split``, one pass in batches (``examples`` names the parameter that
-    caps the images, ``shuffle`` whether the rows are a seeded permutation) or, ``endless``,
-    ``max_steps`` batches of an endless shuffled loader; ``heads`` when it needs the tasks'
-    zero-shot heads. ``run(pool, data, preprocess, heads, values, device, quiet)`` returns a
-    ``DataAwareResult``."""
+    """How a data-aware method sees images: ``function`` of ``clipship.merge.dataaware``,
+    called as ``function(pool, data, preprocess, [heads,] **{key: value for key in keys},
+    device=, quiet=)``. Each task model reads its own task's ``split``, one pass in batches
+    (``examples`` names the parameter that caps the images, ``shuffle`` whether the rows are a
+    seeded permutation) or, ``endless``, ``max_steps`` batches of an endless shuffled loader;
+    ``heads`` when it needs the tasks' zero-shot heads."""
 
     split: str
-    run: Callable[..., Any]
+    function: str
+    keys: tuple[str, ...]
     examples: str | None = None
     shuffle: bool = True
     endless: bool = False

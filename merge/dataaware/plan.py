@@ -76,7 +76,13 @@ def compute(
     data = [task_data(spec, values, t, seed, (options.rows or {}).get(t.name)) for t in tasks]
     preprocess = Preprocess.from_pretrained(pool.pretrained.folder)
     heads = build_heads(pool.pretrained.folder, tasks)[0] if spec.data.heads else {}
-    result = spec.data.run(pool, data, preprocess, heads, values, device, quiet)
+    from clipship.merge import dataaware
+
+    use = spec.data
+    run = getattr(dataaware, use.function)
+    settings = {key: values[key] for key in use.keys}
+    given = (heads,) if use.heads else ()
+    result = run(pool, data, preprocess, *given, **settings, device=device, quiet=quiet)
     record: dict[str, Any] = {
         "tasks": {d.task.name: {**identities[d.task.name], **d.record()} for d in data},
         "preprocessing": preprocess.record(),

@@ -8,29 +8,8 @@ keeps the learned λ and ``--merging-weights`` merges with given ones, without d
 
 from __future__ import annotations
 
-from typing import Any
-
 from clipship.merge.methods.regmean import unused
 from clipship.merge.registry import DataUse, Method, Param, finite, positive
-
-
-def run(pool, data, preprocess, heads, values: dict[str, Any], device: str, quiet: bool):
-    from clipship.merge.dataaware import adamerging
-
-    return adamerging(
-        pool,
-        data,
-        preprocess,
-        heads,
-        granularity=values["granularity"],
-        max_steps=values["max_steps"],
-        lr=values["lr"],
-        init_values=values["init_values"],
-        clamp_weights=values["clamp_weights"],
-        device=device,
-        quiet=quiet,
-    )
-
 
 METHOD = Method(
     name="adamerging",
@@ -51,5 +30,11 @@ METHOD = Method(
         Param("batch_size", int, 16, "test images per task per step", check=positive),
     ),
     merge=unused,
-    data=DataUse("test", run, endless=True, heads=True),
+    data=DataUse(
+        "test",
+        "adamerging",
+        ("granularity", "max_steps", "lr", "init_values", "clamp_weights"),
+        endless=True,
+        heads=True,
+    ),
 )

@@ -7,27 +7,8 @@ norm (``normalize_fisher_weight``), ``minimal_fisher_weight`` added.
 
 from __future__ import annotations
 
-from typing import Any
-
 from clipship.merge.methods.regmean import unused
 from clipship.merge.registry import DataUse, Method, Param, finite, parse_names, positive
-
-
-def run(pool, data, preprocess, heads, values: dict[str, Any], device: str, quiet: bool):
-    from clipship.merge.dataaware import fisher_merging
-
-    return fisher_merging(
-        pool,
-        data,
-        preprocess,
-        heads,
-        normalize_fisher_weight=values["normalize_fisher_weight"],
-        minimal_fisher_weight=values["minimal_fisher_weight"],
-        exclude_param_names_regex=values["exclude_param_names_regex"],
-        device=device,
-        quiet=quiet,
-    )
-
 
 METHOD = Method(
     name="fisher_merging",
@@ -49,5 +30,12 @@ METHOD = Method(
         ),
     ),
     merge=unused,
-    data=DataUse("train", run, examples="num_fisher_examples", shuffle=False, heads=True),
+    data=DataUse(
+        "train",
+        "fisher_merging",
+        ("normalize_fisher_weight", "minimal_fisher_weight", "exclude_param_names_regex"),
+        examples="num_fisher_examples",
+        shuffle=False,
+        heads=True,
+    ),
 )

@@ -33,20 +33,6 @@ PARAMS = (
 )
 
 
-def run(pool, data, preprocess, heads, values: dict[str, Any], device: str, quiet: bool):
-    from clipship.merge.dataaware import regmean
-
-    return regmean(
-        pool,
-        data,
-        preprocess,
-        reduce_non_diagonal_ratio=values["reduce_non_diagonal_ratio"],
-        exclude_param_names_regex=values["exclude_param_names_regex"],
-        device=device,
-        quiet=quiet,
-    )
-
-
 def unused(*args: Any, **kwargs: Any) -> Any:
     raise AssertionError("a data-aware method merges from its computed tower")
 
@@ -57,5 +43,10 @@ METHOD = Method(
     paper="https://arxiv.org/abs/2212.09849",
     params=PARAMS,
     merge=unused,
-    data=DataUse("train", run, examples="num_regmean_examples"),
+    data=DataUse(
+        "train",
+        "regmean",
+        ("reduce_non_diagonal_ratio", "exclude_param_names_regex"),
+        examples="num_regmean_examples",
+    ),
 )

@@ -5,25 +5,8 @@ pretrained value and the embeddings and ``pre_layrnorm`` are the task models' me
 
 from __future__ import annotations
 
-from typing import Any
-
 from clipship.merge.methods.regmean import PARAMS, unused
 from clipship.merge.registry import DataUse, Method
-
-
-def run(pool, data, preprocess, heads, values: dict[str, Any], device: str, quiet: bool):
-    from clipship.merge.dataaware import regmean_plusplus
-
-    return regmean_plusplus(
-        pool,
-        data,
-        preprocess,
-        reduce_non_diagonal_ratio=values["reduce_non_diagonal_ratio"],
-        exclude_param_names_regex=values["exclude_param_names_regex"],
-        device=device,
-        quiet=quiet,
-    )
-
 
 METHOD = Method(
     name="regmean_plusplus",
@@ -31,5 +14,10 @@ METHOD = Method(
     paper="https://arxiv.org/abs/2508.03121",
     params=PARAMS,
     merge=unused,
-    data=DataUse("train", run, examples="num_regmean_examples"),
+    data=DataUse(
+        "train",
+        "regmean_plusplus",
+        ("reduce_non_diagonal_ratio", "exclude_param_names_regex"),
+        examples="num_regmean_examples",
+    ),
 )
