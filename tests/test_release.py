@@ -372,3 +372,22 @@ def test_tensorrt_without_the_package_fails_before_any_stage(tmp_path, hub_env):
     result = release(path, tmp_path / "run", hub_env)
     assert result.returncode == 1 and "error: tensorrt needs the tensorrt package" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_data_aware_merge_reads_the_eval_sections_tasks(hub_env, cache, tmp_path):
+    """RegMean in a release reads each task model's training images from the tasks the eval
+    section names (here the mini-benchmark's task file); the recipe records the rows."""
+    env = {**hub_env, "CLIPSHIP_CACHE": str(cache)}
+    path = tmp_path / "release.yaml"
+    path.write_text(
+        "pool: {minibench: smoke}\nmethod: regmean\nparameters: {num_regmean_examples: 32}\n"
+        "eval: {baselines: false, limit: 16}\ncard: {license: mit}\n"
+    )
+    result = release(path, tmp_path / "run", env)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "built" and set(summary["accuracy"]) == {"merged"}
+    recipe = json.loads((tmp_path / "run/release/clipship_recipe.json").read_text())
+    tasks = recipe["data"]["tasks"]
+    assert set(tasks) == set(summary["accuracy"]["merged"])
+    assert all(entry["split"] == "train" and len(entry["rows"]) == 32 for entry in tasks.values())
