@@ -32,10 +32,19 @@ from clipship.merge.dataaware.common import (
 from clipship.merge.matrices import canonical
 from clipship.pool import ModelPool
 from clipship.progress import Bars
+from clipship.requests import Choice
 from clipship.runtime.data import Preprocess
 from clipship.runtime.state import borrows_process_state
 
-GRANULARITIES = ("task", "layer")
+
+class Granularity(Choice):
+    """One merging weight per task model, or per task model and tensor."""
+
+    TASK = "task"
+    LAYER = "layer"
+
+
+GRANULARITIES = tuple(Granularity)
 
 
 def entropy_loss(logits: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -79,7 +88,7 @@ class MergedVision(torch.nn.Module):
 
 def initial_weights(tasks: int, params: int, granularity: str, init_values: float) -> torch.Tensor:
     """λ filled with ``init_values``: [tasks] task-wise, [tasks, params] layer-wise."""
-    shape = (tasks,) if granularity == "task" else (tasks, params)
+    shape = (tasks,) if granularity == Granularity.TASK else (tasks, params)
     return torch.full(shape, init_values, dtype=torch.float32)
 
 

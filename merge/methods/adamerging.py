@@ -8,6 +8,7 @@ keeps the learned λ and ``--merging-weights`` merges with given ones, without d
 
 from __future__ import annotations
 
+from clipship.merge.dataaware.adamerging import Granularity
 from clipship.merge.methods.regmean import unused
 from clipship.merge.registry import DataUse, Method, Param, finite, positive
 
@@ -21,7 +22,7 @@ METHOD = Method(
             str,
             "layer",
             "one weight per task, or per task and tensor",
-            choices=("task", "layer"),
+            choices=tuple(Granularity),
         ),  # fmt: skip
         Param("init_values", float, 0.3, "every merging weight's start", check=finite),
         Param("max_steps", int, 1000, "Adam steps (each one batch per task)", check=positive),

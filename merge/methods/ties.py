@@ -22,6 +22,15 @@ import torch
 from clipship.merge.kth import kth_smallest_many
 from clipship.merge.methods.task_arithmetic import SCALING_FACTOR
 from clipship.merge.registry import Method, Param, Stream, TensorInputs
+from clipship.requests import Choice
+
+
+class MergeFunc(Choice):
+    """How the entries that agree with the elected sign combine."""
+
+    SUM = "sum"  # FusionBench's default
+    MEAN = "mean"  # over the agreeing non-zero entries (the paper's)
+    MAX = "max"  # the largest magnitude, with the elected sign
 
 
 def keep_fraction(threshold: float) -> float:
@@ -45,7 +54,7 @@ def elected_sign(trimmed: torch.Tensor) -> torch.Tensor:
 
 
 def disjoint_merge(
-    trimmed: torch.Tensor, sign: torch.Tensor, majority_sign: float, merge_func: str
+    trimmed: torch.Tensor, sign: torch.Tensor, majority_sign: float, merge_func: MergeFunc | str
 ) -> torch.Tensor:
     """Combine the entries that agree with the elected sign (consumes ``trimmed`` and ``sign``).
 
@@ -54,17 +63,17 @@ def disjoint_merge(
     sign[sign == 0] = majority_sign
     if majority_sign == 0:  # zero signs remain: FusionBench's rule verbatim (keeps negatives)
         selected = trimmed * torch.where(sign > 0, trimmed > 0, trimmed < 0)
-        if merge_func == "sum":
+        if merge_func == MergeFunc.SUM:
             return selected.sum(dim=0)
-        if merge_func == "mean":
+        if merge_func == MergeFunc.MEAN:
             return selected.sum(dim=0) / torch.clamp((selected != 0).sum(dim=0).float(), min=1)
         return selected.abs().max(dim=0)[0] * sign
     # sign is ±1 everywhere: |agreeing entries| = max(τ·sign, 0); negation is exact, so summing
     # (or averaging, or maxing) magnitudes and applying the sign gives FusionBench's bits.
     magnitude = trimmed.mul_(sign).clamp_(min=0)
-    if merge_func == "sum":
+    if merge_func == MergeFunc.SUM:
         return magnitude.sum(dim=0).mul_(sign)
-    if merge_func == "mean":
+    if merge_func == MergeFunc.MEAN:
         counts = (magnitude > 0).sum(dim=0).float()
         return (magnitude.sum(dim=0) / torch.clamp(counts, min=1)).mul_(sign)
     return magnitude.max(dim=0)[0].mul_(sign)
@@ -131,7 +140,7 @@ TIES_PARAMS = (
         "percent of each task vector kept (values ≤ 1 are fractions)",
         check=_check_threshold,
     ),
-    Param("merge_func", str, "sum", "how agreeing entries combine", choices=("sum", "mean", "max")),
+    Param("merge_func", str, "sum", "how agreeing entries combine", choices=tuple(MergeFunc)),
 )
 
 METHOD = Method(
