@@ -2,10 +2,13 @@
 `merge_memory.py --fusionbench PYTHON` to time side by side. Runs under FusionBench's virtualenv
 (clipship is never imported there, nor FusionBench in clipship's):
 
-    PYTHON benchmarks/fusionbench_merge.py METHOD POOL.yaml
+    PYTHON benchmarks/fusionbench_merge.py METHOD POOL.yaml [EXAMPLES]
 
 Parameters are FusionBench's packaged defaults, the ones clipship registers. The merged model is
 not saved: the figure is FusionBench's merge itself (load the pool, merge), as its CLI runs it.
+RegMean reads each task's training images from ``data/<task>`` beside the pool file (the pool's
+task models are named after FusionBench's tasks, whose class names give the zero-shot heads),
+``EXAMPLES`` per task in batches of 16.
 """
 
 from __future__ import annotations
@@ -48,11 +51,47 @@ def algorithm(method: str, n_models: int):
     return table[method]()
 
 
+def data_aware(method: str, pool_file: Path, members: dict[str, str], examples: int) -> None:
+    """RegMean with FusionBench's own classes: the pool built with its training sets and
+    processor, in a fresh working folder (its head cache is ``./outputs``)."""
+    import os
+    import tempfile
+
+    import torch
+    import transformers.models.clip.modeling_clip as modeling_clip
+
+    if not hasattr(modeling_clip, "CLIPVisionTransformer"):  # transformers 5: type hints only
+        modeling_clip.CLIPVisionTransformer = type("CLIPVisionTransformer", (torch.nn.Module,), {})
+    import fusion_bench.method as fb
+    from fusion_bench.modelpool import CLIPVisionModelPool
+    from omegaconf import DictConfig
+
+    if method != "regmean":
+        print(f"no FusionBench counterpart wired for {method}", file=sys.stderr)
+        raise SystemExit(NOT_WIRED)
+    names = [n for n in members if n != "_pretrained_"]
+    data = {n: str(pool_file.parent / "data" / n) for n in names}
+    os.chdir(tempfile.mkdtemp(prefix="fusionbench-"))
+    pool = CLIPVisionModelPool(
+        DictConfig(members), train_datasets=DictConfig(data), processor=members["_pretrained_"]
+    )
+    algorithm = fb.RegMeanAlgorithmForCLIP(
+        exclude_param_names_regex=[],
+        num_regmean_examples=examples,
+        weight_transpose=True,
+        reduce_non_diagonal_ratio=0.95,
+        dataloader_kwargs={"batch_size": 16, "num_workers": 0},
+    )
+    algorithm.run(pool)
+
+
 def main() -> None:
     method, pool_file = sys.argv[1], Path(sys.argv[2])
     from fusion_bench.modelpool import CLIPVisionModelPool
 
     members = {k: str(v) for k, v in yaml.safe_load(pool_file.read_text())["models"].items()}
+    if method in ("regmean", "regmean_plusplus", "fisher_merging", "adamerging"):
+        return data_aware(method, pool_file, members, int(sys.argv[3]))
     names = [n for n in members if n != "_pretrained_"]
     if method == "slerp":  # two task models, no base
         members = {n: members[n] for n in names[:2]}

@@ -107,12 +107,19 @@ def method_rows() -> dict[str, dict]:
     return {m["name"]: m for m in json.loads(listing.stdout)}
 
 
+def task_names(work: Path) -> list[str]:
+    """The pool's task models, in pool order (from its pool.yaml)."""
+    lines = (work / "pool.yaml").read_text().split("models:", 1)[1].splitlines()
+    names = [line.strip().split(":")[0] for line in lines if line.strip()]
+    return [n for n in names if n != "_pretrained_"]
+
+
 def members(method: str, work: Path) -> list[str]:
     """The pool arguments: the whole pool, or the first two / first task model."""
     if method not in ("slerp", "magnitude_prune"):
         return ["--pool", str(work / "pool.yaml")]
-    names = [chr(ord("a") + i) for i in range(2 if method == "slerp" else 1)]
-    models = [f"--model=task_{n}={work / f'task_{n}'}" for n in names]
+    names = task_names(work)[: 2 if method == "slerp" else 1]
+    models = [f"--model={n}={work / n}" for n in names]
     return ["--pretrained", str(work / "pretrained"), *models]
 
 
@@ -149,9 +156,9 @@ def main() -> None:
             here = str(Path(__file__).parent)  # for `synthetic`, beside this script
             build = (
                 "import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[4]); "
-                "from synthetic import build_pool, write_pool_yaml, write_task_data; "
+                "from synthetic import TASKS, build_pool, write_pool_yaml, write_task_data; "
                 "work = Path(sys.argv[1]); "
-                "pool = build_pool(work, sys.argv[2], int(sys.argv[3]), seed=0); "
+                "pool = build_pool(work, sys.argv[2], TASKS[: int(sys.argv[3])], seed=0); "
                 "write_pool_yaml(work / 'pool.yaml', *pool); "
                 "size = json.loads((pool[0] / 'config.json').read_text())['vision_config']; "
                 "write_task_data(work, list(pool[1]), 64, size['image_size'])"
@@ -169,7 +176,7 @@ def main() -> None:
                 check=True,
             )
             print(f"built {args.models} × {size} pool in {time.perf_counter() - t:.1f}s at {work}")
-        encoder = weight_bytes(work / "task_a" / "model.safetensors")
+        encoder = weight_bytes(work / task_names(work)[0] / "model.safetensors")
         print(f"one encoder (fp32): {encoder / 2**30:.3f} GiB; cores: {os.cpu_count()}")
         rows = method_rows()
         methods = list(rows) if args.methods == "all" else args.methods.split(",")
@@ -203,6 +210,7 @@ def main() -> None:
             line = f"{method:22s} {cell(ours, encoder)}"
             if args.fusionbench:
                 fb_cmd = [args.fusionbench, str(driver), method, str(work / "pool.yaml")]
+                fb_cmd += [str(args.data_examples)] if rows[method]["reads"] else []
                 limit = args.fusionbench_memory * 2**30
                 theirs = run(fb_cmd, args.fusionbench_timeout, limit, failures_are_results=True)
                 line += f" {cell(theirs, encoder)}"

@@ -470,8 +470,19 @@ def test_info_and_methods_and_similarity(tmp_path):
         "model_stock",
         "slerp",
         "magnitude_prune",
+        "regmean",
+        "regmean_plusplus",
+        "fisher_merging",
+        "adamerging",
     }
     assert all(m["paper"].startswith("https://") for m in table)
+    reads = {m["name"]: m["reads"] for m in table if m["reads"]}
+    assert reads == {
+        "regmean": "train",
+        "regmean_plusplus": "train",
+        "fisher_merging": "train",
+        "adamerging": "test",
+    }
     wudi = next(m for m in table if m["name"] == "wudi")["params"]
     assert wudi["iter_num"]["default"] == 400 and wudi["exclude_keys"]["default"] is None
     result = cli("analyze", "similarity", "--pretrained", PRE, *POOL, "--out", tmp_path, "--json")
