@@ -196,6 +196,15 @@ def parse_names(raw: Any) -> list[str] | None:
     return [x.strip() for x in items]
 
 
+def parse_optional_int(raw: Any) -> int | None:
+    """A whole number, or null."""
+    if _is_null(raw):
+        return None
+    if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+        raise ValueError
+    return int(raw) if isinstance(raw, (int, float)) else int(str(raw))
+
+
 def parse_number_or_list(raw: Any) -> float | list[float]:
     """One float, or one float per task (a list, or a comma-separated string)."""
     many = isinstance(raw, (list, tuple)) or (isinstance(raw, str) and "," in raw)

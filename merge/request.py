@@ -56,7 +56,6 @@ class MergeRequest:
                 "no merge method: pass `method` NAME (see `clipship methods`)", option="method"
             )
         spec = get_method(self.method)
-        spec.resolve(self.method_params(spec))
         if spec.data is None:
             given = [o for o in (*DATA_OPTIONS, "save_merging_weights") if getattr(self, o)]
             given += ["data_dir"] if self.tasks.data_dir else []
@@ -65,6 +64,7 @@ class MergeRequest:
                 raise MethodError(
                     f"{spec.name} reads no images: drop `{given[0]}`", option=given[0]
                 )
+        spec.resolve(self.method_params(spec))
         if not self.sources.pretrained:
             raise MethodError(
                 "no pretrained model to merge onto: give `pretrained`", option="pretrained"

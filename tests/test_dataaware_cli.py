@@ -72,7 +72,7 @@ def test_cli_merge_matches_fusionbench_and_the_recipe_replays(
 
 
 def test_adamerging_weights_learned_once_then_reused_without_data(tmp_path):
-    steps = ["--param", "max_steps=3", "--param", "granularity=layer"]
+    steps = ["--param", "max_steps=3", "--param", "granularity=layer", "--data-examples", 20]
     learned = tmp_path / "weights.safetensors"
     first = tmp_path / "first"
     result = cli("merge", *POOL, "--method", "adamerging", *steps, "--data-dir",
@@ -80,6 +80,11 @@ def test_adamerging_weights_learned_once_then_reused_without_data(tmp_path):
     assert result.exit_code == 0, result.output
     weights = load_file(str(learned))["merging_weights"]
     assert weights.shape == (3, 71)
+    recipe = json.loads((first / "clipship_recipe.json").read_text())
+    for entry in recipe["data"]["tasks"].values():
+        # 3 steps from the first 20 test images: an epoch of 16 + 4 (short), then 16
+        assert entry["split"] == "test" and len(entry["rows"]) == 36
+        assert max(entry["rows"]) < 20 and entry["epoch_size"] == 20
     second = tmp_path / "second"
     result = cli("merge", *POOL, "--method", "adamerging", "--merging-weights", learned,
                  "--out", second, "-q")  # fmt: skip
@@ -97,6 +102,6 @@ def test_data_aware_requests_are_checked_first(tmp_path):
     result = cli("merge", *odd, "--method", "regmean", "--data-dir", FIXTURE / "data", "--out", out)
     assert result.exit_code == 1 and result.stderr.count("\n") == 1
     assert "unknown task 'digits'" in result.stderr
-    result = cli("merge", *POOL, "--method", "adamerging", "--data-examples", 5, "--out", out)
-    assert result.stderr == "error: adamerging has no number of examples to set\n"
+    result = cli("merge", *POOL, "--method", "ties", "--data-examples", 5, "--out", out)
+    assert result.stderr == "error: ties reads no images: drop --data-examples\n"
     assert not out.exists()

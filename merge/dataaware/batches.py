@@ -137,14 +137,17 @@ def endless_data(
     *,
     seed: int = 0,
     rows: list[int] | None = None,
+    examples: int | None = None,
 ) -> TaskData:
     """A task's data for ``steps`` batches of an endless shuffled loader: ``rows`` as given (a
     recorded order: epochs of the split's size, each cut into batches), else drawn from ``seed``.
+    ``examples`` limits the split to its first ``examples`` images (None: all of them).
 
     >>> endless_data(task, "test", steps=1000, batch_size=16)    # doctest: +SKIP
     """
-    _check_sizes(task, split, batch_size, steps=steps)
+    _check_sizes(task, split, batch_size, examples=examples, steps=steps)
     size = split_size(task, split)
+    size = size if examples is None else min(size, examples)
     if rows is None:
         rows = endless_rows(size, steps, batch_size, task_generator(seed, task.name))
     rows = _checked_rows(task, split, rows, size)

@@ -100,11 +100,10 @@ def task_data(
     """The rows of ``task``'s split a method reads, in fetch order and batches."""
     use = spec.data
     assert use is not None
-    if use.endless:
-        return endless_data(
-            task, use.split, values["max_steps"], values["batch_size"], seed=seed, rows=rows
-        )
     examples = values[use.examples] if use.examples else None
+    if use.endless:
+        steps, size = values["max_steps"], values["batch_size"]
+        return endless_data(task, use.split, steps, size, seed=seed, rows=rows, examples=examples)
     return one_pass_data(
         task,
         use.split,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from clipship.merge.dataaware.adamerging import Granularity
 from clipship.merge.methods.regmean import unused
-from clipship.merge.registry import DataUse, Method, Param, finite, positive
+from clipship.merge.registry import DataUse, Method, Param, finite, parse_optional_int, positive
 
 METHOD = Method(
     name="adamerging",
@@ -29,12 +29,21 @@ METHOD = Method(
         Param("lr", float, 1e-3, "Adam's learning rate", check=positive),
         Param("clamp_weights", bool, False, "clamp the merging weights to [0, 1]"),
         Param("batch_size", int, 16, "test images per task per step", check=positive),
+        Param(
+            "max_examples",
+            int,
+            None,
+            "use only the first N test images per task (clipship's; null: all, as FusionBench)",
+            check=positive,
+            parse=parse_optional_int,
+        ),
     ),
     merge=unused,
     data=DataUse(
         "test",
         "adamerging",
         ("granularity", "max_steps", "lr", "init_values", "clamp_weights"),
+        examples="max_examples",
         endless=True,
         heads=True,
     ),
