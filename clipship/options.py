@@ -61,7 +61,8 @@ MergeVisionOnly = Annotated[bool, Opt("--vision-only", help="Write only the visi
 MergeRecipe = Annotated[Path | None, Opt("--recipe", help="Rerun a clipship_recipe.json.")]
 MergeMaxShardSize = Annotated[str, Opt("--max-shard-size", help="Shard weights above this size.")]
 MergeDevice = Annotated[
-    str | None, Opt("--device", help="Where per-tensor methods compute: cpu, cuda or auto.")
+    str | None,
+    Opt("--device", help="Where per-tensor and data-aware methods compute: cpu, cuda or auto."),
 ]
 SimilarityOut = Annotated[Path, Opt("--out", help="Folder for the CSV and PNG.")]
 SimilarityNoPlot = Annotated[bool, Opt("--no-plot", help="Skip the heatmap PNG.")]
@@ -158,11 +159,11 @@ MergeDataDir = Annotated[
     Path | None, Opt("--data-dir", help="Data-aware methods: local data, DIR/<task>.")
 ]
 MergeDataExamples = Annotated[
-    int | None, Opt("--data-examples", help="Data-aware methods: training images per task.")
+    int | None, Opt("--data-examples", help="Data-aware methods: images per task.")
 ]
 MergeBatchSize = Annotated[int | None, Opt("--batch-size", help="Data-aware methods: batch size.")]
 MergeDataOrder = Annotated[
-    Path | None, Opt("--data-order", help="Data-aware methods: fixed rows, JSON {task: [row]}.")
+    Path | None, Opt("--data-order", help="Data-aware methods: fixed rows, a JSON task → rows map.")
 ]
 MergeMergingWeights = Annotated[
     Path | None, Opt("--merging-weights", help="AdaMerging: merge with these weights, no data.")
