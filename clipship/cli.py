@@ -92,14 +92,15 @@ def merge(
     json_out: o.Json = False,
 ) -> None:
     """Merge task encoders into one CLIP model folder, streaming tensor by tensor."""
-
     sources = _run(lambda: resolve_sources(pool, pretrained, model, partial=recipe is not None))
     params = _run(lambda: parse_params(lambda_, threshold, param))
     request = _call(
-        "clipship.merge.request:MergeRequest", sources, out, method, params, seed, vision_only,
-        max_shard_size, device, recipe, allow_pickle, force, quiet,
-        TaskSpec(data_dir=data_dir, taskfile=taskfile), data_examples, batch_size, data_order,
-        merging_weights, save_merging_weights,
+        "clipship.merge.request:MergeRequest", sources, out, method=method, params=params,
+        seed=seed, vision_only=vision_only, max_shard_size=max_shard_size, device=device,
+        recipe=recipe, allow_pickle=allow_pickle, force=force, quiet=quiet,
+        tasks=TaskSpec(data_dir=data_dir, taskfile=taskfile), data_examples=data_examples,
+        batch_size=batch_size, data_order=data_order, merging_weights=merging_weights,
+        save_merging_weights=save_merging_weights,
     )  # fmt: skip
     result = _run(request.run)
     if json_out:
@@ -127,7 +128,6 @@ def similarity(
     json_out: o.Json = False,
 ) -> None:
     """Cosine similarity between task vectors → task_vector_cos_similarity.csv (+ .png)."""
-
     sources = _run(lambda: resolve_sources(pool, pretrained, model))
     result = _call(
         "clipship.merge.similarity:analyze_similarity", sources.pretrained, sources.models, out,
@@ -163,10 +163,11 @@ def heads(
     json_out: o.Json = False,
 ) -> None:
     """Build the zero-shot text heads (text_heads.safetensors + text_heads.json)."""
-
     spec = TaskSpec(tasks, taskpool, tuple(task or ()), classnames, templates)
-    heads = "clipship.eval.request:HeadsRequest"
-    request = _call(heads, model, out, spec, device, not no_cache, force)
+    request = _call(
+        "clipship.eval.request:HeadsRequest", model, out, spec, device=device,
+        use_cache=not no_cache, force=force,
+    )  # fmt: skip
     shapes = _run(request.run)
     _dump({"out": str(out), "heads": shapes}) if json_out else views.heads(shapes, out)
 
@@ -197,12 +198,13 @@ def eval_(
     json_out: o.Json = False,
 ) -> None:
     """Zero-shot accuracy and loss per task, in FusionBench's report shape."""
-
     spec = TaskSpec(tasks, taskpool, tuple(task or ()), classnames, templates, data_dir, taskfile)
     sources = _run(lambda: resolve_sources(pool)) if pool is not None else None
     request = _call(
-        "clipship.eval.request:EvalRequest", spec, model, pretrained, sources, heads_dir, device,
-        precision, batch_size, limit, workers, seed, skip_bad_images, out, force, quiet,
+        "clipship.eval.request:EvalRequest", spec, model=model, pretrained=pretrained,
+        pool=sources, heads=heads_dir, device=device, precision=precision, batch_size=batch_size,
+        limit=limit, workers=workers, seed=seed, skip_bad_images=skip_bad_images, out=out,
+        force=force, quiet=quiet,
     )  # fmt: skip
     outcome = _run(request.run)
     if not outcome.primary:  # under torchrun, rank 0 reports for everyone
@@ -237,7 +239,6 @@ def finetune(
     json_out: o.Json = False,
 ) -> None:
     """Fine-tune a task encoder (vision tower only, frozen zero-shot head as classifier)."""
-
     spec = TaskSpec(tasks, None, tuple(task or ()), classnames, templates, data_dir)
     options = dict(
         steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
@@ -275,16 +276,17 @@ def export(
     json_out: o.Json = False,
 ) -> None:
     """Export encoder + text heads as one ONNX graph, validated against PyTorch first."""
-
     gates = _call(
         "clipship.exporter.onnx_export:Gates", max_logit_diff,
         min_agreement_fp16=min_agreement_fp16, min_agreement_int8=min_agreement_int8,
     )  # fmt: skip
     spec = TaskSpec(tasks, data_dir=data_dir, taskfile=taskfile)
     request = _call(
-        "clipship.exporter.request:ExportRequest", model, heads_dir, out, spec, pretrained,
-        tuple(p for p in precision.split(",") if p), validation_data, validation_size,
-        int8_scheme, gates, tensorrt, max_batch, onnx, force,
+        "clipship.exporter.request:ExportRequest", model, heads_dir, out, tasks=spec,
+        pretrained=pretrained, precisions=tuple(p for p in precision.split(",") if p),
+        validation_data=validation_data, validation_size=validation_size,
+        int8_scheme=int8_scheme, gates=gates, tensorrt=tensorrt, max_batch=max_batch, onnx=onnx,
+        force=force,
     )  # fmt: skip
     result = _run(request.run)
     _dump(result["report"]) if json_out else views.export_result(result)

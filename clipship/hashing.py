@@ -19,6 +19,20 @@ def file_sha256(path: Path | str) -> str:
     return _hexdigest(hashlib.sha256(), resolved)
 
 
+def tree_sha256(folder: Path | str, skip_hidden: bool = False) -> dict[str, str]:
+    """Every file under ``folder`` (POSIX path relative to it, sorted) → its sha256; with
+    ``skip_hidden``, files in or under names starting with a dot are left out."""
+    folder = Path(folder)
+    digests = {}
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if skip_hidden and any(part.startswith(".") for part in relative.parts):
+            continue
+        if path.is_file():
+            digests[relative.as_posix()] = file_sha256(path)
+    return digests
+
+
 def git_sha1(path: Path | str) -> str:
     """git's blob id of a file: sha1 of ``blob <size>\\0`` and the content."""
     path = Path(path)

@@ -219,17 +219,13 @@ def resolve_pool(config: dict[str, Any], quiet: bool) -> Sources:
 def fingerprint(source: str) -> Any:
     """What identifies a model source: a hub id's resolved commit, or every file's sha256 of a
     local folder (hidden files aside)."""
-    from clipship.hashing import file_sha256
+    from clipship.hashing import tree_sha256
     from clipship.pool import resolve_folder
 
     folder, repo_id, commit = resolve_folder(source)
     if repo_id:
         return f"{repo_id}@{commit}"
-    return {
-        p.relative_to(folder).as_posix(): file_sha256(p)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    }
+    return tree_sha256(folder, skip_hidden=True)
 
 
 def data_fingerprint(path: str | Path | None) -> Any:
@@ -298,12 +294,12 @@ class Stages:
 
 
 def _digests(folder: Path) -> dict[str, str]:
-    from clipship.hashing import file_sha256
+    from clipship.hashing import tree_sha256
 
     return {
-        p.relative_to(folder).as_posix(): file_sha256(p)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != "stage.json"
+        path: digest
+        for path, digest in tree_sha256(folder).items()
+        if Path(path).name != "stage.json"
     }
 
 
@@ -386,8 +382,9 @@ def _evaluate(stage: Path, model: Path, request: EvalRequest, sources: Sources, 
     if baselines:
         reports["pretrained"] = dataclasses.replace(request, model=sources.pretrained).run().reports
         individual = {}
+        evaluated = {t.name for t in tasks}
         for name, source in sources.models.items():
-            if name in {t.name for t in tasks}:
+            if name in evaluated:
                 one = dataclasses.replace(
                     request,
                     model=source,
@@ -502,8 +499,8 @@ def release(
     stages = Stages(run / "stages", log)
     summary: dict[str, Any] = {"name": name, "run_dir": str(run), "stages": stages.record}
 
-    merged, merge_key = _merge_stage(config, stages, sources, tasks)
     selected = tasks.select()
+    merged, merge_key = _merge_stage(config, stages, sources, tasks, selected)
     spec = config.get("eval", {})
     eval_key = key_of(
         "eval/2",
@@ -563,7 +560,7 @@ def release(
 
 
 def _merge_stage(
-    config: dict[str, Any], stages: Stages, sources: Sources, tasks: TaskSpec
+    config: dict[str, Any], stages: Stages, sources: Sources, tasks: TaskSpec, selected: list
 ) -> tuple[Path, str]:
     """The merge, as ``clipship merge`` runs it, cached under its inputs' key. A data-aware
     method reads each task model's images from the tasks the eval section names."""
@@ -579,7 +576,7 @@ def _merge_stage(
         tasks=dataclasses.replace(tasks, names=None) if data_aware else TaskSpec(),
     )
     request.check()
-    images = [data_fingerprint(t.data) for t in tasks.select()] if data_aware else []
+    images = [data_fingerprint(t.data) for t in selected] if data_aware else []
     key = key_of(
         "merge/1",
         {
@@ -592,7 +589,10 @@ def _merge_stage(
         request.seed,
         *([images] if images else []),
     )
-    build = lambda tmp: dataclasses.replace(request, out=tmp / "model").run()  # noqa: E731
+
+    def build(tmp: Path) -> None:
+        dataclasses.replace(request, out=tmp / "model").run()
+
     return stages.run("merge", key, build), key
 
 

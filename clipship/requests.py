@@ -137,9 +137,6 @@ class TaskSpec:
     data_dir: Path | None = None
     taskfile: Path | None = None
 
-    def given(self) -> bool:
-        return bool(self.names or self.taskpool or self.custom or self.taskfile)
-
     def select(self) -> list:
         """The tasks (``clipship.runtime.tasks.Task``), checked."""
         from clipship.runtime.tasks import select_tasks

@@ -167,9 +167,7 @@ def parse_value(param: Param, raw: Any) -> Any:
                 raise MethodError(f"{where}={raw!r} is not a finite number")
             return value
         if param.kind is int:
-            if isinstance(raw, float) and not raw.is_integer():
-                raise ValueError
-            return int(str(raw)) if not isinstance(raw, (int, float)) else int(raw)
+            return _parse_int(raw)
         value = str(raw)
         if param.choices and value not in param.choices:
             raise MethodError(f"{where}={value!r}: choose one of {', '.join(param.choices)}")
@@ -196,13 +194,15 @@ def parse_names(raw: Any) -> list[str] | None:
     return [x.strip() for x in items]
 
 
+def _parse_int(raw: Any) -> int:
+    if isinstance(raw, float) and not raw.is_integer():
+        raise ValueError
+    return int(str(raw)) if not isinstance(raw, (int, float)) else int(raw)
+
+
 def parse_optional_int(raw: Any) -> int | None:
     """A whole number, or null."""
-    if _is_null(raw):
-        return None
-    if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
-        raise ValueError
-    return int(raw) if isinstance(raw, (int, float)) else int(str(raw))
+    return None if _is_null(raw) else _parse_int(raw)
 
 
 def parse_number_or_list(raw: Any) -> float | list[float]:

@@ -85,6 +85,24 @@ def excluded(patterns: Iterable[str], *names: str) -> bool:
     return any(re.match(p, name) for p in patterns for name in names)
 
 
+def mergeable(params: dict[str, Any], patterns: list[str]) -> dict[str, Any]:
+    """``params`` without the ones ``patterns`` exclude (by ``vision_model.*`` or bare name)."""
+    bare = canonical("")
+    return {
+        name: p
+        for name, p in params.items()
+        if not excluded(patterns, name, name.removeprefix(bare))
+    }
+
+
+def accumulate(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    """``sums[name] += value``, starting from a copy of the first value."""
+    if name in sums:
+        sums[name] += value
+    else:
+        sums[name] = value.clone()
+
+
 def zero_shot(pretrained: Model, vision: Any, device: str = "cpu") -> ZeroShotModel:
     """``vision`` with the pretrained ``visual_projection`` and ``logit_scale``, read from the
     pretrained CLIPModel's checkpoint, frozen: ``logits`` in FusionBench's operation order."""

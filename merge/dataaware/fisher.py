@@ -23,15 +23,15 @@ import torch
 from clipship.merge.dataaware.batches import TaskData, pixel_batches
 from clipship.merge.dataaware.common import (
     DataAwareResult,
+    accumulate,
     canonical_params,
     check_data,
     check_heads,
-    excluded,
     load_vision,
+    mergeable,
     rows_of,
     zero_shot,
 )
-from clipship.merge.matrices import canonical
 from clipship.pool import ModelPool
 from clipship.progress import Bars
 from clipship.runtime.data import Preprocess
@@ -108,7 +108,6 @@ def fisher_merging(
     check_data(pool, data)
     check_heads(data, heads)
     patterns = list(exclude_param_names_regex)
-    bare = canonical("")
     numerator: dict[str, torch.Tensor] = {}
     denominator: dict[str, torch.Tensor] = {}
     norms = []
@@ -117,11 +116,7 @@ def fisher_merging(
         for model, task_data in zip(pool.models, data):
             vision = load_vision(model, device).requires_grad_(True)
             scorer = zero_shot(pool.pretrained, vision, device)
-            params = {
-                name: p
-                for name, p in canonical_params(vision).items()
-                if not excluded(patterns, name, name.removeprefix(bare))
-            }
+            params = mergeable(canonical_params(vision), patterns)
             head = heads[task_data.task.name].to(device)
             batches = pixel_batches(task_data, preprocess, device, workers)
             fisher = fisher_information(scorer, head, batches, params, lambda: bars.advance(bar))
@@ -133,8 +128,8 @@ def fisher_merging(
                     scaled = fisher[name] + minimal_fisher_weight
                     if weight is not None:
                         scaled = weight * scaled
-                    _accumulate(numerator, name, scaled * param)
-                    _accumulate(denominator, name, scaled)
+                    accumulate(numerator, name, scaled * param)
+                    accumulate(denominator, name, scaled)
             del vision, scorer, params, fisher
     merged = {name: (numerator[name] / denominator[name]).cpu() for name in numerator}
     for name in pool.tensor_names:
@@ -142,10 +137,3 @@ def fisher_merging(
             merged[name] = pool.pretrained.read(name).float()
     state = {name: merged[name].contiguous() for name in pool.tensor_names}
     return DataAwareResult(state, rows_of(data), statistics={"fisher_norms": norms})
-
-
-def _accumulate(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
-    if name in sums:
-        sums[name] += value
-    else:
-        sums[name] = value.clone()

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from clipship.errors import DataError, MethodError, RecipeError
-from clipship.hashing import file_sha256
+from clipship.hashing import file_sha256, tree_sha256
 from clipship.merge.dataaware.batches import TaskData, endless_data, one_pass_data
 from clipship.merge.registry import Method
 from clipship.pool import ModelPool
@@ -137,11 +137,10 @@ def data_identity(task: Task) -> dict[str, Any]:
 
 def folder_sha256(path: Path) -> str:
     """One digest of a file, or of a folder's files (relative names and contents)."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files = tree_sha256(path) if path.is_dir() else {path.name: file_sha256(path)}
     digest = hashlib.sha256()
-    for file in files:
-        name = file.relative_to(path).as_posix() if path.is_dir() else file.name
-        digest.update(f"{name}\0{file_sha256(file)}\n".encode())
+    for name, file_digest in files.items():
+        digest.update(f"{name}\0{file_digest}\n".encode())
     return digest.hexdigest()
 
 

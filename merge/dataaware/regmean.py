@@ -30,12 +30,14 @@ import torch
 from clipship.merge.dataaware.batches import TaskData, pixel_batches
 from clipship.merge.dataaware.common import (
     DataAwareResult,
+    accumulate,
     canonical_params,
     check_data,
     excluded,
     layers,
     linear_modules,
     load_vision,
+    mergeable,
     rows_of,
     run_layer,
     tower,
@@ -110,10 +112,10 @@ class RegMeanSums:
             if name in grams:
                 gram = reduce_non_diagonal(grams[name], self.ratio)
                 product = torch.matmul(gram, value.transpose(0, 1))
-                _accumulate(self.gram_sum, name, gram)
-                _accumulate(self.product_sum, name, product)
+                accumulate(self.gram_sum, name, gram)
+                accumulate(self.product_sum, name, product)
             else:
-                _accumulate(self.tensor_sum, name, value)
+                accumulate(self.tensor_sum, name, value)
         self.count += 1
 
     def merged(self) -> dict[str, torch.Tensor]:
@@ -126,13 +128,6 @@ class RegMeanSums:
 def regmean_solve(gram_sum: torch.Tensor, product_sum: torch.Tensor) -> torch.Tensor:
     """W = ((Σ G')⁻¹ Σ G' Wᵀ)ᵀ, with ``torch.inverse`` then a product (FusionBench's bits)."""
     return torch.matmul(torch.inverse(gram_sum), product_sum).transpose(0, 1)
-
-
-def _accumulate(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
-    if name in sums:
-        sums[name] += value
-    else:
-        sums[name] = value.clone()
 
 
 @borrows_process_state
@@ -168,7 +163,7 @@ def regmean(
                 for pixels in pixel_batches(task_data, preprocess, device, workers):
                     vision(pixel_values=pixels)
                     bars.advance(bar)
-            params = _mergeable(canonical_params(vision), patterns)
+            params = mergeable(canonical_params(vision), patterns)
             grams = {canonical(f"{name}.weight"): g for name, g in collector.grams.items()}
             sums.add_task(params, grams)
             del vision, linears, collector, params, grams
@@ -262,15 +257,6 @@ def _mean_of(pool: ModelPool, name: str) -> torch.Tensor:
     for model in pool.models[1:]:
         total += model.read(name).float()
     return total / len(pool.models)
-
-
-def _mergeable(params: dict[str, torch.Tensor], patterns: list[str]) -> dict[str, torch.Tensor]:
-    bare = canonical("")
-    return {
-        name: p
-        for name, p in params.items()
-        if not excluded(patterns, name, name.removeprefix(bare))
-    }
 
 
 def _pretrained_rest(pool: ModelPool, merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
