@@ -224,6 +224,7 @@ def finetune(
     classnames: o.Classnames = None,
     templates: o.Templates = None,
     data_dir: o.DataDir = None,
+    taskfile: o.Taskfile = None,
     steps: o.FinetuneSteps = 4000,
     batch_size: o.EvalBatchSize = 32,
     lr: o.FinetuneLr = 1e-5,
@@ -239,7 +240,7 @@ def finetune(
     json_out: o.Json = False,
 ) -> None:
     """Fine-tune a task encoder (vision tower only, frozen zero-shot head as classifier)."""
-    spec = TaskSpec(tasks, None, tuple(task or ()), classnames, templates, data_dir)
+    spec = TaskSpec(tasks, None, tuple(task or ()), classnames, templates, data_dir, taskfile)
     options = dict(
         steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
         device=device, precision=precision, workers=workers, checkpoint_every=checkpoint_every,

@@ -130,3 +130,28 @@ def test_training_that_diverges_stops_and_writes_nothing(digits, tmp_path):
     with pytest.raises(DataError, match="the loss is not finite at step|non-finite"):
         finetune(str(PRETRAINED), task, tmp_path / "out", steps=6, batch_size=16, lr=1e30)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # the heads cache only
+
+
+def test_finetune_reads_a_task_file(digits, tmp_path):
+    """`--taskfile` (the mini-benchmark's kind) defines the task: its name, classes and data."""
+    import json
+
+    spec = {
+        "tasks": {
+            "handwritten": {
+                "classnames": [str(i) for i in range(10)],
+                "templates": ["a photo of the digit {c}."],
+                "data": str(digits),
+            }
+        }
+    }
+    (tmp_path / "tasks.json").write_text(json.dumps(spec))
+    args = ["finetune", str(PRETRAINED), "--taskfile", str(tmp_path / "tasks.json")]
+    args += ["--tasks", "handwritten", "--out", str(tmp_path / "out"), "--steps", "2"]
+    result = runner.invoke(app, [*args, "--batch-size", "8", "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["task"] == "handwritten"
+    assert (tmp_path / "out/model.safetensors").is_file()
+    unknown = runner.invoke(app, [*args[:4], "--tasks", "svhn", "--out", str(tmp_path / "y")])
+    assert unknown.exit_code == 1 and "unknown task 'svhn'" in unknown.stderr
+    assert not (tmp_path / "y").exists()
