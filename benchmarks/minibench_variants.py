@@ -105,15 +105,15 @@ def main() -> None:
         return
 
     from clipship.machine import describe
-    from clipship.runtime.heads import cache_dir
+    from clipship.minibench.sources import wheel_folder
 
     chosen = {n: VARIANTS[n] for n in args.variants.split(",") if n}
     for item in args.variant:
         name, _, text = item.partition("=")
         chosen[name] = json.loads(text)
     work = args.work or Path(tempfile.mkdtemp(prefix="minibench-variants-"))
-    wheels = cache_dir() / "minibench" / "wheels"  # pinned downloads, shared by every variant
-    running: list[tuple[str, subprocess.Popen]] = []
+    wheels = wheel_folder()  # pinned downloads, shared by every variant
+    running: list[tuple[str, subprocess.Popen, object]] = []
     done: dict[str, dict] = {}
     queue = list(chosen.items())
     while queue or running:
@@ -127,12 +127,14 @@ def main() -> None:
             env = {**os.environ, "CLIPSHIP_CACHE": str(folder / "cache")}
             command = [sys.executable, __file__, "--child", json.dumps(spec), str(folder)]
             command += ["--methods", ",".join(methods), "--threads", str(args.threads)]
-            log = open(folder / "log.txt", "w")  # noqa: SIM115 (closed with the process)
-            running.append((name, subprocess.Popen(command, env=env, stdout=log, stderr=log)))
+            log = open(folder / "log.txt", "w")  # noqa: SIM115 (closed when the process ends)
+            process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
+            running.append((name, process, log))
         time.sleep(5)
-        for name, process in list(running):
+        for name, process, log in list(running):
             if process.poll() is not None:
-                running.remove((name, process))
+                running.remove((name, process, log))
+                log.close()
                 result = work / name / "variant.json"
                 if process.returncode != 0 or not result.is_file():
                     sys.exit(f"variant {name} failed: see {work / name / 'log.txt'}")

