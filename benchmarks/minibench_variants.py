@@ -5,13 +5,15 @@ Each variant builds a full-budget pool with some of `clipship.minibench.build`'s
 replaced (the Budget fields, VISION keys), in its own cache folder, then runs `minibench run`'s
 merges and evaluation on it; one process per variant, each on ``--threads`` threads, so two
 variants can run side by side on two cores. Prints one row per variant: the pretrained and
-fine-tuned averages, each method's average accuracy, and the build and run seconds.
+fine-tuned averages, each method's average accuracy, and the build and run seconds, per seed
+and, with several ``--seeds``, their mean.
 
-    python benchmarks/minibench_variants.py [--variants default,pretrain30,wide128] [--parallel 2]
+    python benchmarks/minibench_variants.py [--variants default,v2,wide256] [--parallel 2]
         [--methods task_arithmetic,ties,regmean,adamerging] [--variant NAME=JSON ...]
+        [--seeds 0,1,2]
 
 A variant is JSON: ``{"pretrain_per_class": 30, "pretrain_steps": 800, "finetune_steps": 1000,
-"finetune_lr": 2e-4, "vision": {"hidden_size": 128}, "adamerging_steps": 300}``; keys left out
+"finetune_lr": 2e-4, "vision": {"hidden_size": 256}, "adamerging_steps": 300}``; keys left out
 keep the shipped build's values.
 """
 
@@ -28,43 +30,21 @@ from pathlib import Path
 
 VARIANTS = {
     "default": {},
-    "pretrain20": {
-        "pretrain_per_class": 20,
-        "pretrain_steps": 800,
-        "finetune_steps": 1000,
-        "finetune_lr": 1e-4,
-    },
-    "pretrain30": {
-        "pretrain_per_class": 30,
-        "pretrain_steps": 800,
-        "finetune_steps": 1000,
-        "finetune_lr": 2e-4,
-    },
-    "pretrain30-gentle": {
-        "pretrain_per_class": 30,
-        "pretrain_steps": 800,
+    "v2": {  # the miniature shipped before recipe 3: patch 4, width 64, less pretraining
+        "pretrain_per_class": 10,
+        "pretrain_steps": 300,
         "finetune_steps": 1500,
-        "finetune_lr": 3e-5,
-        "adamerging_steps": 500,
+        "finetune_lr": 5e-4,
+        "vision": {"patch_size": 4, "hidden_size": 64, "intermediate_size": 256},
     },
-    "pretrain60": {
-        "pretrain_per_class": 60,
-        "pretrain_steps": 1000,
-        "finetune_steps": 1000,
-        "finetune_lr": 1e-4,
-    },
-    "wide128": {  # not run by default: pretraining ~3.5× slower per step
-        "pretrain_per_class": 20,
-        "pretrain_steps": 800,
-        "finetune_steps": 1000,
-        "finetune_lr": 1e-4,
-        "vision": {"hidden_size": 128, "intermediate_size": 512},
-    },
+    "width64": {"vision": {"patch_size": 4, "hidden_size": 64, "intermediate_size": 256}},
+    "gentle": {"finetune_steps": 1500, "finetune_lr": 3e-5},
+    "wide256": {"vision": {"hidden_size": 256, "intermediate_size": 1024}},  # ~3× slower
 }
 METHODS = "task_arithmetic,ties,simple_average,regmean,regmean_plusplus,adamerging"
 
 
-def child(spec: dict, methods: list[str], out: Path, threads: int) -> None:
+def child(spec: dict, methods: list[str], out: Path, threads: int, seed: int) -> None:
     """One variant, in this process: patch the build settings, build, run, write results."""
     import torch
 
@@ -77,7 +57,7 @@ def child(spec: dict, methods: list[str], out: Path, threads: int) -> None:
     fields = {**build.BUDGETS["full"].__dict__, **spec}
     build.BUDGETS["full"] = build.Budget(**fields)
     started = time.perf_counter()
-    folder = build.build(None, "full", 0)
+    folder = build.build(None, "full", seed)
     built = time.perf_counter() - started
     results = run.run(folder, methods, out / "results")
     ran = time.perf_counter() - started - built
@@ -91,17 +71,19 @@ def average(acc: dict[str, float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default=",".join(n for n in VARIANTS if n != "wide128"))
+    parser.add_argument("--variants", default=",".join(n for n in VARIANTS if n != "wide256"))
     parser.add_argument("--variant", action="append", default=[], help="NAME=JSON (repeatable)")
     parser.add_argument("--methods", default=METHODS)
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per variant")
     parser.add_argument("--work", type=Path, help="where the pools go (default: a temp folder)")
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--seeds", default="0", help="build seeds, comma-separated (default 0)")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     if args.child:
-        child(json.loads(args.child[0]), methods, Path(args.child[1]), args.threads)
+        spec, out, seed = args.child
+        child(json.loads(spec), methods, Path(out), args.threads, int(seed))
         return
 
     from clipship.machine import describe
@@ -115,10 +97,11 @@ def main() -> None:
     wheels = wheel_folder()  # pinned downloads, shared by every variant
     running: list[tuple[str, subprocess.Popen, object]] = []
     done: dict[str, dict] = {}
-    queue = list(chosen.items())
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    queue = [(f"{n}-seed{s}", spec, s) for n, spec in chosen.items() for s in seeds]
     while queue or running:
         while queue and len(running) < args.parallel:
-            name, spec = queue.pop(0)
+            name, spec, seed = queue.pop(0)
             folder = work / name
             (folder / "cache" / "minibench").mkdir(parents=True, exist_ok=True)
             link = folder / "cache" / "minibench" / "wheels"
@@ -126,6 +109,7 @@ def main() -> None:
                 link.symlink_to(wheels)
             env = {**os.environ, "CLIPSHIP_CACHE": str(folder / "cache")}
             command = [sys.executable, __file__, "--child", json.dumps(spec), str(folder)]
+            command += [str(seed)]
             command += ["--methods", ",".join(methods), "--threads", str(args.threads)]
             log = open(folder / "log.txt", "w")  # noqa: SIM115 (closed when the process ends)
             process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
@@ -143,12 +127,26 @@ def main() -> None:
     print(f"# pools and logs: {work}")
     print("| variant | pretrained | fine-tuned | " + " | ".join(methods) + " | build s | run s |")
     print("|---" * (len(methods) + 5) + "|")
-    for name, r in done.items():
-        cells = [average(r["pretrained"]), average(r["individual"])]
-        cells += [average(r["merged"][m]) for m in methods]
-        seconds = r["seconds"]
-        row = " | ".join(f"{v:.1f}" for v in cells)
-        print(f"| {name} | {row} | {seconds['build']} | {seconds['run']} |")
+    for name in chosen:
+        runs = [done[f"{name}-seed{s}"] for s in seeds]
+        for seed, r in zip(seeds, runs):
+            print(row(f"{name}, seed {seed}", [r], methods))
+        if len(runs) > 1:
+            print(row(f"{name}, mean of {len(runs)} seeds", runs, methods))
+
+
+def row(label: str, runs: list[dict], methods: list[str]) -> str:
+    """One table row: each column's average accuracy, averaged over ``runs``."""
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    cells = [mean([average(r["pretrained"]) for r in runs])]
+    cells += [mean([average(r["individual"]) for r in runs])]
+    cells += [mean([average(r["merged"][m]) for r in runs]) for m in methods]
+    build_s = round(mean([r["seconds"]["build"] for r in runs]))
+    run_s = round(mean([r["seconds"]["run"] for r in runs]))
+    return f"| {label} | " + " | ".join(f"{v:.1f}" for v in cells) + f" | {build_s} | {run_s} |"
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def test_smoke_pool_is_a_real_pool(smoke):
     folder, _ = smoke
     from transformers import CLIPModel, CLIPTokenizer
 
-    assert CLIPModel.from_pretrained(folder / "pretrained").config.vision_config.patch_size == 4
+    assert CLIPModel.from_pretrained(folder / "pretrained").config.vision_config.patch_size == 8
     tokenizer = CLIPTokenizer.from_pretrained(folder / "pretrained")
     assert len(tokenizer) == 49408
     assert tokenizer("a photo of a cat.")["input_ids"] == [

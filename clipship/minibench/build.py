@@ -34,7 +34,7 @@ from clipship.runtime.heads import cache_dir
 from clipship.runtime.state import borrows_process_state
 from clipship.runtime.tasks import Task
 
-RECIPE_VERSION = 2  # bump whenever the build changes what it produces
+RECIPE_VERSION = 3  # bump whenever the build changes what it produces
 IMAGE_SIZE = 32
 CONTEXT = 32
 
@@ -53,8 +53,8 @@ class Budget:
 
 
 BUDGETS = {
-    "smoke": Budget("smoke", 300, 150, 12, 60, 150, 1e-3),
-    "full": Budget("full", None, None, 10, 300, 1500, 5e-4),
+    "smoke": Budget("smoke", 300, 150, 12, 150, 150, 1e-4),
+    "full": Budget("full", None, None, 30, 800, 1000, 2e-4),
 }
 # The 3-class texture task sees fewer labelled images in pretraining, so that, as on the real
 # benchmark, every task has room between zero-shot and fine-tuned accuracy.
@@ -62,11 +62,11 @@ PRETRAIN_SHARE = {"textures": 0.6}
 
 VISION = {
     "image_size": IMAGE_SIZE,
-    "patch_size": 4,
-    "hidden_size": 64,
+    "patch_size": 8,
+    "hidden_size": 128,
     "num_hidden_layers": 3,
     "num_attention_heads": 4,
-    "intermediate_size": 256,
+    "intermediate_size": 512,
     "projection_dim": 64,
     "hidden_act": "quick_gelu",
 }
