@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import fmean
 
 VARIANTS = {
     "default": {},
@@ -69,7 +70,7 @@ def child(spec: dict, methods: list[str], out: Path, threads: int, seed: int) ->
 
 
 def average(acc: dict[str, float]) -> float:
-    return 100 * sum(acc.values()) / len(acc)
+    return 100 * fmean(acc.values())
 
 
 def main() -> None:
@@ -140,15 +141,11 @@ def main() -> None:
 
 def row(label: str, runs: list[dict], methods: list[str]) -> str:
     """One table row: each column's average accuracy, averaged over ``runs``."""
-
-    def mean(values: list[float]) -> float:
-        return sum(values) / len(values)
-
-    cells = [mean([average(r["pretrained"]) for r in runs])]
-    cells += [mean([average(r["individual"]) for r in runs])]
-    cells += [mean([average(r["merged"][m]) for r in runs]) for m in methods]
-    build_s = round(mean([r["seconds"]["build"] for r in runs]))
-    run_s = round(mean([r["seconds"]["run"] for r in runs]))
+    cells = [fmean(average(r["pretrained"]) for r in runs)]
+    cells += [fmean(average(r["individual"]) for r in runs)]
+    cells += [fmean(average(r["merged"][m]) for r in runs) for m in methods]
+    build_s = round(fmean(r["seconds"]["build"] for r in runs))
+    run_s = round(fmean(r["seconds"]["run"] for r in runs))
     return f"| {label} | " + " | ".join(f"{v:.1f}" for v in cells) + f" | {build_s} | {run_s} |"
 
 
