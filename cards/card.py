@@ -11,12 +11,11 @@ without those sections.
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Any
 
 from clipship.errors import ClipshipError
-from clipship.outputs import write_bytes_atomic, write_text_atomic
+from clipship.outputs import refuse_link, write_bytes_atomic, write_text_atomic
 from clipship.reports import ExportReport, read_eval_reports
 
 RECIPE = "clipship_recipe.json"
@@ -25,14 +24,12 @@ EXPORT_REPORT = "export/export_report.json"
 
 
 def _read(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
+    """A JSON input of the card (duplicate keys and NaN refused), or None when absent."""
+    from clipship.schemas import read_json
+
+    if not path.exists() and not path.is_symlink():
         return None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ClipshipError(f"{path}: not valid JSON") from None
-    except OSError as e:
-        raise ClipshipError(f"{path}: cannot read it ({e.strerror})") from None
+    return read_json(path, ClipshipError, "JSON file")
 
 
 def _base_license(recipe: dict[str, Any]) -> str | None:
@@ -79,6 +76,11 @@ def write_card(
         raise ClipshipError(f"{run}: no {RECIPE} (is this a merged model folder?)")
     if not isinstance(recipe, dict) or not {"method", "parameters", "pretrained"} <= set(recipe):
         raise ClipshipError(f"{run / RECIPE}: not a clipship recipe")
+    from clipship.schemas import Recipe, parse
+
+    parse(Recipe, recipe, str(run / RECIPE))
+    for output in ("README.md", "accuracy.png"):
+        refuse_link(run / output)  # before any work: the card is not written through a link
     if (run / "README.md").exists() and not force and not _ours(run / "README.md"):
         raise ClipshipError(
             f"{run / 'README.md'} was not written by clipship card: keeping it (pass `force` "

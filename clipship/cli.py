@@ -348,7 +348,7 @@ def push(
 
 @app.command()
 def release(
-    config: o.ReleaseConfig,
+    config: o.ReleaseConfig = None,
     run_dir: o.ReleaseRunDir = None,
     repo_id: o.ReleaseRepoId = None,
     tag: o.ReleaseTag = None,
@@ -356,8 +356,15 @@ def release(
     json_out: o.Json = False,
     quiet: o.Quiet = False,
     force: o.ReleaseForce = False,
+    schema: o.ReleaseSchema = False,
 ) -> None:
     """Merge → eval → export → card → push in one command, stopping at the first failed gate."""
+    if schema:
+        print(_call("clipship.release_file:schema_text"), end="")
+        return
+    if config is None:
+        print("error: give the release file (RELEASE.yaml), or --schema", file=sys.stderr)
+        raise typer.Exit(2)
     summary = _call(
         "clipship.release:release", config, run_dir, repo_id=repo_id, tag=tag, dry_run=dry_run,
         quiet=quiet, force=force,
@@ -366,6 +373,9 @@ def release(
     if summary["status"] == "gate_failed":
         print(f"error: release gate failed: {'; '.join(summary['failed'])}", file=sys.stderr)
         raise typer.Exit(3)
+    if summary["status"] == "push_failed":  # the summary above says what was built
+        print(f"error: {'; '.join(summary['failed'])}", file=sys.stderr)
+        raise typer.Exit(1)
 
 
 @minibench_app.command("build")

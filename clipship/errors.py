@@ -14,6 +14,7 @@ Grouped by where the problem lies:
   ``HeadsMismatchError``
 - outputs: ``OutputExistsError``, ``OutputError``
 - stage gates and services: ``ExportValidationError``, ``PushError``
+- values: ``NonFiniteError`` (NaN or Inf about to be written, gated or published)
 - ``Terminated`` (SIGTERM), which is not an error but unwinds like one
 """
 
@@ -50,7 +51,12 @@ class CheckpointError(ClipshipError):
     """A weight file that is corrupt, truncated, unsupported, or a refused pickle."""
 
 
-class NonFiniteWeightsError(ClipshipError):
+class NonFiniteError(ClipshipError):
+    """NaN or Inf where only finite numbers may be: a tensor or metric about to be written,
+    gated or published, or a number in a file clipship reads."""
+
+
+class NonFiniteWeightsError(NonFiniteError):
     """NaN or Inf in a model's weights."""
 
 

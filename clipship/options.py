@@ -133,7 +133,12 @@ PushDryRun = Annotated[
 PushPrune = Annotated[
     bool, Opt("--prune", help="Also delete remote files the folder does not have.")
 ]
-ReleaseConfig = Annotated[Path, typer.Argument(help="Release YAML (see examples/release.yaml).")]
+ReleaseConfig = Annotated[
+    Path | None, typer.Argument(help="Release YAML (see examples/release.yaml).")
+]
+ReleaseSchema = Annotated[
+    bool, Opt("--schema", help="Print the release file's JSON Schema and exit.")
+]
 ReleaseRunDir = Annotated[Path | None, Opt("--run-dir", help="Default: release_out/<name>.")]
 ReleaseRepoId = Annotated[str | None, Opt("--repo-id", help="Override hub.repo_id.")]
 ReleaseTag = Annotated[str | None, Opt("--tag", help="Override hub.tag.")]

@@ -1,13 +1,22 @@
-"""Writing result folders atomically, and the library versions recorded in every artefact.
+"""Writing results atomically and only where they belong, and the library versions recorded in
+every artefact.
 
-Every command builds its output in a temporary folder beside the target and renames it into
-place only when everything succeeded, so a failure never leaves a half-written folder behind.
+Every command builds its output in a temporary folder (or file) beside the target and renames it
+into place only when everything succeeded, so a failure never leaves a half-written output
+behind. Temporaries get unpredictable names (``mkstemp``/``mkdtemp``: created with ``O_EXCL``,
+so nothing planted there is followed), and no output is written through a symbolic link: a link
+at an output's name, or at a folder between a run folder and what is written in it, is refused
+with one line (remove it) rather than followed or silently replaced. JSON is written strictly:
+a NaN or Inf anywhere is an error naming its key, never a bare ``NaN`` in a file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
+import json
+import math
 import os
 import platform
 import re
@@ -17,14 +26,41 @@ import tempfile
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
-from clipship.errors import OutputError, OutputExistsError
+from clipship.errors import ClipshipError, NonFiniteError, OutputError, OutputExistsError
+
+# Write failures that are about the place, not the data: reported as one line naming the output.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def refuse_link(path: Path | str) -> None:
+    """An output name that is a symbolic link is refused: writing would follow it out of its
+    folder (or silently drop what someone put there)."""
+    if os.path.islink(path):
+        raise OutputError(
+            f"{path} is a symbolic link; refusing to write through it (remove the link)"
+        )
+
+
+def check_beneath(root: Path | str, path: Path | str) -> None:
+    """Every existing folder from ``root`` (exclusive) down to ``path`` (inclusive) is a real
+    folder or file, not a link: what is written at ``path`` stays under ``root``. Called where
+    the write happens, not once up front."""
+    root, path = Path(root), Path(path)
+    current = root
+    for part in path.relative_to(root).parts:
+        current = current / part
+        refuse_link(current)
+        if not current.exists():
+            return
 
 
 def check_target(out: Path, force: bool, inputs: tuple = (), kind: str = "folder") -> None:
     """Before any work: ``out`` may be written (it does not exist, or ``force``), its folder is
     writable, and replacing it would not delete one of ``inputs`` (paths or hub ids)."""
     out = Path(out)
+    refuse_link(out)
     if kind == "file" and out.is_dir():
         raise OutputError(f"{out} is a folder (give a file name)")
     if out.exists() and not force:
@@ -64,13 +100,17 @@ def _probe(out: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_folder(out: Path, force: bool = False) -> Iterator[Path]:
+def atomic_folder(out: Path, force: bool = False, root: Path | None = None) -> Iterator[Path]:
     """Yield a fresh temporary folder; on success it replaces ``out`` in one rename.
 
     Temporary folders are named ``.<out>.tmp-<host>-<pid>-*`` (``.old-`` while replacing): one
     left by a process of this host that no longer runs (killed with SIGKILL, a power cut) is
-    removed here; other hosts' (a shared volume, another container) are left alone."""
+    removed here; other hosts' (a shared volume, another container) are left alone. With
+    ``root``, no folder between ``root`` and ``out`` may be a link (checked again before the
+    rename). A disk that fills up or turns read-only is one ``OutputError`` line."""
     out = Path(out)
+    if root is not None:
+        check_beneath(root, out)
     check_target(out, force)
     owner = f"{_host()}-{os.getpid()}"
     try:
@@ -80,9 +120,16 @@ def atomic_folder(out: Path, force: bool = False) -> Iterator[Path]:
     except OSError as e:
         raise OutputError(f"cannot write {out}: {e.strerror}") from None
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:
+            if isinstance(e, ClipshipError) or e.errno not in WRITE_ERRNOS:
+                raise
+            raise OutputError(f"cannot write {out}: {e.strerror}") from None
         usual_modes(tmp)
-        if out.exists():
+        if root is not None:
+            check_beneath(root, out)
+        if out.exists() or out.is_symlink():
             check_target(out, force)
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{owner}-", dir=out.parent))
             with _signals_held():  # no SIGTERM between the two renames
@@ -190,19 +237,77 @@ def library_versions() -> dict[str, str]:
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write a file through a temporary sibling and one rename."""
+    """Write a file through a temporary sibling (``mkstemp``: an unpredictable name, created
+    exclusively) and one rename; a link at ``path`` is refused, never followed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    refuse_link(path)
     try:
-        tmp.write_bytes(data)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror}") from None
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        usual_modes(tmp)
+        refuse_link(path)  # again, at the moment of use
         os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror}") from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     write_bytes_atomic(path, text.encode())
+
+
+def json_text(data: Any, where: str, **options: Any) -> str:
+    """``data`` as JSON text (``indent=2`` unless given, a final newline), refusing NaN and
+    Inf: one ``NonFiniteError`` naming the first key path that holds one."""
+    options.setdefault("indent", 2)
+    try:
+        return json.dumps(data, allow_nan=False, **options) + "\n"
+    except ValueError:
+        path = first_nonfinite(data)
+        if path is None:
+            raise
+        key, value = path
+        raise NonFiniteError(
+            f"{where}: {key or 'the value'} is {value}; refusing to write a non-finite number"
+        ) from None
+
+
+def first_nonfinite(data: Any, prefix: str = "") -> tuple[str, float] | None:
+    """The first (key path, value) in nested dicts and lists whose number is NaN or Inf."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return prefix, data
+    if isinstance(data, dict):
+        items = [(f"{prefix}.{k}" if prefix else str(k), v) for k, v in data.items()]
+    elif isinstance(data, (list, tuple)):
+        items = [(f"{prefix}[{i}]", v) for i, v in enumerate(data)]
+    else:
+        return None
+    for where, value in items:
+        found = first_nonfinite(value, where)
+        if found is not None:
+            return found
+    return None
+
+
+def write_json_atomic(path: Path, data: Any, **options: Any) -> None:
+    """``json_text`` written with ``write_text_atomic``."""
+    write_text_atomic(path, json_text(data, Path(path).name, **options))
+
+
+def remove_output(path: Path) -> None:
+    """Remove a file, a folder or a link at ``path`` without following a link."""
+    path = Path(path)
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 def human_size(size: int) -> str:

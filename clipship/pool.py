@@ -9,7 +9,6 @@ checks the whole pool from the headers (names, shapes, dtypes, architecture) bef
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -212,8 +211,14 @@ class ModelPool:
 
 
 def split_revision(source: str) -> tuple[str, str | None]:
+    """``owner/name@revision`` → (``owner/name``, revision); the revision must be a name."""
+    from clipship.schemas import revision_problem
+
     if "@" in source and not Path(source).exists():
         repo, _, rev = source.rpartition("@")
+        problem = revision_problem(rev) if rev else None
+        if problem:
+            raise SourceNotFoundError(f"{source}: the revision {rev!r} {problem}")
         return repo, rev or None
     return source, None
 
@@ -305,17 +310,112 @@ def vision_key_map(names: list[str], source: str) -> dict[str, str]:
 
 
 def load_model(name: str, source: str, allow_pickle: bool = False) -> Model:
+    from clipship.schemas import read_json
+
     folder, repo_id, revision = resolve_folder(source, allow_pickle)
     config_file = folder / "config.json"
-    try:
-        config = json.loads(config_file.read_text())
-    except FileNotFoundError:
-        raise SourceNotFoundError(f"{source}: no config.json in {folder}") from None
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{config_file}: not valid JSON") from None
+    if not config_file.is_file():
+        raise SourceNotFoundError(f"{source}: no config.json in {folder}")
+    config = read_json(config_file, CheckpointError, "model config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file}: not a model config (a JSON object)")
     ckpt = open_checkpoint(folder, source, allow_pickle)
     keys = vision_key_map(list(ckpt.tensors), source)
+    check_config(config, {n: ckpt.tensors[s].shape for n, s in keys.items()}, ckpt, source)
     return Model(name, source, folder, repo_id, revision, ckpt, config, keys)
+
+
+# transformers' CLIP defaults, used when config.json leaves a key out.
+VISION_DEFAULTS = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_channels": 3,
+    "image_size": 224,
+    "patch_size": 32,
+}
+TEXT_DEFAULTS = {
+    "vocab_size": 49408,
+    "hidden_size": 512,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 8,
+    "max_position_embeddings": 77,
+}
+
+
+def check_config(config: dict, vision: dict[str, tuple], ckpt: Any, source: str) -> None:
+    """``config.json`` agrees with the weights it describes: a config that lies (an
+    ``intermediate_size`` the tensors do not have) would merge into a folder transformers cannot
+    load. ``vision`` maps canonical vision names to shapes; the text tower and projections are
+    checked too when the checkpoint has them."""
+    where = f"{source}: config.json"
+    vision_config = config.get("vision_config", config)
+    if not isinstance(vision_config, dict):
+        raise CheckpointError(f"{where}: vision_config is not a mapping")
+    _check_tower(vision_config, VISION_DEFAULTS, vision, "vision_model.", where, "vision")
+    text = {n: ckpt.tensors[n].shape for n in ckpt.tensors if n.startswith("text_model.")}
+    if text:
+        text_config = config.get("text_config", {})
+        if not isinstance(text_config, dict):
+            raise CheckpointError(f"{where}: text_config is not a mapping")
+        _check_tower(text_config, TEXT_DEFAULTS, text, "text_model.", where, "text")
+    projection = config.get("projection_dim", 512)
+    for name in ("visual_projection.weight", "text_projection.weight"):
+        if name in ckpt.tensors and ckpt.tensors[name].shape[0] != projection:
+            raise CheckpointError(
+                f"{where} says projection_dim={projection!r} but {name} has "
+                f"{ckpt.tensors[name].shape[0]} rows"
+            )
+
+
+def _check_tower(
+    config: dict, defaults: dict, shapes: dict[str, tuple], prefix: str, where: str, tower: str
+) -> None:
+    values = {key: config.get(key, default) for key, default in defaults.items()}
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CheckpointError(f"{where}: {tower} {key}={value!r} is not a positive integer")
+
+    def expect(key: str, actual: int, tensor: str) -> None:
+        if values[key] != actual:
+            raise CheckpointError(
+                f"{where} says {tower} {key}={values[key]} but the weights have {actual} ({tensor})"
+            )
+
+    hidden = values["hidden_size"]
+    indices = {int(n.split(".")[3]) for n in shapes if n.startswith(f"{prefix}encoder.layers.")}
+    if indices:
+        expect("num_hidden_layers", max(indices) + 1, f"{prefix}encoder.layers.{max(indices)}")
+    for i in sorted(indices)[:1]:
+        fc1 = shapes.get(f"{prefix}encoder.layers.{i}.mlp.fc1.weight")
+        if fc1 is not None and len(fc1) == 2:
+            expect("intermediate_size", fc1[0], "mlp.fc1.weight")
+            expect("hidden_size", fc1[1], "mlp.fc1.weight")
+    if hidden % values["num_attention_heads"]:
+        raise CheckpointError(
+            f"{where}: {tower} hidden_size={hidden} is not a multiple of "
+            f"num_attention_heads={values['num_attention_heads']}"
+        )
+    patch = shapes.get(f"{prefix}embeddings.patch_embedding.weight")
+    if patch is not None and len(patch) == 4:
+        expect("hidden_size", patch[0], "patch_embedding.weight")
+        expect("num_channels", patch[1], "patch_embedding.weight")
+        expect("patch_size", patch[2], "patch_embedding.weight")
+        positions = shapes.get(f"{prefix}embeddings.position_embedding.weight")
+        grid = values["image_size"] // values["patch_size"]
+        if positions is not None and positions[0] != grid * grid + 1:
+            raise CheckpointError(
+                f"{where} says image_size={values['image_size']} (a {grid}×{grid} patch grid) "
+                f"but position_embedding.weight has {positions[0]} rows"
+            )
+    tokens = shapes.get(f"{prefix}embeddings.token_embedding.weight")
+    if tokens is not None and "vocab_size" in values:
+        expect("vocab_size", tokens[0], "token_embedding.weight")
+        positions = shapes.get(f"{prefix}embeddings.position_embedding.weight")
+        if positions is not None:
+            expect("max_position_embeddings", positions[0], "position_embedding.weight")
 
 
 def card_metadata(readme: Path) -> dict[str, Any]:
@@ -328,49 +428,39 @@ def card_metadata(readme: Path) -> dict[str, Any]:
         return {}
 
 
-def read_yaml(path: Path, error: type[Exception], what: str) -> Any:
-    """A YAML file's data, or one ``error`` line for a missing or malformed file."""
-    import yaml
-
-    try:
-        return yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise error(f"{path}: no such {what}") from None
-    except yaml.YAMLError as e:
-        raise error(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-
-
 def read_pool_yaml(path: Path) -> tuple[str, dict[str, str]]:
-    """Read a FusionBench modelpool YAML: ``(pretrained source, {task: source})`` in file order."""
+    """Read a FusionBench modelpool YAML: ``(pretrained source, {task: source})`` in file order
+    (``clipship.schemas.PoolFile``; Hydra's other keys are ignored)."""
+    from clipship.schemas import PoolFile, parse, read_yaml
+
     data = read_yaml(path, SourceNotFoundError, "pool file")
-    models = data.get("models") if isinstance(data, dict) else None
-    if not isinstance(models, dict):
+    if not isinstance(data, dict) or "models" not in data:
         raise SourceNotFoundError(f"{path}: a modelpool needs a 'models:' mapping")
+    pool = parse(PoolFile, data, str(path), SourceNotFoundError)
     sources: dict[str, str] = {}
-    for name, value in models.items():
-        if isinstance(value, dict):
-            src = value.get("pretrained_model_name_or_path") or value.get("path")
-            if src and value.get("revision"):
-                src = f"{src}@{value['revision']}"
-        else:
+    for name, value in pool.models.items():
+        if isinstance(value, str):
             src = value
-        if not isinstance(src, str) or "${" in src:
-            raise SourceNotFoundError(f"{path}: model {name!r} has no plain source path or hub id")
+        else:
+            src = value.source or ""
+            if value.revision:
+                src = f"{src}@{value.revision}"
         local = Path(path).parent / src
-        sources[str(name)] = str(local) if not Path(src).is_absolute() and local.exists() else src
-    if PRETRAINED not in sources:
-        raise SourceNotFoundError(f"{path}: the pool has no '{PRETRAINED}' model")
+        sources[name] = str(local) if not Path(src).is_absolute() and local.exists() else src
     pretrained = sources.pop(PRETRAINED)
     return pretrained, sources
 
 
 def parse_model_args(items: list[str]) -> dict[str, str]:
     """``["sun397=tanganke/...", ...]`` → ``{"sun397": "tanganke/..."}``."""
+    from clipship.schemas import check_name
+
     out: dict[str, str] = {}
     for item in items:
         name, sep, src = item.partition("=")
         if not sep or not name or not src:
             raise SourceNotFoundError(f"`model` {item!r}: expected NAME=SOURCE", option="model")
+        check_name(name, "`model` name", option="model")
         if name in out:
             raise PoolMismatchError(f"model name {name!r} appears twice in the pool")
         out[name] = src

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -20,200 +21,39 @@ import time
 from pathlib import Path
 from typing import Any
 
-from clipship.errors import ReleaseConfigError
+from clipship.errors import ClipshipError, OutputError, ReleaseConfigError
 from clipship.eval.request import EvalRequest
 from clipship.exporter.request import ExportRequest
 from clipship.merge.request import MergeRequest
-from clipship.outputs import atomic_folder, remove_stale_temporaries
+from clipship.outputs import (
+    atomic_folder,
+    check_beneath,
+    json_text,
+    refuse_link,
+    remove_output,
+    remove_stale_temporaries,
+)
+from clipship.release_file import Gates, ReleaseFile, read_release_file
 from clipship.reports import EvalReport, ExportReport, read_eval_reports
 from clipship.requests import Sources, TaskSpec, local_path, resolve_sources
-
-SECTIONS = {
-    "name": None,
-    "pool": {"minibench", "seed", "yaml", "pretrained", "models"},
-    "method": None,
-    "parameters": None,
-    "seed": None,
-    "eval": {"tasks", "taskfile", "data_dir", "baselines", "batch_size", "limit", "device"},
-    "gates": {"min_average_accuracy", "min_accuracy", "max_drop", "export"},
-    "export": {
-        "precisions",
-        "validation_size",
-        "validation_data",
-        "tensorrt",
-        "max_batch",
-        "int8_scheme",
-    },
-    "card": {"license", "name", "base_model"},
-    "hub": {"repo_id", "private", "revision", "tag", "message"},
-}
-EXPORT_GATES = {"max_logit_diff", "min_agreement_fp32", "min_agreement_fp16", "min_agreement_int8"}
+from clipship.schemas import StageRecord, check_revision, parse, read_json
 
 
-def read_config(path: Path) -> dict[str, Any]:
-    from clipship.pool import read_yaml
-
-    path = Path(path)
-    config = read_yaml(path, ReleaseConfigError, "release file")
-    if not isinstance(config, dict):
-        raise ReleaseConfigError(f"{path}: a release file is a mapping (pool:, method:, ...)")
-    for key, value in config.items():
-        if key not in SECTIONS:
-            raise ReleaseConfigError(f"{path}: unknown key {key!r} (known: {', '.join(SECTIONS)})")
-        allowed = SECTIONS[key]
-        if allowed is not None:
-            if not isinstance(value, dict):
-                raise ReleaseConfigError(f"{path}: {key}: expected a mapping")
-            extra = sorted(set(value) - allowed)
-            if extra:
-                raise ReleaseConfigError(
-                    f"{path}: {key}.{extra[0]}: unknown (known: {', '.join(sorted(allowed))})"
-                )
-    for required in ("pool", "method"):
-        if required not in config:
-            raise ReleaseConfigError(f"{path}: missing {required}:")
-    export_gates = config.get("gates", {}).get("export") or {}
-    extra = sorted(set(export_gates) - EXPORT_GATES)
-    if extra:
-        raise ReleaseConfigError(f"{path}: gates.export.{extra[0]}: unknown")
-    if export_gates and config.get("export") is None:
-        raise ReleaseConfigError(f"{path}: gates.export needs an export: section to gate")
-    try:
-        _check_values(config)
-    except ReleaseConfigError as e:
-        raise ReleaseConfigError(f"{path}: {e}") from None
-    config["_base"] = path.resolve().parent
-    return config
+def read_config(path: Path) -> ReleaseFile:
+    """The release file, parsed by its schema (``clipship.release_file``)."""
+    return read_release_file(Path(path))
 
 
-def _check_values(config: dict[str, Any]) -> None:
-    """Every value's type and range, before any stage runs (a typo found after the merge and
-    the evaluation costs the whole run)."""
-    from clipship.cards.push import check_repo_id
-    from clipship.exporter.onnx_export import FILES
-    from clipship.exporter.quantize import DEFAULT_SCHEME, SCHEMES
-    from clipship.merge.registry import get_method
-
-    def fail(where: str, value: Any, expected: str) -> None:
-        raise ReleaseConfigError(f"{where}: {value!r} is not {expected}")
-
-    def integer(where: str, value: Any, low: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            fail(where, value, f"a whole number ≥ {low}")
-
-    def fraction(where: str, value: Any, low: float = 0.0) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            fail(where, value, "a number")
-        if not low <= value <= 1:
-            fail(where, value, f"between {low:g} and 1")
-
-    def text(where: str, value: Any) -> None:
-        if not isinstance(value, str) or not value:
-            fail(where, value, "a text")
-
-    def flag(where: str, value: Any) -> None:
-        if not isinstance(value, bool):
-            fail(where, value, "true or false")
-
-    if "name" in config:
-        text("name", config["name"])
-        check_name(config["name"])
-    text("method", config["method"])
-    method = get_method(config["method"])
-    parameters = config.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        fail("parameters", parameters, "a mapping")
-    method.resolve(parameters)  # unknown or invalid parameters: MethodError, one line
-    if "seed" in config:
-        integer("seed", config["seed"], 0)
-    pool = config["pool"]
-    if "seed" in pool:
-        integer("pool.seed", pool["seed"], 0)
-    for key in ("yaml", "pretrained"):
-        if key in pool:
-            text(f"pool.{key}", pool[key])
-    spec = config.get("eval") or {}
-    tasks = spec.get("tasks", "pool")
-    if not (isinstance(tasks, str) and tasks) and not (
-        isinstance(tasks, list) and tasks and all(isinstance(t, str) and t for t in tasks)
-    ):
-        fail("eval.tasks", tasks, "pool, a task name or a list of them")
-    for key in ("batch_size", "limit"):
-        if spec.get(key) is not None:
-            integer(f"eval.{key}", spec[key], 1)
-    for key in ("taskfile", "data_dir", "device"):
-        if key in spec:
-            text(f"eval.{key}", spec[key])
-    if "baselines" in spec:
-        flag("eval.baselines", spec["baselines"])
-    gates = config.get("gates") or {}
-    if "min_average_accuracy" in gates:
-        fraction("gates.min_average_accuracy", gates["min_average_accuracy"])
-    minimum = gates.get("min_accuracy")
-    if isinstance(minimum, dict):
-        for task, value in minimum.items():
-            fraction(f"gates.min_accuracy.{task}", value)
-    elif minimum is not None:
-        fraction("gates.min_accuracy", minimum)
-    if "max_drop" in gates:
-        fraction("gates.max_drop", gates["max_drop"], low=-1.0)
-    for key, value in (gates.get("export") or {}).items():
-        if key == "max_logit_diff":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                fail("gates.export.max_logit_diff", value, "a number ≥ 0")
-        else:
-            fraction(f"gates.export.{key}", value)
-    export = config.get("export")
-    if export is not None:
-        precisions = export.get("precisions", ["fp32"])
-        known = tuple(FILES)
-        if not isinstance(precisions, list) or not precisions or not set(precisions) <= set(known):
-            fail("export.precisions", precisions, f"a non-empty list of {', '.join(known)}")
-        if "validation_size" in export:
-            integer("export.validation_size", export["validation_size"], 1)
-        if "max_batch" in export:
-            integer("export.max_batch", export["max_batch"], 32)
-        if "tensorrt" in export:
-            flag("export.tensorrt", export["tensorrt"])
-        if "validation_data" in export:
-            text("export.validation_data", export["validation_data"])
-        if export.get("int8_scheme", DEFAULT_SCHEME) not in SCHEMES:
-            fail("export.int8_scheme", export["int8_scheme"], f"one of {', '.join(SCHEMES)}")
-    for key, value in (config.get("card") or {}).items():
-        text(f"card.{key}", value)
-    hub = config.get("hub") or {}
-    for key in ("revision", "tag", "message"):
-        if key in hub:
-            text(f"hub.{key}", hub[key])
-    if "private" in hub:
-        flag("hub.private", hub["private"])
-    if "repo_id" in hub:
-        check_repo_id(hub["repo_id"], "hub.repo_id")
-
-
-def _path(config: dict[str, Any], value: str | None) -> Path | None:
-    """Paths in a release file are relative to the file."""
-    return None if value is None else local_path(value, config["_base"])
-
-
-def resolve_pool(config: dict[str, Any], quiet: bool) -> Sources:
+def resolve_pool(config: ReleaseFile, base: Path, quiet: bool) -> Sources:
     """The pool the release names (the mini-benchmark comes with its task file)."""
-    pool = config["pool"]
-    chosen = [k for k in ("minibench", "yaml", "pretrained") if k in pool]
-    if len(chosen) != 1:
-        raise ReleaseConfigError(
-            "pool: give exactly one of minibench:, yaml:, pretrained: + models:"
-        )
-    if "minibench" in pool:
+    pool = config.pool
+    if pool.minibench is not None:
         from clipship.minibench.build import pool_sources
 
-        return pool_sources(str(pool["minibench"]), int(pool.get("seed", 0)), quiet)
-    if "yaml" in pool:
-        return resolve_sources(pool["yaml"], base=config["_base"])
-    models = pool.get("models")
-    if not isinstance(models, dict) or not models:
-        raise ReleaseConfigError("pool.models: a mapping of task name → source")
-    return resolve_sources(pretrained=pool["pretrained"], models=models, base=config["_base"])
+        return pool_sources(pool.minibench, pool.seed, quiet)
+    if pool.yaml is not None:
+        return resolve_sources(pool.yaml, base=base)
+    return resolve_sources(pretrained=pool.pretrained, models=dict(pool.models or {}), base=base)
 
 
 def fingerprint(source: str) -> Any:
@@ -257,22 +97,21 @@ def key_of(*parts: Any) -> str:
 
 
 class Stages:
-    """Stage folders under ``root``, reused when their input key is unchanged and every file
-    they wrote still has the sha256 recorded in their ``stage.json``."""
+    """Stage folders under ``run/stages``, reused when their input key is unchanged and every
+    file they wrote still has the sha256 recorded in their ``stage.json``. Nothing is written
+    through a link: a link anywhere in a stage folder makes it damaged (rebuilt), and one at
+    ``stages/`` or a stage's name is refused."""
 
-    def __init__(self, root: Path, log):
-        self.root, self.log, self.record = root, log, {}
+    def __init__(self, run: Path, log):
+        self.run, self.root, self.log, self.record = run, run / "stages", log, {}
 
-    def run(self, name: str, key: str, build) -> Path:
+    def run_stage(self, name: str, key: str, build) -> Path:
         folder = self.root / name
-        marker = folder / "stage.json"
-        try:
-            record = json.loads(marker.read_text()) if marker.is_file() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            record = {"key": key, "files": {"stage.json": "unreadable"}}  # damaged: rebuild
+        check_beneath(self.run, folder)
+        record = _stage_record(folder / "stage.json")
         damaged = None
-        if record.get("key") == key:
-            damaged = _damaged(folder, record.get("files"))
+        if record is not None and record.key == key:
+            damaged = _damaged(folder, record.files)
             if damaged is None:
                 self.log(f"{name}: reused (inputs unchanged)")
                 self.record[name] = {"key": key, "reused": True}
@@ -281,16 +120,26 @@ class Stages:
         else:
             self.log(f"{name}: running")
         started = time.perf_counter()
-        with atomic_folder(folder, force=True) as tmp:
+        with atomic_folder(folder, force=True, root=self.run) as tmp:
             build(tmp)
             files = _digests(tmp)
-            (tmp / "stage.json").write_text(json.dumps({"key": key, "files": files}) + "\n")
+            (tmp / "stage.json").write_text(json_text({"key": key, "files": files}, "stage.json"))
         seconds = round(time.perf_counter() - started, 1)
         self.log(f"{name}: done in {seconds} s")
         self.record[name] = {"key": key, "reused": False, "seconds": seconds}
         if damaged:
             self.record[name]["rebuilt"] = damaged
         return folder
+
+
+def _stage_record(path: Path) -> StageRecord | None:
+    """A stage's record; None when there is none or it is damaged (the stage runs again)."""
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        return parse(StageRecord, read_json(path, ClipshipError, "stage record"), str(path))
+    except ClipshipError:
+        return None
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -303,10 +152,13 @@ def _digests(folder: Path) -> dict[str, str]:
     }
 
 
-def _damaged(folder: Path, files: dict[str, str] | None) -> str | None:
+def _damaged(folder: Path, files: dict[str, str]) -> str | None:
     """Why a stage folder no longer holds what it wrote (None: it does)."""
     if not files:
-        return "its record lists no files (an older clipship wrote it)"
+        return "its record lists no files"
+    links = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_symlink())
+    if links:
+        return f"{links[0]} is a link"
     now = _digests(folder)
     for path, digest in files.items():
         if path not in now:
@@ -319,6 +171,8 @@ def _damaged(folder: Path, files: dict[str, str] | None) -> str | None:
 
 NAME = re.compile(r"[A-Za-z0-9._-]+")
 RUN_MARKER = ".clipship-release"
+# What a release writes in its run folder; none of these may be a link.
+RUN_NAMES = (RUN_MARKER, "stages", "release", "stages/merge", "stages/eval", "stages/export")
 
 
 def check_name(name: str) -> str:
@@ -333,40 +187,67 @@ def check_name(name: str) -> str:
 
 def claim_run_dir(run: Path, force: bool) -> None:
     """Use ``run`` only if it is new, empty or made by an earlier release (its marker file):
-    the release replaces its ``stages/`` and ``release/``, which must not be someone else's."""
+    the release replaces its ``stages/`` and ``release/``, which must not be someone else's.
+    Nothing it writes there may be a link (a planted ``stages`` link would make the release
+    replace a folder elsewhere); a folder that cannot be written is one line, up front."""
     if run.exists() and not run.is_dir():
         raise ReleaseConfigError(f"{run}: exists and is not a folder")
-    if run.is_dir() and any(run.iterdir()) and not (run / RUN_MARKER).is_file() and not force:
+    for name in RUN_NAMES:
+        refuse_link(run / name)
+    marker = run / RUN_MARKER
+    if run.is_dir() and any(run.iterdir()) and not marker.is_file() and not force:
         raise ReleaseConfigError(
             f"{run} already holds files that clipship release did not write (pass `force` to "
             "use it: its stages/ and release/ are replaced)",
             option="force",
         )
-    run.mkdir(parents=True, exist_ok=True)
-    (run / RUN_MARKER).write_text("made by clipship release\n")
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        # O_NOFOLLOW: a link planted after the check above is refused by the kernel.
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666)
+        with os.fdopen(fd, "w") as f:
+            f.write("made by clipship release\n")
+    except OSError as e:
+        raise OutputError(f"cannot write the run folder {run}: {e.strerror}") from None
     for name in ("merge", "eval", "export"):
         remove_stale_temporaries(run / "stages" / name)
     remove_stale_temporaries(run / "release")
 
 
-def task_spec(config: dict[str, Any], sources: Sources) -> TaskSpec:
+def task_spec(config: ReleaseFile, base: Path, sources: Sources) -> TaskSpec:
     """The tasks the release evaluates (and validates the export on): the pool's by default."""
-    spec = config.get("eval", {})
-    names = spec.get("tasks", "pool")
+    spec = config.eval
+    names = spec.tasks
     if names == "pool":
         names = list(sources.models)
     return TaskSpec(
         ",".join(names) if isinstance(names, list) else str(names),
-        data_dir=_path(config, spec.get("data_dir")),
-        taskfile=_path(config, spec.get("taskfile")) or sources.taskfile,
+        data_dir=_path(base, spec.data_dir),
+        taskfile=_path(base, spec.taskfile) or sources.taskfile,
     )
 
 
-def eval_request(config: dict[str, Any], tasks: TaskSpec, sources: Sources) -> EvalRequest:
+def _path(base: Path, value: str | None) -> Path | None:
+    """Paths in a release file are relative to the file."""
+    return None if value is None else local_path(value, base)
+
+
+def eval_request(config: ReleaseFile, tasks: TaskSpec) -> EvalRequest:
     """The eval section as the request ``clipship eval`` makes (its model comes later)."""
-    spec = config.get("eval", {})
-    settings = {k: spec[k] for k in ("device", "batch_size", "limit") if spec.get(k) is not None}
-    return EvalRequest(tasks, workers=0, **settings)
+    spec = config.eval
+    settings = {k: getattr(spec, k) for k in ("device", "batch_size", "limit")}
+    return EvalRequest(tasks, workers=0, **{k: v for k, v in settings.items() if v is not None})
+
+
+def check_gate_tasks(gates: Gates, evaluated: list[str]) -> None:
+    """Every task a gate names is evaluated: checked before any stage runs."""
+    if isinstance(gates.min_accuracy, dict):
+        for task in gates.min_accuracy:
+            if task not in evaluated:
+                raise ReleaseConfigError(
+                    f"gates.min_accuracy.{task}: not an evaluated task "
+                    f"(evaluated: {', '.join(evaluated)})"
+                )
 
 
 def _evaluate(stage: Path, model: Path, request: EvalRequest, sources: Sources, baselines: bool):
@@ -400,41 +281,43 @@ def _evaluate(stage: Path, model: Path, request: EvalRequest, sources: Sources, 
         for task, row in report[label].items():
             if isinstance(row, dict) and "images_per_second" in row:
                 timings[f"{label}/{task}"] = row.pop("images_per_second")
-    (stage / "eval_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (stage / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    (stage / "eval_report.json").write_text(json_text(report, "eval_report.json"))
+    (stage / "timings.json").write_text(json_text(timings, "timings.json"))
 
 
-def accuracy_gates(gates: dict[str, Any], reports: dict[str, EvalReport]) -> list[dict[str, Any]]:
-    """Every accuracy gate with its value, limit and verdict (accuracies are fractions)."""
+def accuracy_gates(gates: Gates, reports: dict[str, EvalReport]) -> list[dict[str, Any]]:
+    """Every accuracy gate with its value, limit and verdict (accuracies are fractions). A value
+    that is not a finite number fails its gate."""
     merged = reports["merged"].accuracies()
     out = []
 
-    def check(name: str, value: float, limit: float, at_least: bool) -> None:
-        passed = value >= limit if at_least else value <= limit
+    def check(name: str, value: Any, limit: float, at_least: bool) -> None:
+        finite = isinstance(value, (int, float)) and math.isfinite(value)
+        passed = finite and (value >= limit if at_least else value <= limit)
         op = "≥" if at_least else "≤"
         out.append({"gate": name, "value": value, "limit": limit, "op": op, "passed": passed})
 
-    if "min_average_accuracy" in gates:
-        average = (reports["merged"].average or {})["accuracy"]
-        check("average accuracy", average, float(gates["min_average_accuracy"]), True)
-    minimum = gates.get("min_accuracy")
+    if gates.min_average_accuracy is not None:
+        average = (reports["merged"].average or {}).get("accuracy")
+        check("average accuracy", average, gates.min_average_accuracy, True)
+    minimum = gates.min_accuracy
     if minimum is not None:
         limits = minimum if isinstance(minimum, dict) else dict.fromkeys(merged, minimum)
         for task, limit in limits.items():
             if task not in merged:
                 raise ReleaseConfigError(f"gates.min_accuracy.{task}: not an evaluated task")
-            check(f"{task} accuracy", merged[task], float(limit), True)
-    if "max_drop" in gates:
+            check(f"{task} accuracy", merged[task], limit, True)
+    if gates.max_drop is not None:
         individual = reports.get("individual")
         if not individual or not individual.tasks:
             raise ReleaseConfigError("gates.max_drop needs eval.baselines: true")
         for task, accuracy in individual.accuracies().items():
             drop = accuracy - merged[task]
-            check(f"{task} drop vs its fine-tuned model", drop, float(gates["max_drop"]), False)
+            check(f"{task} drop vs its fine-tuned model", drop, gates.max_drop, False)
     return out
 
 
-def _assemble(out: Path, merged: Path, evaluated: Path, exported: Path | None, card: dict) -> Path:
+def _assemble(run: Path, merged: Path, evaluated: Path, exported: Path | None, card: dict) -> Path:
     """The release folder: model files, heads, eval report, export, then the card."""
     from clipship.cards.card import write_card
 
@@ -448,10 +331,11 @@ def _assemble(out: Path, merged: Path, evaluated: Path, exported: Path | None, c
     parts = [(merged / "model", ""), (evaluated / "heads", "heads/")]
     if exported is not None:
         parts.append((exported / "export", "export/"))
-    with atomic_folder(out, force=True) as tmp:
+    out = run / "release"
+    with atomic_folder(out, force=True, root=run) as tmp:
         for folder, prefix in parts:
             for file in sorted(folder.rglob("*")):
-                if file.is_file():
+                if file.is_file() and not file.is_symlink():
                     link(file, tmp / prefix / file.relative_to(folder))
         link(evaluated / "eval_report.json", tmp / "eval_report.json")
         write_card(
@@ -474,13 +358,16 @@ def release(
     force: bool = False,
 ) -> dict[str, Any]:
     """Run the release; returns the summary (``status`` is ``released``, ``dry_run``,
-    ``built`` without a hub target, or ``gate_failed``). ``force`` allows a ``run_dir`` that
-    holds files clipship release did not write."""
-    config = read_config(Path(config_path))
-    exporting = config.get("export") is not None
+    ``built`` without a hub target, ``gate_failed`` or ``push_failed``). ``force`` allows a
+    ``run_dir`` that holds files clipship release did not write. The release folder of an
+    earlier run is removed first: whatever stops this run, no stale ``release/`` looks current."""
+    path = Path(config_path)
+    config = read_config(path)
+    base = path.resolve().parent
+    exporting = config.export is not None
     if exporting:
-        export_request(config, Path(), Path()).check()  # before any stage runs
-    name = check_name(str(config.get("name") or Path(config_path).stem))
+        export_request(config, base, Path(), Path()).check()  # before any stage runs
+    name = check_name(config.name or path.stem)
     run = Path(run_dir) if run_dir else Path("release_out") / name
 
     def log(message: str) -> None:
@@ -491,42 +378,45 @@ def release(
         from clipship.cards.push import check_repo_id
 
         check_repo_id(repo_id)
+    if tag is not None:
+        check_revision(tag, "`tag`", option="tag")
     claim_run_dir(run, force)
-    sources = resolve_pool(config, quiet)
-    tasks = task_spec(config, sources)
-    evaluation = eval_request(config, tasks, sources)
+    remove_output(run / "release")
+    sources = resolve_pool(config, base, quiet)
+    tasks = task_spec(config, base, sources)
+    evaluation = eval_request(config, tasks)
     evaluation.check_settings()
-    stages = Stages(run / "stages", log)
+    selected = tasks.select()
+    check_gate_tasks(config.gates, [t.name for t in selected])
+    stages = Stages(run, log)
     summary: dict[str, Any] = {"name": name, "run_dir": str(run), "stages": stages.record}
 
-    selected = tasks.select()
     merged, merge_key = _merge_stage(config, stages, sources, tasks, selected)
-    spec = config.get("eval", {})
+    spec = config.eval.model_dump(mode="json", exclude_none=True)
     eval_key = key_of(
-        "eval/2",
+        "eval/3",
         merge_key,
         [dataclasses.asdict(t) for t in selected],
         [data_fingerprint(t.data) for t in selected],
         spec,
     )
-    baselines = bool(spec.get("baselines", True))
-    evaluated = stages.run(
+    evaluated = stages.run_stage(
         "eval",
         eval_key,
-        lambda tmp: _evaluate(tmp, merged / "model", evaluation, sources, baselines),
+        lambda tmp: _evaluate(tmp, merged / "model", evaluation, sources, config.eval.baselines),
     )
     reports = read_eval_reports(
-        json.loads((evaluated / "eval_report.json").read_text()), "eval_report.json"
+        read_json(evaluated / "eval_report.json", ClipshipError, "eval report"), "eval_report.json"
     )
     summary["accuracy"] = {label: report.accuracies() for label, report in reports.items()}
-    summary["gates"] = accuracy_gates(config.get("gates") or {}, reports)
+    summary["gates"] = accuracy_gates(config.gates, reports)
     failed = [g for g in summary["gates"] if not g["passed"]]
     if failed:
         return _failed(summary, failed)
 
     exported = None
     if exporting:
-        request = export_request(config, merged / "model", evaluated / "heads", tasks)
+        request = export_request(config, base, merged / "model", evaluated / "heads", tasks)
         exported, failure = _export_stage(request, stages, eval_key)
         if exported is not None:
             summary["export"] = _export_figures(exported / "export" / "export_report.json")
@@ -534,45 +424,50 @@ def release(
             summary["gates"].append(failure)
             return _failed(summary, [failure])
 
-    card = dict(config.get("card") or {})
-    hub = config.get("hub") or {}
-    repo = repo_id or hub.get("repo_id")
+    card = config.card.model_dump(exclude_none=True)
+    hub = config.hub
+    repo = repo_id or (hub.repo_id if hub else None)
     card.setdefault("name", repo or name)
-    out = _assemble(run / "release", merged, evaluated, exported, card)
+    out = _assemble(run, merged, evaluated, exported, card)
     summary.update(status="built", release_dir=str(out), card=str(out / "README.md"))
     log(f"release folder: {out}")
     if repo:
         from clipship.cards.push import push
+        from clipship.errors import PushError
 
         log(f"push: {repo}" + (" (dry run)" if dry_run else ""))
-        summary["push"] = push(
-            out,
-            repo,
-            revision=hub.get("revision"),
-            tag=tag or hub.get("tag"),
-            private=bool(hub.get("private", False)),
-            message=hub.get("message"),
-            dry_run=dry_run,
-            prune=True,  # the release folder is the whole release: stale files go
-        ).to_json()
+        try:
+            summary["push"] = push(
+                out,
+                repo,
+                revision=hub.revision if hub else None,
+                tag=tag or (hub.tag if hub else None),
+                private=bool(hub and hub.private),
+                message=hub.message if hub else None,
+                dry_run=dry_run,
+                prune=True,  # the release folder is the whole release: stale files go
+            ).to_json()
+        except PushError as e:
+            summary.update(status="push_failed", failed=[f"push: {e}"])
+            return summary
         summary["status"] = "dry_run" if dry_run else "released"
     return summary
 
 
 def _merge_stage(
-    config: dict[str, Any], stages: Stages, sources: Sources, tasks: TaskSpec, selected: list
+    config: ReleaseFile, stages: Stages, sources: Sources, tasks: TaskSpec, selected: list
 ) -> tuple[Path, str]:
     """The merge, as ``clipship merge`` runs it, cached under its inputs' key. A data-aware
     method reads each task model's images from the tasks the eval section names."""
     from clipship.merge.registry import get_method
 
-    data_aware = get_method(config["method"]).data is not None
+    data_aware = get_method(config.method).data is not None
     request = MergeRequest(
         sources,
         Path("model"),
-        method=config["method"],
-        params=dict(config.get("parameters") or {}),
-        seed=int(config.get("seed", 0)),
+        method=config.method,
+        params=dict(config.parameters),
+        seed=config.seed,
         tasks=dataclasses.replace(tasks, names=None) if data_aware else TaskSpec(),
     )
     request.check()
@@ -593,22 +488,22 @@ def _merge_stage(
     def build(tmp: Path) -> None:
         dataclasses.replace(request, out=tmp / "model").run()
 
-    return stages.run("merge", key, build), key
+    return stages.run_stage("merge", key, build), key
 
 
 def export_request(
-    config: dict[str, Any], model: Path, heads: Path, tasks: TaskSpec | None = None
+    config: ReleaseFile, base: Path, model: Path, heads: Path, tasks: TaskSpec | None = None
 ) -> ExportRequest:
     """The export section as the request ``clipship export`` makes, gates included."""
-    from clipship.exporter.onnx_export import Gates
+    from clipship.exporter.onnx_export import Gates as ExportGates
 
-    spec = dict(config["export"] or {})
-    limits = config.get("gates", {}).get("export") or {}
-    gates = Gates(**{k: float(v) for k, v in limits.items()})
+    assert config.export is not None
+    spec = config.export.model_dump(exclude_none=True)
+    limits = config.gates.export.model_dump(exclude_none=True) if config.gates.export else {}
+    gates = ExportGates(**limits)
     if "validation_data" in spec:
-        spec["validation_data"] = _path(config, spec["validation_data"])
-    if "precisions" in spec:
-        spec["precisions"] = tuple(spec["precisions"])
+        spec["validation_data"] = _path(base, spec["validation_data"])
+    spec["precisions"] = tuple(spec["precisions"])
     return ExportRequest(
         str(model), heads, Path("export"), tasks or TaskSpec(), gates=gates, **spec
     )
@@ -629,27 +524,27 @@ def _export_stage(request: ExportRequest, stages: Stages, eval_key: str):
         dataclasses.replace(request, out=tmp / "export").run()
 
     try:
-        return stages.run("export", key, build), None
+        return stages.run_stage("export", key, build), None
     except ExportValidationError as e:
         return None, {"gate": "export validation", "passed": False, "message": str(e)}
 
 
 def _export_figures(path: Path) -> dict[str, Any]:
-    return ExportReport.from_json(json.loads(path.read_text()), str(path)).summary()
+    return ExportReport.from_json(
+        read_json(path, ClipshipError, "export report"), str(path)
+    ).summary()
 
 
 def _failed(summary: dict[str, Any], failed: list[dict[str, Any]]) -> dict[str, Any]:
     summary["status"] = "gate_failed"
     summary["failed"] = [describe(g) for g in failed]
-    stale = Path(summary["run_dir"]) / "release"
-    if stale.is_symlink() or stale.is_file():  # an earlier run's release must not look current
-        stale.unlink()
-    elif stale.exists():
-        shutil.rmtree(stale)
+    remove_output(Path(summary["run_dir"]) / "release")  # an earlier run's must not look current
     return summary
 
 
 def describe(gate: dict[str, Any]) -> str:
     if "message" in gate:
         return f"{gate['gate']}: {gate['message']}"
-    return f"{gate['gate']} {gate['value']:.4f} (needs {gate['op']} {gate['limit']})"
+    value = gate["value"]
+    shown = f"{value:.4f}" if isinstance(value, (int, float)) else repr(value)
+    return f"{gate['gate']} {shown} (needs {gate['op']} {gate['limit']})"

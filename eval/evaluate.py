@@ -9,7 +9,6 @@ reported too, as ``loss_batch_mean``.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from clipship.errors import ClipshipError
+from clipship.errors import ClipshipError, NonFiniteError
 from clipship.machine import pick_device
+from clipship.outputs import first_nonfinite
 from clipship.progress import Bars
 from clipship.reports import EvalReport
 from clipship.requests import choice
@@ -87,7 +87,15 @@ def evaluate(
     average = {
         key: sum(rows[t.name][key] for t in tasks) / len(tasks) for key in ("accuracy", "loss")
     }
-    return EvalReport.from_json({**rows, "average": average, "model_info": info})
+    report = {**rows, "average": average, "model_info": info}
+    bad = first_nonfinite(report)
+    if bad is not None:  # a metric that is not a number is never reported, gated or written
+        raise NonFiniteError(
+            f"{model}: {bad[0]} is {bad[1]} (the model's logits overflow at `precision` "
+            f"{precision}?); nothing was written",
+            option="precision",
+        )
+    return EvalReport.from_json(report)
 
 
 def check_options(precision: str, batch_size: int, limit: int | None, workers: int | None) -> None:
@@ -196,7 +204,7 @@ def evaluate_task(
         # The hub test set these images came from; None for local data (a card must not claim
         # a hub dataset for a local copy or another set).
         "dataset": hub_dataset(task),
-        "images_per_second": round(len(index) / seconds, 1) if seconds > 0 else math.inf,
+        "images_per_second": round(len(index) / seconds, 1) if seconds > 0 else None,
     }
 
 

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import torch
 from clipship.errors import ClipshipError
 from clipship.machine import pick_device
 from clipship.memory import load_owned, own_module
-from clipship.outputs import atomic_folder, check_target, library_versions
+from clipship.outputs import atomic_folder, check_target, json_text, library_versions, refuse_link
 from clipship.pool import resolve_folder
 from clipship.requests import choice
 from clipship.runtime.data import DataError, ImageSource, Preprocess, TaskImages, collate
@@ -57,8 +58,8 @@ def _save_checkpoint(
 ) -> None:
     from safetensors.torch import save_file
 
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    refuse_link(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     vision.save_pretrained(tmp)
     state = optimizer.state_dict()
     tensors, steps = {}, {}
@@ -69,7 +70,7 @@ def _save_checkpoint(
             else:
                 tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
     save_file(tensors, str(tmp / OPTIMIZER_FILE))
-    (tmp / STATE_FILE).write_text(json.dumps({"step": step, "adam_steps": steps}))
+    (tmp / STATE_FILE).write_text(json_text({"step": step, "adam_steps": steps}, STATE_FILE))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
 
@@ -159,6 +160,7 @@ def finetune(
     checkpoints = (
         Path(checkpoint_dir) if checkpoint_dir else out.with_name(f"{out.name}.checkpoints")
     )
+    refuse_link(checkpoints)  # checkpoints are written (and removed) there
     torch.manual_seed(seed)
     folder, repo_id, _ = resolve_folder(pretrained)
     latest = _latest_checkpoint(checkpoints) if resume else None

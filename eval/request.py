@@ -4,14 +4,13 @@ settings and resolves its tasks before any model loads, then makes one library c
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from clipship.errors import SourceNotFoundError
 from clipship.eval.evaluate import check_options, distributed_rank, evaluate, evaluate_pool
-from clipship.outputs import check_target, write_text_atomic
+from clipship.outputs import check_target, write_json_atomic
 from clipship.reports import EvalReport
 from clipship.requests import EVAL_BATCH_SIZE, Sources, TaskSpec
 
@@ -87,7 +86,7 @@ class EvalRequest:
             reports = evaluate(self.model or "", tasks, pretrained=self.pretrained, **options)
         outcome = EvalOutcome(reports, primary=distributed_rank()[0] == 0)
         if self.out is not None and outcome.primary:
-            write_text_atomic(self.out, json.dumps(outcome.to_json(), indent=2) + "\n")
+            write_json_atomic(self.out, outcome.to_json())
         return outcome
 
 

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,12 +35,13 @@ from clipship.exporter.quantize import (
     quantize_int8,
 )
 from clipship.hashing import file_sha256
-from clipship.outputs import atomic_folder, check_target, library_versions
+from clipship.outputs import atomic_folder, check_target, json_text, library_versions
 from clipship.requests import VALIDATION_SIZE, Choice, choice
 from clipship.runtime.data import ImageSource, Preprocess
 from clipship.runtime.heads import check_heads, load_heads
 from clipship.runtime.model import ZeroShotModel, load_zero_shot
 from clipship.runtime.tasks import Task
+from clipship.schemas import record_sha256
 
 OPSET = 20
 
@@ -68,6 +70,16 @@ class Gates:
     min_agreement_fp32: float = 1.0
     min_agreement_fp16: float = 0.995
     min_agreement_int8: float = 0.98
+
+    def __post_init__(self) -> None:
+        """Every gate a finite number in its range (a NaN gate would pass everything)."""
+        for name in ("max_logit_diff", *(f"min_agreement_{v}" for v in ("fp32", "fp16", "int8"))):
+            value = getattr(self, name)
+            ok = not isinstance(value, bool) and isinstance(value, (int, float))
+            ok = ok and math.isfinite(value) and value >= 0
+            if not ok or (name != "max_logit_diff" and value > 1):
+                bound = "a finite number ≥ 0" if name == "max_logit_diff" else "in [0, 1]"
+                raise ClipshipError(f"`{name}` {value}: must be {bound}", option=name)
 
 
 CONFIDENCE = 0.95
@@ -275,6 +287,9 @@ def _compare(session, model: DeployModel, images: _Validation, tasks: list[str])
         lambda chunk: session.run(["logits"], {"pixel_values": chunk.numpy()})[0]
     )
     torch_logits = images.torch_logits(model)
+    for label, logits in (("the exported graph", onnx_logits), ("PyTorch", torch_logits)):
+        if not np.isfinite(logits).all():  # nothing non-finite is validated, gated or written
+            raise ExportValidationError(f"{label} gives NaN or Inf logits; nothing was written")
     report: dict[str, Any] = {}
     for task, (a, b) in zip(tasks, model.bounds):
         # Each task's own images, or every image where they count for all tasks ("*").
@@ -402,8 +417,9 @@ def export(
         record["sha256"] = {  # predict refuses a graph that changed since it was validated
             name: file_sha256(tmp / name) for name in sorted(set(record["variants"].values()))
         }
-        (tmp / "export.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-        (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        record["record_sha256"] = record_sha256(record)  # covers labels and preprocessing
+        (tmp / "export.json").write_text(json_text(record, "export.json", ensure_ascii=False))
+        (tmp / "export_report.json").write_text(json_text(report, "export_report.json"))
     return {"out": str(out), "record": record, "report": report}
 
 
@@ -521,19 +537,19 @@ def _gate(precision: Variant, result: dict[str, Any], names: list[str], gates: G
         row = result[name]
         # Fail on evidence, not on one image: the agreement's upper confidence bound is below
         # the minimum (with need = 1, any disagreement).
-        if row["agreement_upper"] < need:
+        if not row["agreement_upper"] >= need:  # a NaN fails
             raise ExportValidationError(
                 f"{precision} export disagrees with PyTorch on {name}: top-1 agreement "
                 f"{row['top1_agreement']:.4f} ({row['disagreements']} of {row['images']} images "
                 f"disagree; {100 * CONFIDENCE:.0f} % upper bound {row['agreement_upper']:.4f}) "
                 f"< {need}"
             )
-        if precision == Variant.FP32 and row["max_abs_logit_diff"] > gates.max_logit_diff:
+        if precision == Variant.FP32 and not row["max_abs_logit_diff"] <= gates.max_logit_diff:
             raise ExportValidationError(
                 f"fp32 export differs from PyTorch on {name}: max |Δlogit| "
                 f"{row['max_abs_logit_diff']:.2e} > {gates.max_logit_diff}"
             )
-    if precision == Variant.FP32 and result["batch_1_7_vs_32_max_diff"] > gates.max_logit_diff:
+    if precision == Variant.FP32 and not result["batch_1_7_vs_32_max_diff"] <= gates.max_logit_diff:
         raise ExportValidationError(
             "fp32 export gives different rows at batch 1 or 7 than at batch 32"
         )

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from clipship.errors import MethodError, PoolMismatchError, RecipeError
+from clipship.errors import MethodError, NonFiniteError, PoolMismatchError, RecipeError
 from clipship.machine import pick_device
 from clipship.merge.registry import Method, TensorInputs, get_method
-from clipship.outputs import atomic_folder, check_target, library_versions
+from clipship.outputs import atomic_folder, check_target, json_text, library_versions
 from clipship.pool import TOKENIZER_FILES, Model, ModelPool, card_metadata, open_pool
 from clipship.progress import Bars
 from clipship.safetensors_io import Checkpoint, ShardedWriter, parse_size
@@ -132,7 +132,7 @@ def merge(
                     recipe["data"] = data_record
                 if expected_hashes is not None:
                     _check_hashes(recipe, expected_hashes)
-                (tmp / RECIPE_NAME).write_text(json.dumps(recipe, indent=2) + "\n")
+                (tmp / RECIPE_NAME).write_text(json_text(recipe, RECIPE_NAME))
         finally:
             hasher.shutdown(wait=False, cancel_futures=True)  # an error need not wait for hashes
         return MergeResult(
@@ -224,29 +224,14 @@ def _recorded_data(record: dict[str, Any], given: DataOptions | None) -> DataOpt
 
 
 def read_recipe(path: Path) -> dict[str, Any]:
-    try:
-        recipe = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: no such recipe file") from None
-    except json.JSONDecodeError:
-        raise RecipeError(f"{path}: not valid JSON") from None
+    """A recipe, checked by its schema (``clipship.schemas.Recipe``): every source with the
+    sha256 of each weight file (a replay checks them, so none may be missing)."""
+    from clipship.schemas import Recipe, parse, read_json
+
+    recipe = read_json(path, RecipeError, "recipe file")
     if not isinstance(recipe, dict) or recipe.get("format") != RECIPE_FORMAT:
         raise RecipeError(f"{path}: not a clipship recipe (expected format {RECIPE_FORMAT})")
-    missing = [
-        k
-        for k in (
-            "method",
-            "parameters",
-            "seed",
-            "vision_only",
-            "max_shard_bytes",
-            "pretrained",
-            "models",
-        )
-        if k not in recipe
-    ]
-    if missing:
-        raise RecipeError(f"{path}: recipe lacks {missing[0]!r}")
+    parse(Recipe, recipe, str(path), RecipeError)
     return recipe
 
 
@@ -374,6 +359,7 @@ def _merge_weights(
         if spec.settle:
             merged, tally, depends = merged
         merged = merged.reshape(-1).to("cpu", pre.info(x.name).dtype_torch)
+        check_finite(merged, f"merged tensor {x.name}", spec.name)
         writer.write(x.name, merged, x.offset)
         return tally, depends
 
@@ -393,8 +379,12 @@ def _merge_weights(
         for name in vision:
             if name not in floats:
                 writer.write(name, _same_everywhere(pool, name))
-        for name in extra:
+        for name in extra:  # the text tower, projections and logit scale, copied as they are
             info = pre.checkpoint.tensors[name]
+            if info.is_float:
+                for start in range(0, info.numel, CHUNK):
+                    piece = pre.checkpoint.read(name, start, min(CHUNK, info.numel - start))
+                    check_finite(piece, f"{name} of the pretrained model", None)
             if isinstance(pre.checkpoint, Checkpoint):
                 writer.copy(name, info, pre.checkpoint.fd(info.file))
             else:
@@ -403,6 +393,22 @@ def _merge_weights(
     finally:
         writer.abort()
     return files, stats
+
+
+def check_finite(tensor: torch.Tensor, what: str, method: str | None) -> None:
+    """Nothing non-finite is written: a merged value that overflowed float32 (a huge
+    parameter) or a NaN copied from an input stops the merge, naming the tensor. A finite sum
+    proves every element finite, so the exact test runs only when it is not."""
+    if not tensor.is_floating_point() or math.isfinite(float(tensor.sum())):
+        return
+    if bool(torch.isfinite(tensor).all()):
+        return
+    why = (
+        f" (the {method} parameters take the merge outside float range, or an input has NaN)"
+        if method
+        else ""
+    )
+    raise NonFiniteError(f"{what} has NaN or Inf values{why}; nothing was written")
 
 
 def _same_everywhere(pool: ModelPool, name: str) -> torch.Tensor:

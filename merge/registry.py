@@ -133,8 +133,27 @@ class Method:
         return values
 
 
+# Merges compute in float32: a parameter beyond its range becomes Inf there, and every merged
+# entry it touches Inf or NaN, so such a value cannot give a finite merge and is refused before
+# any work. Values inside it that still overflow are caught where each merged tensor is written.
+FLOAT32_MAX = 3.4028234663852886e38
+INT_MAX = 2**31 - 1  # steps, examples, batch sizes: beyond this a run would never end
+
+
 def finite(value: float) -> str | None:
     return None if math.isfinite(value) else "is not a finite number"
+
+
+def _number(value: float, where: str, raw: Any) -> float:
+    """A parameter's float: finite and inside float32's range, else one line."""
+    if not math.isfinite(value):
+        raise MethodError(f"{where}={raw!r} is not a finite number")
+    if abs(value) > FLOAT32_MAX:
+        raise MethodError(
+            f"{where}={raw!r} is outside float32's range (±3.4e38): merges compute in float32, "
+            "where it is Inf and cannot give a finite merge"
+        )
+    return value
 
 
 def unit_interval(value: float) -> str | None:
@@ -148,10 +167,9 @@ def parse_value(param: Param, raw: Any) -> Any:
             return param.parse(raw)
         if param.kind is list:
             items = raw if isinstance(raw, (list, tuple)) else str(raw).split(",")
-            value: Any = [float(x) for x in items]
-            if not all(math.isfinite(v) for v in value):
-                raise MethodError(f"{where}={raw!r} is not a list of finite numbers")
-            return value
+            if any(isinstance(x, bool) for x in items):
+                raise ValueError
+            return [_number(float(x), where, raw) for x in items]
         if param.kind is bool:
             if isinstance(raw, bool):
                 return raw
@@ -162,12 +180,14 @@ def parse_value(param: Param, raw: Any) -> Any:
                 return False
             raise ValueError
         if param.kind is float:
-            value = float(raw)
-            if not math.isfinite(value):
-                raise MethodError(f"{where}={raw!r} is not a finite number")
-            return value
+            if isinstance(raw, bool):
+                raise ValueError
+            return _number(float(raw), where, raw)
         if param.kind is int:
-            return _parse_int(raw)
+            value = _parse_int(raw)
+            if abs(value) > INT_MAX:
+                raise MethodError(f"{where}={raw!r} is larger than {INT_MAX}")
+            return value
         value = str(raw)
         if param.choices and value not in param.choices:
             raise MethodError(f"{where}={value!r}: choose one of {', '.join(param.choices)}")
@@ -195,14 +215,19 @@ def parse_names(raw: Any) -> list[str] | None:
 
 
 def _parse_int(raw: Any) -> int:
-    if isinstance(raw, float) and not raw.is_integer():
+    if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
         raise ValueError
     return int(str(raw)) if not isinstance(raw, (int, float)) else int(raw)
 
 
 def parse_optional_int(raw: Any) -> int | None:
     """A whole number, or null."""
-    return None if _is_null(raw) else _parse_int(raw)
+    if _is_null(raw):
+        return None
+    value = _parse_int(raw)
+    if abs(value) > INT_MAX:
+        raise ValueError
+    return value
 
 
 def parse_number_or_list(raw: Any) -> float | list[float]:
@@ -212,7 +237,7 @@ def parse_number_or_list(raw: Any) -> float | list[float]:
     if any(isinstance(x, bool) for x in items):
         raise ValueError
     values = [float(x) for x in items]
-    if not all(math.isfinite(v) for v in values):
+    if not all(math.isfinite(v) and abs(v) <= FLOAT32_MAX for v in values):
         raise ValueError
     return values if many else values[0]
 
@@ -229,7 +254,7 @@ def parse_null_bool_or_number(raw: Any) -> bool | float | None:
     if text in ("false", "no", "off"):
         return False
     value = float(text)
-    if not math.isfinite(value):
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
         raise ValueError
     return value
 

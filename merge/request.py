@@ -6,7 +6,6 @@ merges."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,12 +130,6 @@ class MergeRequest:
 
 def _read_order(path: Path) -> dict[str, list[int]]:
     """A fixed fetch order: ``{task: [row, ...]}`` as JSON."""
-    try:
-        order = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise RecipeError(f"{path}: not a JSON order ({e})", option="data_order") from None
-    if not isinstance(order, dict) or not all(
-        isinstance(rows, list) and all(isinstance(r, int) for r in rows) for rows in order.values()
-    ):
-        raise RecipeError(f"{path}: expected {{task: [row, ...]}}", option="data_order")
-    return order
+    from clipship.schemas import read_data_order
+
+    return read_data_order(path, RecipeError)

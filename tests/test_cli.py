@@ -51,6 +51,7 @@ def broken(tmp_path_factory):
     folder = write_model(root / "patch16", patch16, FIXTURE / "task_a")
     config = json.loads((folder / "config.json").read_text())
     config["patch_size"] = 16
+    config["image_size"] = 64  # the same 4×4 patch grid: a consistent model of another shape
     (folder / "config.json").write_text(json.dumps(config))
     out["patch16"] = folder
     truncated = write_model(root / "truncated", a, FIXTURE / "task_a")

@@ -148,7 +148,7 @@ def test_fusionbench_yaml_is_read_as_it_is(tmp_path):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("models: [a, b]\n", "needs a 'models:' mapping"),
+        ("models: [a, b]\n", "models: expected a mapping"),
         ("models:\n  a: x\n", "has no '_pretrained_' model"),
         ("models:\n  _pretrained_: x\n  a: ${oc.env:MODEL_DIR}/a\n", "no plain source path"),
         ("models: {\n", "not valid YAML"),

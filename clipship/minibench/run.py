@@ -13,7 +13,7 @@ from typing import Any
 
 from clipship.eval.evaluate import evaluate
 from clipship.minibench.build import pool_tasks
-from clipship.outputs import write_text_atomic
+from clipship.outputs import write_bytes_atomic, write_json_atomic, write_text_atomic
 from clipship.pool import read_pool_yaml
 from clipship.runtime.state import figure
 
@@ -144,7 +144,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 def write_tables(out: Path, results: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    write_json_atomic(out / "results.json", results)
     write_text_atomic(out / "results.md", markdown(results))
     import io
 
@@ -168,4 +168,4 @@ def write_tables(out: Path, results: dict[str, Any]) -> None:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", metadata={"Software": None})
-    (out / "results.png").write_bytes(buffer.getvalue())
+    write_bytes_atomic(out / "results.png", buffer.getvalue())

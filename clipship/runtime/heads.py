@@ -6,23 +6,34 @@ pretrained text tower's pooled output goes through ``text_projection``; each pro
 L2-normalised, averaged over templates and normalised again. No logit scale in the head.
 
 Heads are cached by content: the key covers the text-tower weights, the tokenizer files, the
-class names, the templates and the dtype, so a cached head can never be stale.
+model's configuration (its text part), the class names, the templates and the dtype, so a cached
+head can never be stale. Each entry records its key and its tensor's sha256; an entry that does
+not verify (truncated, replaced, not finite) is evicted and computed again, and a cache that
+cannot be written (read-only, full) is simply not written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from clipship.errors import CheckpointError, HeadsMismatchError, PromptTooLongError
+from clipship.errors import (
+    CheckpointError,
+    HeadsMismatchError,
+    NonFiniteError,
+    PromptTooLongError,
+)
 from clipship.hashing import file_sha256
 from clipship.memory import load_owned, own_module
-from clipship.outputs import atomic_folder, library_versions, usual_modes
+from clipship.outputs import atomic_folder, json_text, library_versions, usual_modes
 from clipship.pool import TOKENIZER_FILES
 from clipship.runtime.state import quiet_transformers
 from clipship.runtime.tasks import Task
@@ -30,6 +41,8 @@ from clipship.safetensors_io import Checkpoint
 
 HEADS_FILE = "text_heads.safetensors"
 HEADS_META = "text_heads.json"
+# exp(88.7) is float32's largest value: above 80, logits of unit vectors may overflow.
+MAX_LOGIT_SCALE = 80.0
 
 
 def cache_dir() -> Path:
@@ -63,10 +76,19 @@ def tokenizer_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def head_key(text_sha: str, tokenizer_sha: str, task: Task, dtype: torch.dtype) -> str:
+def config_sha256(config: dict[str, Any]) -> str:
+    """sha256 of what the heads depend on in ``config.json``: everything but the vision part."""
+    text = {k: v for k, v in config.items() if k not in ("vision_config", "transformers_version")}
+    return hashlib.sha256(json.dumps(text, sort_keys=True).encode()).hexdigest()
+
+
+def head_key(
+    text_sha: str, tokenizer_sha: str, config_sha: str, task: Task, dtype: torch.dtype
+) -> str:
     spec = {
         "text_tower": text_sha,
         "tokenizer": tokenizer_sha,
+        "config": config_sha,
         "classnames": list(task.classnames),
         "templates": list(task.templates),
         "dtype": str(dtype),
@@ -103,39 +125,45 @@ def build_heads(
     dtype: torch.dtype = torch.float32,
     use_cache: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Heads for ``tasks`` from a pretrained CLIPModel folder or hub id: ``(heads, metadata)``."""
-    from safetensors.torch import save_file
-
+    """Heads for ``tasks`` from a pretrained CLIPModel folder or hub id: ``(heads, metadata)``.
+    A head (or the logit scale) that is not finite is refused, naming the task."""
     from clipship.pool import resolve_folder
+    from clipship.schemas import read_json
 
     folder, repo_id, revision = resolve_folder(str(pretrained))
     text_sha, tok_sha = text_tower_sha256(folder), tokenizer_sha256(folder)
-    config = json.loads((folder / "config.json").read_text())
+    config = read_json(folder / "config.json", CheckpointError, "model config")
+    config_sha = config_sha256(config)
+    logit_scale = _logit_scale(folder)
     heads: dict[str, torch.Tensor] = {}
     missing = []
     for task in tasks:
-        cached = cache_dir() / "heads" / f"{head_key(text_sha, tok_sha, task, dtype)}.safetensors"
-        if use_cache and cached.is_file():
-            heads[task.name] = load_owned(cached)["head"]
+        key = head_key(text_sha, tok_sha, config_sha, task, dtype)
+        cached = _cached_head(key) if use_cache else None
+        if cached is not None:
+            heads[task.name] = cached
         else:
-            missing.append((task, cached))
+            missing.append((task, key))
     if missing:
         model, tokenizer = load_clip(folder, device, dtype)
-        for task, cached in missing:
-            heads[task.name] = text_head(model, tokenizer, task, device)
+        for task, key in missing:
+            head = text_head(model, tokenizer, task, device)
+            if not bool(torch.isfinite(head).all()):
+                raise NonFiniteError(
+                    f"task {task.name}: its text head has NaN or Inf values (the pretrained "
+                    "text tower's weights are not usable)"
+                )
+            heads[task.name] = head
             if use_cache:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cached.with_name(f".{cached.name}.{os.getpid()}")
-                save_file({"head": heads[task.name].contiguous()}, str(tmp))
-                usual_modes(tmp)
-                os.replace(tmp, cached)
+                _store_head(key, head)
     meta = {
         "model": repo_id or folder.resolve().name,  # never a local path: heads get published
         "repo_id": repo_id,
         "revision": revision,
         "text_tower_sha256": text_sha,
         "tokenizer_sha256": tok_sha,
-        "logit_scale": _logit_scale(folder),
+        "config_sha256": config_sha,
+        "logit_scale": logit_scale,
         "projection_dim": config.get("projection_dim"),
         "dtype": str(dtype).removeprefix("torch."),
         "tasks": {
@@ -147,11 +175,65 @@ def build_heads(
     return {t.name: heads[t.name] for t in tasks}, meta
 
 
+def _cached_head(key: str) -> torch.Tensor | None:
+    """The cached head for ``key`` if its entry verifies; a bad entry is evicted."""
+    from clipship.safetensors_io import read_header
+
+    path = cache_dir() / "heads" / f"{key}.safetensors"
+    if not path.is_file() or path.is_symlink():
+        return None
+    try:
+        _, metadata = read_header(path)
+        head = load_owned(path)["head"]
+        digest = hashlib.sha256(head.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+        if metadata.get("key") == key and metadata.get("sha256") == digest:
+            if bool(torch.isfinite(head).all()):
+                return head
+    except Exception:  # a damaged entry: safetensors and our reader raise several types
+        pass
+    with contextlib.suppress(OSError):
+        path.unlink()
+    return None
+
+
+def _store_head(key: str, head: torch.Tensor) -> None:
+    """Add a head to the cache (an unpredictable temporary name, then one rename); a cache
+    that cannot be written is skipped: it only saves time."""
+    from safetensors.torch import save_file
+
+    head = head.contiguous()
+    digest = hashlib.sha256(head.view(torch.uint8).numpy().tobytes()).hexdigest()
+    folder = cache_dir() / "heads"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".head-", suffix=".tmp", dir=folder)
+        os.close(fd)
+    except OSError:
+        return
+    try:
+        save_file({"head": head}, name, metadata={"key": key, "sha256": digest})
+        usual_modes(Path(name))
+        target = folder / f"{key}.safetensors"
+        if not target.is_symlink():
+            os.replace(name, target)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+
+
 def _logit_scale(folder: Path) -> float:
     with Checkpoint.open(folder) as ckpt:
         if "logit_scale" not in ckpt.tensors:
             raise CheckpointError(f"{folder}: no logit_scale (heads need the pretrained CLIPModel)")
-        return float(ckpt.read("logit_scale").float())
+        value = float(ckpt.read("logit_scale").float())
+    if not math.isfinite(value) or value > MAX_LOGIT_SCALE:
+        raise NonFiniteError(
+            f"{folder.name}: logit_scale is {value}; exp(logit_scale) multiplies every logit, so "
+            f"it must be finite and at most {MAX_LOGIT_SCALE} (CLIP's is ln 100 = 4.6)"
+        )
+    return value
 
 
 def load_clip(folder: Path, device: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
@@ -167,6 +249,8 @@ def save_heads(
 ) -> Path:
     from safetensors.torch import save_file
 
+    from clipship.schemas import record_sha256
+
     with atomic_folder(Path(out), force) as tmp:
         save_file(
             {k: v.contiguous() for k, v in heads.items()},
@@ -174,24 +258,28 @@ def save_heads(
             metadata={"format": "pt"},
         )
         meta = {**meta, "heads_sha256": file_sha256(tmp / HEADS_FILE)}
-        (tmp / HEADS_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        meta["record_sha256"] = record_sha256(meta)  # the class names with the tensors
+        (tmp / HEADS_META).write_text(json_text(meta, HEADS_META, ensure_ascii=False))
     return Path(out)
 
 
 def load_heads(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A heads folder, checked: its ``text_heads.json`` by schema and by ``record_sha256``
+    (covering the class names, templates and the tensors' sha256), the tensors by sha256."""
+    from clipship.schemas import HeadsMeta, check_record_hash, parse, read_json
+
     folder = Path(folder)
-    try:
-        meta = json.loads((folder / HEADS_META).read_text())
-        digest = file_sha256(folder / HEADS_FILE)
-    except FileNotFoundError as e:
-        raise CheckpointError(
-            f"{folder}: not a heads folder ({Path(e.filename).name} missing)"
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError, NotADirectoryError):
-        raise CheckpointError(f"{folder}: not a heads folder ({HEADS_META} is not JSON)") from None
+    if not folder.is_dir() or not (folder / HEADS_META).is_file():
+        raise CheckpointError(f"{folder}: not a heads folder ({HEADS_META} missing)")
+    if not (folder / HEADS_FILE).is_file():
+        raise CheckpointError(f"{folder}: not a heads folder ({HEADS_FILE} missing)")
+    meta = read_json(folder / HEADS_META, CheckpointError, "heads record")
     if not isinstance(meta, dict) or not isinstance(meta.get("tasks"), dict):
         raise CheckpointError(f"{folder}: not a heads folder ({HEADS_META} has no tasks)")
-    if meta.get("heads_sha256") not in (None, digest):
+    remedy = "rebuild them with `clipship heads`"
+    check_record_hash(meta, f"{folder}/{HEADS_META}", HeadsMismatchError, remedy)
+    parse(HeadsMeta, meta, f"{folder}/{HEADS_META}", CheckpointError)
+    if meta["heads_sha256"] != file_sha256(folder / HEADS_FILE):
         raise HeadsMismatchError(
             f"{folder}: the heads changed since they were built ({HEADS_FILE}'s sha256 differs)"
         )
@@ -199,14 +287,32 @@ def load_heads(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         heads = load_owned(folder / HEADS_FILE)
     except Exception as e:  # safetensors raises its own error types for a damaged file
         raise CheckpointError(f"{folder}/{HEADS_FILE}: unreadable ({type(e).__name__})") from None
+    if set(heads) != set(meta["tasks"]):
+        raise HeadsMismatchError(f"{folder}: {HEADS_FILE} and {HEADS_META} name other tasks")
+    for name, head in heads.items():
+        if head.ndim != 2 or head.shape[0] != len(meta["tasks"][name]["classnames"]):
+            raise HeadsMismatchError(
+                f"{folder}: the head of {name} has {list(head.shape)} rows, its record "
+                f"{len(meta['tasks'][name]['classnames'])} class names"
+            )
+        if not bool(torch.isfinite(head).all()):
+            raise NonFiniteError(f"{folder}: the head of {name} has NaN or Inf values")
     return heads, meta
 
 
 def check_heads(meta: dict[str, Any], pretrained_folder: Path) -> None:
-    """Refuse heads built from another text tower or tokenizer than ``pretrained_folder``'s."""
+    """Refuse heads built from another text tower, tokenizer or configuration than
+    ``pretrained_folder``'s."""
     if meta.get("text_tower_sha256") != text_tower_sha256(pretrained_folder):
         raise HeadsMismatchError(
             f"heads were built for another model ({meta.get('model')}): text-tower hash differs"
         )
     if meta.get("tokenizer_sha256") != tokenizer_sha256(pretrained_folder):
         raise HeadsMismatchError(f"heads were built with another tokenizer ({meta.get('model')})")
+    from clipship.schemas import read_json
+
+    config = read_json(Path(pretrained_folder) / "config.json", CheckpointError, "model config")
+    if meta.get("config_sha256") != config_sha256(config):
+        raise HeadsMismatchError(
+            f"heads were built for another model configuration ({meta.get('model')})"
+        )

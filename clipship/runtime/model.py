@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from clipship.errors import PoolMismatchError
+from clipship.errors import NonFiniteWeightsError, PoolMismatchError
 from clipship.memory import own_module
 from clipship.pool import load_model, resolve_folder
 from clipship.requests import Choice
@@ -83,6 +83,9 @@ def load_zero_shot(
         vision = CLIPVisionModel.from_pretrained(checked.folder)
     zero_shot = ZeroShotModel(vision, clip.visual_projection, clip.logit_scale).to(device).eval()
     own_module(zero_shot)  # out of the files' mappings (clipship.memory)
+    for name, parameter in zero_shot.named_parameters():  # NaN in, NaN metrics out: refuse
+        if not bool(torch.isfinite(parameter).all()):
+            raise NonFiniteWeightsError(f"{model}: {name} has NaN or Inf values")
     n = sum(p.numel() for p in vision.parameters())
     info = {"trainable_params": n, "all_params": n, "trainable_percentage": 1.0}
     return zero_shot, pretrained_folder, info

@@ -56,8 +56,12 @@ def standard_tasks() -> list[str]:
 
 def get_tasks(names: str | list[str]) -> list[Task]:
     """``"all"`` (the eight standard tasks), a comma-separated string, or a list of names."""
+    from clipship.schemas import check_name
+
     if isinstance(names, str):
         names = standard_tasks() if names == "all" else [n for n in names.split(",") if n]
+    for name in names:
+        check_name(name, "task name", option="tasks")
     table = builtin_tasks()
     unknown = [n for n in names if n not in table]
     if unknown:
@@ -67,7 +71,7 @@ def get_tasks(names: str | list[str]) -> list[Task]:
 
 def read_taskpool_yaml(path: Path) -> list[str]:
     """Task names from a FusionBench taskpool YAML (``clip-vit-classification_TA8`` shape)."""
-    from clipship.pool import read_yaml
+    from clipship.schemas import read_yaml
 
     data = read_yaml(path, TaskError, "task pool file")
     names: list[str] = []
@@ -161,36 +165,23 @@ def with_local_data(tasks: list[Task], data_dir: Path | None) -> list[Task]:
 
 
 def read_taskfile(path: Path) -> list[Task]:
-    """Tasks from a JSON task file: ``{"tasks": {name: {classnames, templates, data?}}}``;
-    ``data`` paths are relative to the file (the mini-benchmark writes one)."""
-    try:
-        spec = json.loads(Path(path).read_text(encoding="utf-8"))["tasks"]
-        if not isinstance(spec, dict) or not spec:
-            raise TypeError
-    except FileNotFoundError:
-        raise TaskError(f"{path}: no such task file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-        raise TaskError(f"{path}: not a task file (expected {{'tasks': {{name: ...}}}})") from None
-    except OSError as e:
-        raise TaskError(f"{path}: cannot read the task file ({e.strerror})") from None
+    """Tasks from a JSON task file (``clipship.schemas.TaskFile``):
+    ``{"tasks": {name: {classnames, templates?, data?, dataset?}}}``; ``data`` paths are
+    relative to the file (the mini-benchmark writes one)."""
+    from clipship.schemas import TaskFile, parse, read_json
+
+    data = read_json(path, TaskError, "task file")
+    if not isinstance(data, dict) or "tasks" not in data:
+        raise TaskError(f"{path}: not a task file (expected {{'tasks': {{name: ...}}}})")
+    spec = parse(TaskFile, data, str(path), TaskError)
     tasks = []
-    for name, t in spec.items():
-        if not isinstance(t, dict):
-            raise TaskError(f"{path}: task {name}: expected {{classnames, templates, data?}}")
-        data, dataset = t.get("data"), t.get("dataset")
-        if data is not None and not isinstance(data, str):
-            raise TaskError(f"{path}: task {name}: data must be a path")
-        if dataset is not None and not isinstance(dataset, dict):
-            raise TaskError(f"{path}: task {name}: dataset must be a mapping")
-        if data is not None and not Path(data).is_absolute():
-            data = str(Path(path).parent / data)
-        classnames, templates = t.get("classnames"), t.get("templates", list(DEFAULT_TEMPLATES))
-        if not isinstance(classnames, list):
-            raise TaskError(f"{path}: task {name}: classnames must be a non-empty list of names")
-        if not isinstance(templates, list):
-            raise TaskError(f"{path}: task {name}: templates must be a list of texts")
+    for name, t in spec.tasks.items():
+        data_path = t.data
+        if data_path is not None and not Path(data_path).is_absolute():
+            data_path = str(Path(path).parent / data_path)
         try:
-            tasks.append(checked(Task(name, tuple(classnames), tuple(templates), dataset, data)))
+            task = Task(name, tuple(t.classnames), tuple(t.templates), t.dataset, data_path)
+            tasks.append(checked(task))
         except TaskError as e:
             raise TaskError(f"{path}: {e}") from None
     return tasks
@@ -207,6 +198,8 @@ def select_tasks(
 ) -> list[Task]:
     """The tasks a command runs on: built-in names (or a FusionBench task pool, or a task file)
     plus custom ``NAME=PATH`` ImageFolder tasks; ``data_dir/<task>`` replaces a hub source."""
+    from clipship.schemas import check_name
+
     chosen: list[Task] = []
     if taskpool is not None:
         chosen += get_tasks(read_taskpool_yaml(taskpool))
@@ -223,6 +216,7 @@ def select_tasks(
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise TaskError(f"`task` {item!r}: expected NAME=PATH", option="task")
+        check_name(name, "`task` name", option="task")
         chosen.append(custom_task(name, path, classnames, templates))
     if not chosen:
         raise TaskError(
