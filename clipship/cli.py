@@ -157,13 +157,14 @@ def heads(
     task: o.Custom = None,
     classnames: o.Classnames = None,
     templates: o.Templates = None,
+    taskfile: o.Taskfile = None,
     device: o.Device = "auto",
     no_cache: o.HeadsNoCache = False,
     force: o.Force = False,
     json_out: o.Json = False,
 ) -> None:
     """Build the zero-shot text heads (text_heads.safetensors + text_heads.json)."""
-    spec = TaskSpec(tasks, taskpool, tuple(task or ()), classnames, templates)
+    spec = TaskSpec(tasks, taskpool, tuple(task or ()), classnames, templates, taskfile=taskfile)
     request = _call(
         "clipship.eval.request:HeadsRequest", model, out, spec, device=device,
         use_cache=not no_cache, force=force,

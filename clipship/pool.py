@@ -212,13 +212,13 @@ class ModelPool:
 
 def split_revision(source: str) -> tuple[str, str | None]:
     """``owner/name@revision`` → (``owner/name``, revision); the revision must be a name."""
-    from clipship.schemas import revision_problem
+    from clipship.schemas import revision_problem, shown
 
     if "@" in source and not Path(source).exists():
         repo, _, rev = source.rpartition("@")
         problem = revision_problem(rev) if rev else None
         if problem:
-            raise SourceNotFoundError(f"{source}: the revision {rev!r} {problem}")
+            raise SourceNotFoundError(f"{shown(source)}: the revision {shown(rev)} {problem}")
         return repo, rev or None
     return source, None
 
@@ -439,12 +439,9 @@ def read_pool_yaml(path: Path) -> tuple[str, dict[str, str]]:
     pool = parse(PoolFile, data, str(path), SourceNotFoundError)
     sources: dict[str, str] = {}
     for name, value in pool.models.items():
-        if isinstance(value, str):
-            src = value
-        else:
-            src = value.source or ""
-            if value.revision:
-                src = f"{src}@{value.revision}"
+        src = value.source or ""
+        if value.revision:
+            src = f"{src}@{value.revision}"
         local = Path(path).parent / src
         sources[name] = str(local) if not Path(src).is_absolute() and local.exists() else src
     pretrained = sources.pop(PRETRAINED)

@@ -14,10 +14,11 @@ server at it for completion and checks while writing the file.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from clipship.errors import ClipshipError, ReleaseConfigError
 from clipship.schemas import Finite, Fraction, Name, Revision, Schema, Text, parse, read_yaml
@@ -115,28 +116,36 @@ class Card(Schema):
     base_model: Text | None = None
 
 
+def _repo_id(repo_id: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", repo_id, re.ASCII):
+        raise ValueError("not a repo id (owner/name: letters, digits, '.', '_', '-')")
+    if ".." in repo_id:
+        raise ValueError("a repo id holds no '..'")
+    return repo_id
+
+
 class Hub(Schema):
-    repo_id: Annotated[
-        str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-    ]
+    repo_id: Annotated[str, AfterValidator(_repo_id)]
     private: bool = False
     revision: Revision | None = None
     tag: Revision | None = None
     message: Text | None = None
 
-    @field_validator("repo_id")
-    @classmethod
-    def _no_dots(cls, repo_id: str) -> str:
-        if ".." in repo_id:
-            raise ValueError("a repo id holds no '..'")
-        return repo_id
+
+def _release_name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name in (".", ".."):
+        raise ValueError(
+            "a release name is letters, digits, '.', '_' and '-' (it names the folder "
+            "release_out/<name>; use --run-dir for another place)"
+        )
+    return name
 
 
 class ReleaseFile(Schema):
     """A release: the pool, the merge, then optional evaluation gates, export, card and hub
     target. Paths are relative to the file."""
 
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$")] | None = None
+    name: Annotated[str, AfterValidator(_release_name)] | None = None
     pool: Pool
     method: Text
     parameters: dict[Text, Any] = Field(default_factory=dict)
@@ -151,13 +160,6 @@ class ReleaseFile(Schema):
     @classmethod
     def _null_parameters(cls, value: Any) -> Any:
         return {} if value is None else value
-
-    @field_validator("name")
-    @classmethod
-    def _not_dots(cls, name: str | None) -> str | None:
-        if name in (".", ".."):
-            raise ValueError("a release name is not '.' or '..'")
-        return name
 
     @model_validator(mode="after")
     def _references(self) -> ReleaseFile:

@@ -285,18 +285,19 @@ def explain(error: ValidationError, model: type[BaseModel] | None = None) -> str
     """The first problem of a validation error as ``path: message (got value)``."""
     problems = error.errors(include_url=False)
     # In a union, every member reports; the deepest path is the member the value was meant for.
-    first = max(problems, key=lambda p: len(_location(p["loc"])))
+    # An unknown key (a typo) explains more than the missing key it stands for.
+    first = max(problems, key=lambda p: (len(_location(p["loc"])), p["type"] == "extra_forbidden"))
     loc = _location(first["loc"])
     where = _path(loc)
-    kind, message = first["type"], first["msg"]
+    kind, context = first["type"], first.get("ctx") or {}
     if kind == "extra_forbidden":
         known = _known_keys(model, loc[:-1]) if model is not None else []
         message = "unknown key" + (f" (known: {', '.join(known)})" if known else "")
     elif kind == "missing":
         message = "missing"
     else:
-        message = _MESSAGES.get(kind) or message.removeprefix("Value error, ")
-        if "input" in first:
+        message = _message(kind, context) or first["msg"].removeprefix("Value error, ")
+        if "input" in first and loc:
             message += f" (got {shown(first['input'])})"
     return f"{where}: {message}" if where else message
 
@@ -308,10 +309,31 @@ _MESSAGES = {
     "list_type": "expected a list",
     "string_type": "expected a text",
     "int_type": "expected a whole number",
+    "int_from_float": "expected a whole number",
     "float_type": "expected a number",
     "bool_type": "expected true or false",
     "finite_number": "expected a finite number",
+    "string_too_short": "must not be empty",
+    "greater_than_equal": "must be ≥ {ge}",
+    "greater_than": "must be > {gt}",
+    "less_than_equal": "must be ≤ {le}",
+    "less_than": "must be < {lt}",
+    "literal_error": "choose {expected}",
+    "string_pattern_mismatch": "does not match {pattern}",
 }
+
+
+def _message(kind: str, context: dict[str, Any]) -> str | None:
+    if kind == "too_short":
+        least = context.get("min_length", 1)
+        return "must not be empty" if least == 1 else f"needs at least {least} items"
+    if kind == "too_long":
+        return f"takes at most {context.get('max_length')} items"
+    template = _MESSAGES.get(kind)
+    try:
+        return template.format(**context) if template else None
+    except (KeyError, IndexError):
+        return template
 
 
 def _location(loc: tuple) -> list:
@@ -381,11 +403,17 @@ class Open(Schema):
 
 
 class PoolModel(Open):
-    """One entry of a modelpool's ``models:`` written as a mapping (Hydra's model config)."""
+    """One entry of a modelpool's ``models:``: a source (text), or Hydra's model config (a
+    mapping with ``pretrained_model_name_or_path`` or ``path``, and ``revision``)."""
 
     pretrained_model_name_or_path: Text | None = None
     path: Text | None = None
     revision: Revision | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _source(self) -> PoolModel:
@@ -401,16 +429,13 @@ class PoolModel(Open):
 class PoolFile(Open):
     """``CLIPVisionModelPool`` YAML: ``models: {_pretrained_: SRC, task: SRC | {...}}``."""
 
-    models: dict[Name, Annotated[str, Field(min_length=1)] | PoolModel]
+    models: dict[Name, PoolModel]
 
     @field_validator("models")
     @classmethod
     def _pretrained(cls, models: dict) -> dict:
         if "_pretrained_" not in models:
             raise ValueError("the pool has no '_pretrained_' model")
-        for name, value in models.items():
-            if isinstance(value, str) and "${" in value:
-                raise ValueError(f"model {name!r} has no plain source path or hub id")
         return models
 
 

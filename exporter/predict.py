@@ -7,7 +7,6 @@ follows ``export.json`` exactly (the same code path as evaluation, ``clipship.im
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +25,19 @@ PROVIDERS = {
 
 
 def read_record(folder: Path) -> dict[str, Any]:
-    """``export.json``, checked enough that a broken one is one clear line, not a traceback."""
+    """``export.json``, parsed by its schema (``clipship.schemas.ExportRecord``) and checked
+    against its ``record_sha256``: a hand-edited label or preprocessing value is refused, not
+    used. A broken record is one clear line, not a traceback."""
+    from clipship.schemas import ExportRecord, check_record_hash, parse, read_json
+
     if not folder.is_dir() or not (folder / "export.json").is_file():
         raise ClipshipError(f"{folder}: not an export folder (no export.json)")
-    try:
-        record = json.loads((folder / "export.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ClipshipError(f"{folder}/export.json: not valid JSON") from None
+    where = f"{folder}/export.json"
+    record = read_json(folder / "export.json", ClipshipError, "export record")
     if not isinstance(record, dict) or not RECORD_KEYS <= set(record):
-        raise ClipshipError(f"{folder}/export.json: not an export record (re-export the model)")
-    if not isinstance(record["variants"], dict) or not isinstance(record["tasks"], list):
-        raise ClipshipError(f"{folder}/export.json: malformed variants or tasks")
+        raise ClipshipError(f"{where}: not an export record (re-export the model)")
+    check_record_hash(record, where, ClipshipError, "re-export the model")
+    parse(ExportRecord, record, where, ClipshipError)
     return record
 
 
@@ -61,16 +62,18 @@ def _variant_graph(folder: Path, record: dict[str, Any], variant: str) -> tuple[
 
 
 def _preprocess(record: dict[str, Any]) -> ImagePreprocess:
-    p = record["preprocessing"]
-    return ImagePreprocess(
-        shortest_edge=p["shortest_edge"],
-        size_hw=tuple(p["size"]) if p["size"] else None,
-        crop_hw=tuple(p["crop"]) if p["crop"] else None,
-        rescale_factor=p["rescale_factor"],
-        mean=tuple(p["mean"]),
-        std=tuple(p["std"]),
-        resample=3 if p["resample"] == "bicubic" else p["resample"],
-    )
+    """The record's preprocessing, every value checked (``ImagePreprocess.from_record``), and
+    the size it makes the one the graph takes."""
+    preprocess = ImagePreprocess.from_record(record.get("preprocessing"), "export.json")
+    graph_input = record.get("input")
+    shape = graph_input.get("shape") if isinstance(graph_input, dict) else None
+    key, made = ("crop", preprocess.crop_hw) if preprocess.crop_hw else ("size", preprocess.size_hw)
+    if isinstance(shape, list) and len(shape) == 4 and made and tuple(shape[2:]) != made:
+        raise ClipshipError(
+            f"export.json: preprocessing.{key} makes {made[0]}×{made[1]} images, the graph "
+            f"takes {shape[2]}×{shape[3]} (input.shape): re-export the model"
+        )
+    return preprocess
 
 
 def predict(
@@ -127,7 +130,7 @@ def predict(
         chunk = images[start : start + batch_size]
         arrays = []
         for path in chunk:
-            arrays.append(preprocess.to_uint8(open_image(path)))
+            arrays.append(preprocess.to_uint8(open_image(path), where=path))
         batch = np.stack(arrays)
         pixels = table[np.arange(3)[None, :, None, None], batch].astype(np.float32)
         logits = session.run([f"logits_{task}"], {"pixel_values": pixels})[0]

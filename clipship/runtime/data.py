@@ -8,6 +8,10 @@ Preprocessing reproduces the pretrained ``CLIPImageProcessor`` (PIL backend) bit
 PIL bicubic resize of the uint8 image (shortest edge), center crop, then rescale and normalise.
 DataLoader workers do the decode/resize/crop to uint8; rescale + normalise is a per-channel
 lookup table applied to whole batches on the device, with the processor's exact float32 values.
+
+Images are opened here, never decoded by ``datasets``: an image column is read as its stored
+bytes or path (``Image(decode=False)``), so each image's size is checked against
+``clipship.imaging``'s limits from its header before it is decoded or resized.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 import torch
 
 from clipship.errors import DataError
-from clipship.imaging import ImagePreprocess
+from clipship.imaging import ImagePreprocess, open_lazily, pillow_limits
 from clipship.runtime.state import quiet_datasets
 from clipship.runtime.tasks import Task
 
@@ -99,29 +103,51 @@ class ImageSource:
                 f"task {task.name}: {self.where} has no {missing[0]!r} column "
                 f"(columns: {', '.join(sorted(columns))})"
             )
+        self._rows = _undecoded(self._rows, self.image_column)
 
     def __len__(self) -> int:
         return len(self._files) if self._files is not None else len(self._rows)
 
-    def load(self, index: int) -> tuple[Any, int]:
-        from PIL import Image
+    def name(self, index: int) -> str:
+        """How errors name one image: its file, or its row."""
+        if self._files is not None:
+            return str(self._files[index][0])
+        return f"{self.where} row {index}"
 
+    def load(self, index: int) -> tuple[Any, int]:
+        """(the image, opened: its size checked from the header, not decoded yet; its label)."""
+        where = self.name(index)
         if self._files is not None:
             path, label = self._files[index]
-            return Image.open(path), label
+            return open_lazily(path, where), label
         row = self._rows[index]
         image, label = row[self.image_column], row[self.label_column]
         if isinstance(image, dict):
-            image = (
-                Image.open(io.BytesIO(image["bytes"]))
-                if image.get("bytes")
-                else Image.open(image["path"])
-            )
+            if image.get("bytes"):
+                image = open_lazily(io.BytesIO(image["bytes"]), where)
+            elif not image.get("path"):
+                raise DataError(f"{where}: no image (neither bytes nor a path)")
+            elif "://" not in image["path"]:
+                image = open_lazily(image["path"], where)
+            else:  # a remote file (hf://, https://): datasets fetches it, Pillow's limit applies
+                with quiet_datasets() as datasets, pillow_limits(where):
+                    image = datasets.Image().decode_example(image)
         elif isinstance(image, (bytes, bytearray)):
-            image = Image.open(io.BytesIO(image))
+            image = open_lazily(io.BytesIO(image), where)
         elif isinstance(image, str):
-            image = Image.open(image)
+            image = open_lazily(image, where)
         return image, int(label)
+
+
+def _undecoded(rows: Any, column: str) -> Any:
+    """``rows`` with an image column read as stored (bytes or path), not decoded by
+    ``datasets`` (which would decode before any size check); other columns are as they were."""
+    from datasets import Image
+
+    feature = rows.features.get(column)
+    if isinstance(feature, Image) and feature.decode:
+        return rows.cast_column(column, Image(decode=False))
+    return rows
 
 
 def _readable(task: Task, path: Path, read):
@@ -177,10 +203,11 @@ class TaskImages(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int, int]:
         try:
             image, label = self.source.load(index)
-            return torch.from_numpy(self.preprocess.to_uint8(image)), label, index
+            array = self.preprocess.to_uint8(image, self.source.name(index))
+            return torch.from_numpy(array), label, index
         except (
             Exception
-        ) as e:  # a corrupt image: reported (or skipped) by the caller with its index
+        ) as e:  # a corrupt or oversized image: reported (or skipped) by the caller, by index
             return f"{type(e).__name__}: {e}", -1, index
 
 
