@@ -68,6 +68,11 @@ def write_card(
     ``force``."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+    from clipship.schemas import check_line
+
+    for option, value in (("license", license), ("name", name), ("base_model", base_model)):
+        if value is not None:  # they reach the card's front matter and title: one line each
+            check_line(value, f"`{option}`", option=option)
     run = Path(run_dir)
     if not run.is_dir():
         raise ClipshipError(f"{run}: not a folder")

@@ -47,6 +47,14 @@ def _run(call: Callable[[], T]) -> T:
             raise
         print(f"error: {views.error_line(e, app)}", file=sys.stderr)
         raise typer.Exit(e.exit_code) from None
+    except OSError as e:  # a disk that fills up or turns read-only where no stage expected it
+        from clipship.outputs import WRITE_ERRNOS
+
+        if _debug["on"] or e.errno not in WRITE_ERRNOS:
+            raise
+        where = f" {Path(e.filename).name}" if e.filename else ""
+        print(f"error: cannot write{where}: {e.strerror}", file=sys.stderr)
+        raise typer.Exit(1) from None
 
 
 def _call(target: str, *args: Any, **kwargs: Any) -> Any:

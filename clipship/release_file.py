@@ -21,7 +21,17 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from clipship.errors import ClipshipError, ReleaseConfigError
-from clipship.schemas import Finite, Fraction, Name, Revision, Schema, Text, parse, read_yaml
+from clipship.schemas import (
+    Finite,
+    Fraction,
+    Line,
+    Name,
+    Revision,
+    Schema,
+    Text,
+    parse,
+    read_yaml,
+)
 
 MAX_EVAL_BATCH = 1 << 16
 Count = Annotated[int, Field(ge=1, le=1 << 31)]
@@ -111,9 +121,9 @@ class Export(Schema):
 
 
 class Card(Schema):
-    license: Text | None = None
-    name: Text | None = None
-    base_model: Text | None = None
+    license: Line | None = None
+    name: Line | None = None
+    base_model: Line | None = None
 
 
 def _repo_id(repo_id: str) -> str:
@@ -129,7 +139,7 @@ class Hub(Schema):
     private: bool = False
     revision: Revision | None = None
     tag: Revision | None = None
-    message: Text | None = None
+    message: Line | None = None
 
 
 def _release_name(name: str) -> str:

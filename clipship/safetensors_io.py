@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from clipship.errors import CheckpointError
+from clipship.schemas import loads_json, name_problem, read_json
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -85,8 +86,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         if n > min(_MAX_HEADER, size - 8):
             raise CheckpointError(f"{path}: corrupt or truncated safetensors header")
         try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = loads_json(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):  # not JSON, a tensor named twice, or NaN
             raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header")
@@ -134,11 +135,12 @@ class Checkpoint:
         if (folder / WEIGHTS_NAME).is_file():
             files = [folder / WEIGHTS_NAME]
         elif index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise CheckpointError(f"{index}: corrupt safetensors index") from None
-            files = [folder / f for f in sorted(set(weight_map.values()))]
+            data = read_json(index, CheckpointError, "safetensors index")
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            shards = set(weight_map.values()) if isinstance(weight_map, dict) else {None}
+            if not all(isinstance(f, str) and name_problem(f) is None for f in shards):
+                raise CheckpointError(f"{index}: corrupt safetensors index (weight_map)")
+            files = [folder / f for f in sorted(shards)]
             missing = [str(f) for f in files if not f.is_file()]
             if missing:
                 raise CheckpointError(f"{index}: shard {missing[0]} is missing")

@@ -84,6 +84,26 @@ def check_name(value: Any, what: str, option: str | None = None) -> str:
     return value
 
 
+def line_problem(value: Any) -> str | None:
+    """Why ``value`` is not one line of visible text (a card title, a license, a commit
+    summary), or None: like a name, but '/' and '..' are allowed."""
+    if not isinstance(value, str):
+        return "is not a text"
+    if not value.strip():
+        return "is empty"
+    for char in value:
+        if unicodedata.category(char)[0] in "CZ" and char != " ":
+            return f"holds the character U+{ord(char):04X} (control, format or line separator)"
+    return None
+
+
+def check_line(value: Any, what: str, option: str | None = None) -> str:
+    problem = line_problem(value)
+    if problem:
+        raise ClipshipError(f"{what} {shown(value)} {problem}", option=option)
+    return value
+
+
 _PR_REF = re.compile(r"refs/pr/[1-9][0-9]{0,8}")
 
 
@@ -116,6 +136,13 @@ def _revision(value: str) -> str:
     return value
 
 
+def _line(value: str) -> str:
+    problem = line_problem(value)
+    if problem:
+        raise ValueError(f"a line of text {problem}")
+    return value
+
+
 def _finite(value: float) -> float:
     if not math.isfinite(value):
         raise ValueError("must be a finite number")
@@ -125,6 +152,7 @@ def _finite(value: float) -> float:
 Name = Annotated[str, AfterValidator(_name)]
 Revision = Annotated[str, AfterValidator(_revision)]
 Text = Annotated[str, Field(min_length=1)]
+Line = Annotated[str, AfterValidator(_line)]  # one line of visible text
 Finite = Annotated[float, AfterValidator(_finite)]
 Fraction = Annotated[float, Field(ge=0, le=1)]  # ranges refuse NaN; ±Inf is out of range
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 
 from clipship.errors import ClipshipError
 from clipship.machine import pick_device
@@ -34,6 +35,7 @@ from clipship.runtime.heads import build_heads
 from clipship.runtime.model import PRECISIONS, Precision, ZeroShotModel
 from clipship.runtime.state import borrows_process_state
 from clipship.runtime.tasks import Task
+from clipship.schemas import Schema, parse, read_json
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -75,9 +77,17 @@ def _save_checkpoint(
     os.replace(tmp, folder)
 
 
+class CheckpointState(Schema):
+    """A checkpoint's ``state.json`` (written by ``_save_checkpoint``)."""
+
+    step: int = Field(ge=0)
+    adam_steps: dict[str, float]
+
+
 def _restore_optimizer(optimizer: torch.optim.Optimizer, folder: Path, device: str) -> int:
     """Load a checkpoint's Adam state into ``optimizer`` (owned memory); returns its step."""
-    state = json.loads((folder / STATE_FILE).read_text())
+    record = read_json(folder / STATE_FILE, DataError, "checkpoint state")
+    state = parse(CheckpointState, record, str(folder / STATE_FILE), DataError).model_dump()
     saved = load_owned(folder / OPTIMIZER_FILE)
     groups = optimizer.state_dict()["param_groups"]
     restored: dict[str, Any] = {"state": {}, "param_groups": groups}

@@ -662,6 +662,8 @@ NAMES = {
     "release --tag with a control character": ["release", "{tmp}/release.yaml", "--run-dir", "{tmp}/run", "--tag", "v\x07"],
     "release hub.tag with a bidi character": ["release", "{tmp}/release.yaml", "--run-dir", "{tmp}/run"],
     "task file task name with /": ["eval", "{world}/merged", "--taskfile", "{tmp}/tasks.json"],
+    "card --name with a newline": ["card", "{world}/merged", "--license", "mit", "--name", "my\nmodel"],
+    "release card.name with a bidi character": ["release", "{tmp}/release.yaml", "--run-dir", "{tmp}/run"],
     "pool yaml model name with ..": ["merge", "--pool", "{tmp}/pool.yaml", "--method", "task_arithmetic", "--out", "{tmp}/m"],
 }
 # fmt: on
@@ -671,8 +673,12 @@ NAMES = {
 def test_names_are_names(world, tmp_path, victim, case):
     args = NAMES[case]
     if case.startswith("release"):
-        hub = {"repo_id": "alice/x", "tag": "v1\u202e"} if "hub.tag" in case else None
-        release_file(world, tmp_path, **({"hub": hub} if hub else {}))
+        changes = {}
+        if "hub.tag" in case:
+            changes["hub"] = {"repo_id": "alice/x", "tag": "v1\u202e"}
+        if "card.name" in case:
+            changes["card"] = {"license": "mit", "name": "evil\u202eeman"}
+        release_file(world, tmp_path, **changes)
     elif case.startswith("task file"):
         spec = json.loads((world / "tasks.json").read_text())
         (tmp_path / "tasks.json").write_text(
@@ -688,6 +694,6 @@ def test_names_are_names(world, tmp_path, victim, case):
     result = clipship(*[a.format(**where) for a in args], env=env)
     check(result, 1, "", before, victim)
     line = result.stderr.strip()
-    assert any(word in line for word in ("name", "revision", "tag")), line
+    assert any(word in line for word in ("name", "revision", "tag", "line of text")), line
     assert "\n" not in line and "\u202e" not in line and "\u200b" not in line and "\x07" not in line
     assert not (tmp_path / "m").exists() and not (tmp_path / "run" / "stages").exists()

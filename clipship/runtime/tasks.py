@@ -70,21 +70,23 @@ def get_tasks(names: str | list[str]) -> list[Task]:
 
 
 def read_taskpool_yaml(path: Path) -> list[str]:
-    """Task names from a FusionBench taskpool YAML (``clip-vit-classification_TA8`` shape)."""
-    from clipship.schemas import read_yaml
+    """Task names from a FusionBench taskpool YAML (``clip-vit-classification_TA8`` shape):
+    ``test_datasets`` keys, or Hydra ``defaults`` entries ``.../test@test_datasets: [names]``."""
+    from clipship.schemas import TaskPool, check_name, parse, read_yaml
 
     data = read_yaml(path, TaskError, "task pool file")
+    pool = parse(TaskPool, data if data is not None else {}, str(path), TaskError)
     names: list[str] = []
-    for item in (data or {}).get("defaults", []) or []:
+    for item in pool.defaults:
         if isinstance(item, dict):
             for key, value in item.items():
                 if str(key).endswith("@test_datasets"):
                     names += list(value) if isinstance(value, list) else [value]
-    datasets = (data or {}).get("test_datasets")
-    if isinstance(datasets, dict):
-        names += [n for n in datasets if n not in names]
+    names += [n for n in pool.test_datasets or {} if n not in names]
     if not names:
         raise TaskError(f"{path}: no test_datasets in this task pool")
+    for name in names:
+        check_name(name, f"{path}: task name")
     return names
 
 

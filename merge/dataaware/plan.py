@@ -18,12 +18,13 @@ from typing import Any
 
 import torch
 
-from clipship.errors import DataError, MethodError, RecipeError
+from clipship.errors import DataError, MethodError, NonFiniteError, RecipeError
 from clipship.hashing import file_sha256, tree_sha256
 from clipship.merge.dataaware.batches import TaskData, endless_data, one_pass_data
 from clipship.merge.registry import Method
 from clipship.pool import ModelPool
 from clipship.runtime.tasks import Task
+from clipship.schemas import loads_json
 
 WEIGHTS_KEY = "merging_weights"
 
@@ -172,10 +173,19 @@ def load_weights(path: Path) -> tuple[torch.Tensor, list[str] | None]:
         with safe_open(str(path), "pt") as f:
             if WEIGHTS_KEY not in f.keys():
                 raise DataError(f"{path}: no {WEIGHTS_KEY!r} tensor")
-            names = json.loads((f.metadata() or {}).get("weight_names", "null"))
-            return f.get_tensor(WEIGHTS_KEY).float(), names
+            names = loads_json((f.metadata() or {}).get("weight_names", "null"))
+            weights = f.get_tensor(WEIGHTS_KEY).float()
     except SafetensorError as e:
         raise DataError(f"{path}: not a safetensors file ({e})") from None
+    except ValueError:  # malformed JSON, a duplicate key or NaN in the names
+        raise DataError(f"{path}: its weight_names metadata is not a JSON list of names") from None
+    if names is not None and not (
+        isinstance(names, list) and all(isinstance(n, str) and n for n in names)
+    ):
+        raise DataError(f"{path}: its weight_names metadata is not a JSON list of names")
+    if not bool(torch.isfinite(weights).all()):
+        raise NonFiniteError(f"{path}: the merging weights have NaN or Inf values")
+    return weights, names
 
 
 def _with_weights(
