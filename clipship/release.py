@@ -190,6 +190,7 @@ def claim_run_dir(run: Path, force: bool) -> None:
     the release replaces its ``stages/`` and ``release/``, which must not be someone else's.
     Nothing it writes there may be a link (a planted ``stages`` link would make the release
     replace a folder elsewhere); a folder that cannot be written is one line, up front."""
+    refuse_link(run)
     if run.exists() and not run.is_dir():
         raise ReleaseConfigError(f"{run}: exists and is not a folder")
     for name in RUN_NAMES:
