@@ -23,6 +23,13 @@ from __future__ import annotations
 from typing import Any
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """A value as an error line quotes it: its repr (control characters escaped), cut to
+    ``limit`` characters, so a hostile value can neither span lines nor flood the terminal."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class ClipshipError(Exception):
     """Base class: a problem with the user's input or environment, explained in one line.
 

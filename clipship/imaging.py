@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from clipship.errors import DataError
+from clipship.errors import DataError, shown
 
 # A decoded image: Pillow's own default ``Image.MAX_IMAGE_PIXELS`` (89.5 megapixels, 358 MB as
 # Pillow holds RGB). Pillow only warns between 1× and 2× it; here anything over 1× is refused,
@@ -85,7 +85,7 @@ class ImagePreprocess:
         def flag(key: str) -> bool:
             value = config.get(key, True)
             if not isinstance(value, bool):
-                raise DataError(f"{where}: {key} {_shown(value)}: must be true or false")
+                raise DataError(f"{where}: {key} {shown(value)}: must be true or false")
             return value
 
         def given(key: str, step: str) -> Any:
@@ -134,7 +134,7 @@ class ImagePreprocess:
         all seven keys present, sides whole numbers from 1 to ``MAX_PREPROCESS_SIDE``, three
         finite means and positive stds, a positive finite rescale factor, a Pillow filter."""
         if not isinstance(record, dict):
-            raise DataError(f"{where}: preprocessing {_shown(record)}: must be an object")
+            raise DataError(f"{where}: preprocessing {shown(record)}: must be an object")
         keys = {k: f"preprocessing.{k}" for k in PREPROCESSING_KEYS}
         missing = [k for k in PREPROCESSING_KEYS if k not in record]
         if missing:
@@ -252,11 +252,6 @@ class ImagePreprocess:
 PREPROCESSING_KEYS = ("shortest_edge", "size", "crop", "rescale_factor", "mean", "std", "resample")
 
 
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:59] + "…"
-
-
 def _side(value: Any, key: str, where: str, also: str = "") -> int:
     """A side in pixels: a whole number (not a bool, not 224.0) from 1 to the bound."""
     if isinstance(value, bool) or not isinstance(value, int):
@@ -265,7 +260,7 @@ def _side(value: Any, key: str, where: str, also: str = "") -> int:
         ok = 1 <= value <= MAX_PREPROCESS_SIDE
     if not ok:
         raise DataError(
-            f"{where}: {key} {_shown(value)}: must be a whole number of pixels from 1 to "
+            f"{where}: {key} {shown(value)}: must be a whole number of pixels from 1 to "
             f"{MAX_PREPROCESS_SIDE}" + (f" {also}" if also else "")
         )
     return value
@@ -274,12 +269,12 @@ def _side(value: Any, key: str, where: str, also: str = "") -> int:
 def _pair(value: Any, key: str, where: str) -> tuple[int, int]:
     """[height, width], each a side."""
     if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise DataError(f"{where}: {key} {_shown(value)}: must be [height, width]")
+        raise DataError(f"{where}: {key} {shown(value)}: must be [height, width]")
     try:
         return (_side(value[0], key, where), _side(value[1], key, where))
     except DataError:  # name the pair, not one of its numbers
         raise DataError(
-            f"{where}: {key} {_shown(value)}: height and width must be whole numbers of pixels "
+            f"{where}: {key} {shown(value)}: height and width must be whole numbers of pixels "
             f"from 1 to {MAX_PREPROCESS_SIDE}"
         ) from None
 
@@ -290,7 +285,7 @@ def _number(value: Any) -> bool:
 
 def _positive(value: Any, key: str, where: str) -> float:
     if not _number(value) or value <= 0:
-        raise DataError(f"{where}: {key} {_shown(value)}: must be a finite number above 0")
+        raise DataError(f"{where}: {key} {shown(value)}: must be a finite number above 0")
     return float(value)
 
 
@@ -301,7 +296,7 @@ def _channels(
     ok = isinstance(value, (list, tuple)) and len(value) == 3 and all(map(_number, value))
     if not ok or (positive and min(value) <= 0):
         kind = "finite numbers above 0" if positive else "finite numbers"
-        raise DataError(f"{where}: {key} {_shown(value)}: must be three {kind} (R, G, B)")
+        raise DataError(f"{where}: {key} {shown(value)}: must be three {kind} (R, G, B)")
     return tuple(float(v) for v in value)  # type: ignore[return-value]
 
 
@@ -315,7 +310,7 @@ def _resample(value: Any, key: str, where: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value in filters.values():
         return value
     names = ", ".join(f"{name} ({number})" for name, number in filters.items())
-    raise DataError(f"{where}: {key} {_shown(value)}: must be one of Pillow's filters: {names}")
+    raise DataError(f"{where}: {key} {shown(value)}: must be one of Pillow's filters: {names}")
 
 
 def check_image_size(size: tuple[int, int], where: str) -> None:

@@ -212,7 +212,8 @@ class ModelPool:
 
 def split_revision(source: str) -> tuple[str, str | None]:
     """``owner/name@revision`` → (``owner/name``, revision); the revision must be a name."""
-    from clipship.schemas import revision_problem, shown
+    from clipship.errors import shown
+    from clipship.schemas import revision_problem
 
     if "@" in source and not Path(source).exists():
         repo, _, rev = source.rpartition("@")

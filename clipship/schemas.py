@@ -37,7 +37,8 @@ from pydantic import (
     model_validator,
 )
 
-from clipship.errors import ClipshipError
+from clipship.errors import ClipshipError, shown
+from clipship.imaging import MAX_PREPROCESS_SIDE
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -46,7 +47,6 @@ MAX_JSON_BYTES = 64 << 20  # records: a recipe's data rows or an ImageNet task f
 MAX_NODES = 100_000  # YAML nodes after alias expansion
 MAX_DEPTH = 64  # nesting levels, in YAML and JSON
 MAX_NAME = 200  # characters in a task, model, tag or revision name
-_SHOWN = 60  # characters of an offending value quoted in an error line
 
 
 # --- names --------------------------------------------------------------------------------------
@@ -156,15 +156,9 @@ Line = Annotated[str, AfterValidator(_line)]  # one line of visible text
 Finite = Annotated[float, AfterValidator(_finite)]
 Fraction = Annotated[float, Field(ge=0, le=1)]  # ranges refuse NaN; ±Inf is out of range
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-Side = Annotated[int, Field(ge=1, le=1 << 14)]
+Side = Annotated[int, Field(ge=1, le=MAX_PREPROCESS_SIDE)]
 Pair = Annotated[list[Side], Field(min_length=2, max_length=2)]  # JSON has no tuples
 Channels = Annotated[list[Finite], Field(min_length=3, max_length=3)]
-
-
-def shown(value: Any) -> str:
-    """A value as an error line quotes it: its repr, cut to a few dozen characters."""
-    text = repr(value)
-    return text if len(text) <= _SHOWN else text[: _SHOWN - 1] + "…"
 
 
 # --- reading ------------------------------------------------------------------------------------

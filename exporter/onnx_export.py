@@ -146,8 +146,7 @@ def validation_images(
     """Real images (uint8 [N, 3, H, W]) and the task each belongs to: up to ``size`` from ``data``
     (image files under a folder, or a parquet / save_to_disk dataset; they count for every
     task, "*"), else the first ``size`` of each task's local test data."""
-    from PIL import Image
-
+    from clipship.imaging import open_lazily
     from clipship.runtime.data import IMAGE_SUFFIXES, DataError
 
     images, where = [], []
@@ -159,7 +158,7 @@ def validation_images(
             else []
         )
         if files:
-            images = [preprocess.to_uint8(Image.open(f)) for f in files[:size]]
+            images = [preprocess.to_uint8(open_lazily(f, str(f)), str(f)) for f in files[:size]]
         else:
             source = ImageSource(Task("validation", ("?",), ("{c}",), None, str(data)))
             images = [preprocess.to_uint8(source.load(i)[0]) for i in range(min(size, len(source)))]

@@ -61,16 +61,16 @@ def _variant_graph(folder: Path, record: dict[str, Any], variant: str) -> tuple[
     return name, data
 
 
-def _preprocess(record: dict[str, Any]) -> ImagePreprocess:
+def _preprocess(record: dict[str, Any], where: str = "export.json") -> ImagePreprocess:
     """The record's preprocessing, every value checked (``ImagePreprocess.from_record``), and
     the size it makes the one the graph takes."""
-    preprocess = ImagePreprocess.from_record(record.get("preprocessing"), "export.json")
+    preprocess = ImagePreprocess.from_record(record.get("preprocessing"), where)
     graph_input = record.get("input")
     shape = graph_input.get("shape") if isinstance(graph_input, dict) else None
     key, made = ("crop", preprocess.crop_hw) if preprocess.crop_hw else ("size", preprocess.size_hw)
     if isinstance(shape, list) and len(shape) == 4 and made and tuple(shape[2:]) != made:
         raise ClipshipError(
-            f"export.json: preprocessing.{key} makes {made[0]}×{made[1]} images, the graph "
+            f"{where}: preprocessing.{key} makes {made[0]}×{made[1]} images, the graph "
             f"takes {shape[2]}×{shape[3]} (input.shape): re-export the model"
         )
     return preprocess
@@ -110,7 +110,7 @@ def predict(
             f"onnxruntime here has no {PROVIDERS[provider]} (install onnxruntime-gpu)"
         )
     graph_name, graph = _variant_graph(folder, record, variant)
-    preprocess = _preprocess(record)
+    preprocess = _preprocess(record, f"{folder}/export.json")
     table = preprocess.table()
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -122,7 +122,7 @@ def predict(
         )
     except Exception as e:  # onnxruntime raises its own types for a broken graph
         raise ClipshipError(
-            f"{graph.name}: onnxruntime cannot load it ({type(e).__name__})"
+            f"{graph_name}: onnxruntime cannot load it ({type(e).__name__})"
         ) from None
     classnames = record["classnames"][task]
     results = []

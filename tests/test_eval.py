@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from clipship.eval import build_heads, evaluate, get_tasks
 from clipship.runtime.data import Preprocess
-from clipship.runtime.heads import head_key, text_tower_sha256, tokenizer_sha256
+from clipship.runtime.heads import config_sha256, head_key, text_tower_sha256, tokenizer_sha256
 from clipship.runtime.model import load_zero_shot
 from clipship.runtime.tasks import builtin_tasks, read_taskpool_yaml, standard_tasks
 
@@ -106,7 +106,9 @@ def test_cache_key_covers_everything_the_head_depends_on(tmp_path):
 
     task = get_tasks("mnist")[0]
     text, tok = text_tower_sha256(PRETRAINED), tokenizer_sha256(PRETRAINED)
-    base = head_key(text, tok, task, torch.float32)
+    config = json.loads((PRETRAINED / "config.json").read_text())
+    conf = config_sha256(config)
+    base = head_key(text, tok, conf, task, torch.float32)
     changed = tmp_path / "changed"
     shutil.copytree(PRETRAINED, changed)
     weights = load_file(str(changed / "model.safetensors"))
@@ -116,17 +118,20 @@ def test_cache_key_covers_everything_the_head_depends_on(tmp_path):
     save_file(weights, str(changed / "model.safetensors"), metadata={"format": "pt"})
     (changed / "merges.txt").write_text((changed / "merges.txt").read_text() + "\n")
     keys = {
-        "weights": head_key(text_tower_sha256(changed), tok, task, torch.float32),
-        "tokenizer": head_key(text, tokenizer_sha256(changed), task, torch.float32),
+        "weights": head_key(text_tower_sha256(changed), tok, conf, task, torch.float32),
+        "tokenizer": head_key(text, tokenizer_sha256(changed), conf, task, torch.float32),
+        "config": head_key(
+            text, tok, config_sha256({**config, "projection_dim": 7}), task, torch.float32
+        ),
         "class names": head_key(
-            text, tok, replace(task, classnames=task.classnames[::-1]), torch.float32
+            text, tok, conf, replace(task, classnames=task.classnames[::-1]), torch.float32
         ),
         "templates": head_key(
-            text, tok, replace(task, templates=(*task.templates, "a {c}.")), torch.float32
+            text, tok, conf, replace(task, templates=(*task.templates, "a {c}.")), torch.float32
         ),
-        "dtype": head_key(text, tok, task, torch.float16),
+        "dtype": head_key(text, tok, conf, task, torch.float16),
     }
-    assert len({base, *keys.values()}) == 6, keys
+    assert len({base, *keys.values()}) == 7, keys
 
 
 def test_preprocessing_is_the_clip_processor_bit_for_bit():
