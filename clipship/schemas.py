@@ -24,6 +24,7 @@ import json
 import math
 import re
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -52,21 +53,30 @@ MAX_NAME = 200  # characters in a task, model, tag or revision name
 # --- names --------------------------------------------------------------------------------------
 
 
-def name_problem(value: Any) -> str | None:
-    """Why ``value`` is not a name (task, model, tag, revision, release), or None.
-
-    Names reach file names, model-card tables, ONNX output names and hub URLs, so they are one
-    line of visible text: no control, format (bidi, zero-width) or line-separator characters,
-    no ``/`` or ``\\``, no ``..``, not empty or blank, at most ``MAX_NAME`` characters."""
+def line_problem(value: Any) -> str | None:
+    """Why ``value`` is not one line of visible text (a card title, a license, a commit
+    summary), or None: no control, format (bidi, zero-width) or line-separator characters."""
     if not isinstance(value, str):
         return "is not a text"
     if not value.strip():
         return "is empty"
-    if len(value) > MAX_NAME:
-        return f"is longer than {MAX_NAME} characters"
     for char in value:
         if unicodedata.category(char)[0] in "CZ" and char != " ":
             return f"holds the character U+{ord(char):04X} (control, format or line separator)"
+    return None
+
+
+def name_problem(value: Any) -> str | None:
+    """Why ``value`` is not a name (task, model, tag, revision, release), or None.
+
+    Names reach file names, model-card tables, ONNX output names and hub URLs, so they are one
+    line of visible text with no ``/`` or ``\\``, no ``..``, no spaces around them, at most
+    ``MAX_NAME`` characters."""
+    problem = line_problem(value)
+    if problem:
+        return problem
+    if len(value) > MAX_NAME:
+        return f"is longer than {MAX_NAME} characters"
     if "/" in value or "\\" in value:
         return "holds a '/' or '\\' (a name is not a path)"
     if ".." in value:
@@ -74,34 +84,6 @@ def name_problem(value: Any) -> str | None:
     if value != value.strip():
         return "starts or ends with a space"
     return None
-
-
-def check_name(value: Any, what: str, option: str | None = None) -> str:
-    """``value`` if it is a name, else one ``ClipshipError`` line: ``{what} {value!r}: ...``."""
-    problem = name_problem(value)
-    if problem:
-        raise ClipshipError(f"{what} {shown(value)} {problem}", option=option)
-    return value
-
-
-def line_problem(value: Any) -> str | None:
-    """Why ``value`` is not one line of visible text (a card title, a license, a commit
-    summary), or None: like a name, but '/' and '..' are allowed."""
-    if not isinstance(value, str):
-        return "is not a text"
-    if not value.strip():
-        return "is empty"
-    for char in value:
-        if unicodedata.category(char)[0] in "CZ" and char != " ":
-            return f"holds the character U+{ord(char):04X} (control, format or line separator)"
-    return None
-
-
-def check_line(value: Any, what: str, option: str | None = None) -> str:
-    problem = line_problem(value)
-    if problem:
-        raise ClipshipError(f"{what} {shown(value)} {problem}", option=option)
-    return value
 
 
 _PR_REF = re.compile(r"refs/pr/[1-9][0-9]{0,8}")
@@ -115,32 +97,30 @@ def revision_problem(value: Any) -> str | None:
     return name_problem(value)
 
 
-def check_revision(value: Any, what: str = "revision", option: str | None = None) -> str:
-    problem = revision_problem(value)
-    if problem:
-        raise ClipshipError(f"{what} {shown(value)} {problem}", option=option)
-    return value
+def _checker(problem_of: Callable[[Any], str | None]) -> Callable[..., str]:
+    def check(value: Any, what: str, option: str | None = None) -> str:
+        problem = problem_of(value)
+        if problem:
+            raise ClipshipError(f"{what} {shown(value)} {problem}", option=option)
+        return value
+
+    check.__doc__ = f"``value`` if ``{problem_of.__name__}`` finds nothing, else one line."
+    return check
 
 
-def _name(value: str) -> str:
-    problem = name_problem(value)
-    if problem:
-        raise ValueError(f"a name {problem}")
-    return value
+def _validator(problem_of: Callable[[Any], str | None], kind: str) -> Callable[[str], str]:
+    def validate(value: str) -> str:
+        problem = problem_of(value)
+        if problem:
+            raise ValueError(f"{kind} {problem}")
+        return value
+
+    return validate
 
 
-def _revision(value: str) -> str:
-    problem = revision_problem(value)
-    if problem:
-        raise ValueError(f"a revision {problem}")
-    return value
-
-
-def _line(value: str) -> str:
-    problem = line_problem(value)
-    if problem:
-        raise ValueError(f"a line of text {problem}")
-    return value
+check_line = _checker(line_problem)
+check_name = _checker(name_problem)
+check_revision = _checker(revision_problem)
 
 
 def _finite(value: float) -> float:
@@ -149,10 +129,10 @@ def _finite(value: float) -> float:
     return value
 
 
-Name = Annotated[str, AfterValidator(_name)]
-Revision = Annotated[str, AfterValidator(_revision)]
+Name = Annotated[str, AfterValidator(_validator(name_problem, "a name"))]
+Revision = Annotated[str, AfterValidator(_validator(revision_problem, "a revision"))]
 Text = Annotated[str, Field(min_length=1)]
-Line = Annotated[str, AfterValidator(_line)]  # one line of visible text
+Line = Annotated[str, AfterValidator(_validator(line_problem, "a line of text"))]
 Finite = Annotated[float, AfterValidator(_finite)]
 Fraction = Annotated[float, Field(ge=0, le=1)]  # ranges refuse NaN; ±Inf is out of range
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]

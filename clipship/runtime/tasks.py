@@ -91,14 +91,11 @@ def read_taskpool_yaml(path: Path) -> list[str]:
 
 
 def read_lines(path: Path, what: str) -> tuple[str, ...]:
-    try:
-        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
-    except FileNotFoundError:
-        raise TaskError(f"{path}: no such {what} file") from None
-    except UnicodeDecodeError:
-        raise TaskError(f"{path}: not a text file (one {what[:-1]} per line, UTF-8)") from None
-    except OSError as e:
-        raise TaskError(f"{path}: cannot read the {what} file ({e.strerror})") from None
+    """One entry per line (blank lines and ``#`` comments skipped)."""
+    from clipship.schemas import MAX_YAML_BYTES, read_text
+
+    text = read_text(path, TaskError, f"{what} file", MAX_YAML_BYTES)
+    lines = [line.strip() for line in text.splitlines()]
     lines = [line for line in lines if line and not line.startswith("#")]
     if not lines:
         raise TaskError(f"{path}: no {what} in the file")
