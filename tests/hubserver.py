@@ -11,19 +11,35 @@ owner, and writing to someone else's namespace is 403.
     python tests/hubserver.py [--port 0] [-- COMMAND...]
 
 With a command, the server runs only while the command does, with ``HF_ENDPOINT`` set for it.
+
+Tests can make it a faulty Hub: ``server.state.faults.add("POST", r"/commit/", "lost")`` makes
+the next request matching the method and the path regex (the next ``times`` of them) misbehave:
+
+- ``stall``: read it, answer nothing for ``seconds``, then hang up;
+- ``status``: answer ``status`` (503 unless told), with ``retry_after`` as ``Retry-After`` and
+  ``message`` as the error text; ``429`` is a ``status`` of 429;
+- ``drop``: hang up without answering;
+- ``lost``: do what it asks (apply the commit), then hang up without answering.
+
+``action`` (a callable taking the ``HubState``) runs when the fault fires, under the state lock
+for ``lost``. With no fault scheduled the server behaves as before; ``faults.clear()`` removes
+them all and wakes any stalled request.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -72,12 +88,89 @@ class Repo:
         return commit
 
 
+@dataclass
+class Fault:
+    """One scheduled misbehaviour, for the next ``times`` requests that match (see the module)."""
+
+    method: str  # "GET", "POST", ... or "*"
+    path: re.Pattern[str]  # searched in the URL path
+    kind: str  # stall | status | drop | lost
+    times: int = 1
+    status: int = 503
+    retry_after: str | None = None
+    seconds: float = 600.0  # how long a stall lasts at most
+    action: Callable[[HubState], None] | None = None
+    message: str | None = None  # a status answer's error text
+    hits: int = 0
+
+
+class Faults:
+    """The faults scheduled on one server; thread-safe."""
+
+    KINDS = ("stall", "status", "429", "drop", "lost")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._faults: list[Fault] = []
+        self._release = threading.Event()
+
+    def add(
+        self,
+        method: str,
+        path: str,
+        kind: str,
+        times: int = 1,
+        *,
+        status: int = 503,
+        retry_after: str | int | None = None,
+        seconds: float = 600.0,
+        action: Callable[[HubState], None] | None = None,
+        message: str | None = None,
+    ) -> Fault:
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown fault {kind!r}: one of {', '.join(self.KINDS)}")
+        if kind == "429":
+            kind, status = "status", 429
+        retry = None if retry_after is None else str(retry_after)
+        fault = Fault(
+            method.upper(), re.compile(path), kind, times, status, retry, seconds, action, message
+        )
+        with self._lock:
+            self._faults.append(fault)
+        return fault
+
+    def take(self, method: str, path: str) -> Fault | None:
+        """The first fault with tries left that matches this request (using up one), if any."""
+        with self._lock:
+            for fault in self._faults:
+                if fault.times > 0 and fault.method in ("*", method) and fault.path.search(path):
+                    fault.times -= 1
+                    fault.hits += 1
+                    return fault
+        return None
+
+    def pending(self) -> list[Fault]:
+        """The faults that have not fired as many times as asked."""
+        with self._lock:
+            return [f for f in self._faults if f.times > 0]
+
+    def stall(self, fault: Fault) -> None:
+        self._release.wait(fault.seconds)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._faults.clear()
+            release, self._release = self._release, threading.Event()
+        release.set()
+
+
 class HubState:
     def __init__(self, tokens: dict[str, str]):
         self.tokens = tokens  # token -> user name
         self.repos: dict[str, Repo] = {}
         self.lock = threading.Lock()
         self.requests: list[tuple[str, str]] = []
+        self.faults = Faults()
 
 
 class HttpError(Exception):
@@ -124,24 +217,54 @@ class Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
+    def _hang_up(self) -> None:
+        """Close the connection without a word: the client sees it end with no answer."""
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
     def _dispatch(self) -> None:
         url = urlsplit(self.path)
         self.state.requests.append((self.command, url.path))
         self.body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        fault = self.state.faults.take(self.command, url.path)
+        if fault is not None and fault.kind != "lost":
+            self._misbehave(fault)
+            return
+        with self.state.lock:
+            answer = self._answer(url.path, parse_qs(url.query))
+            if fault is not None:  # lost: done, but the answer never leaves
+                if fault.action is not None:
+                    fault.action(self.state)
+                self._hang_up()
+                return
+        self._send(*answer)
+
+    def _answer(self, path: str, query: dict) -> tuple[int, Any, dict | None, bytes | None]:
         try:
-            with self.state.lock:
-                status, payload, headers, raw = self._route(url.path, parse_qs(url.query))
+            return self._route(path, query)
         except HttpError as e:
             headers = {"X-Error-Message": e.message}
             if e.code:
                 headers["X-Error-Code"] = e.code
-            self._send(e.status, {"error": e.message, **e.extra}, headers)
-            return
+            return e.status, {"error": e.message, **e.extra}, headers, None
         except Exception as e:  # a request this server cannot handle: answer, never hang up
             message = f"{type(e).__name__}: {e}"
-            self._send(400, {"error": message}, {"X-Error-Message": message})
+            return 400, {"error": message}, {"X-Error-Message": message}, None
+
+    def _misbehave(self, fault: Fault) -> None:
+        if fault.action is not None:
+            fault.action(self.state)
+        if fault.kind == "stall":
+            self.state.faults.stall(fault)
+        if fault.kind in ("stall", "drop"):
+            self._hang_up()
             return
-        self._send(status, payload, headers, raw)
+        message = fault.message or f"injected fault: {fault.status}"
+        headers = {"X-Error-Message": message}
+        if fault.retry_after is not None:
+            headers["Retry-After"] = fault.retry_after
+        self._send(fault.status, {"error": message}, headers)
 
     do_GET = do_POST = do_HEAD = do_DELETE = do_PUT = _dispatch
 
@@ -352,6 +475,7 @@ class HubServer:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self.state.faults.clear()  # no stalled request may hold the shutdown
         self.httpd.shutdown()
         self.httpd.server_close()
 
