@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,27 @@ def hub_env(hub, tmp_path):
         "HF_HOME": str(tmp_path / "hf_home"),
         "HF_HUB_DISABLE_TELEMETRY": "1",
     }
+
+
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args, env: dict[str, str] | None = None) -> Ran:
+    """Run the CLI in this process (a child process costs seconds of imports per case): the
+    same parsing, error lines and exit codes. ``env`` is set for the call only. Anything but a
+    clean exit (a bug's traceback) is raised here."""
+    from typer.testing import CliRunner
+
+    from clipship.cli import app
+
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in (env or {}).items():
+            patch.setenv(key, value)
+        result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return Ran(result.exit_code, result.stdout, result.stderr)

@@ -2,14 +2,12 @@
 exit code, nothing left behind, and no token or unrelated local path in any output."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from .conftest import run_cli
 from .test_eval import MNIST, PRETRAINED, REF
 
 TOKEN = "hf_hostile_secret_token_42"
@@ -19,10 +17,8 @@ TOKEN = "hf_hostile_secret_token_42"
 def world(tmp_path_factory):
     """Inputs the cases point at: a merged model, heads, an export, images, task files."""
     root = tmp_path_factory.mktemp("hostile")
-    env = {**os.environ, "CLIPSHIP_CACHE": str(root / "cache"), "HF_TOKEN": TOKEN}
-    run = lambda *args: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "clipship", *map(str, args)], env=env, capture_output=True, text=True
-    )
+    env = {"CLIPSHIP_CACHE": str(root / "cache"), "HF_TOKEN": TOKEN}
+    run = lambda *args: run_cli(*args, env=env)  # noqa: E731
     images = root / "digits"
     images.mkdir()
     for i, u8 in enumerate(REF["images"].numpy()[:40]):
@@ -161,15 +157,9 @@ def test_hostile_input_is_one_clear_line(world, tmp_path, case):
         "mnist": MNIST,
     }
     argv = [a.format(**where) for a in args]
-    env = {**os.environ, "CLIPSHIP_CACHE": str(world / "cache"), "HF_TOKEN": TOKEN}
+    env = {"CLIPSHIP_CACHE": str(world / "cache"), "HF_TOKEN": TOKEN}
     made_before = sorted(p.name for p in tmp_path.iterdir())
-    result = subprocess.run(
-        [sys.executable, "-m", "clipship", *argv],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_cli(*argv, env=env)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == code, result.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]

@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from .conftest import write_model
+from .conftest import run_cli, write_model
 from .test_eval import MNIST, PRETRAINED, REF
 
 TOKEN = "hf_reliability_secret_token_7"
@@ -47,30 +46,6 @@ def clipship(*args, env=None, cwd=None, limit_bytes=None, timeout=300):
         timeout=timeout,
         preexec_fn=cap,
     )
-
-
-@dataclass
-class Ran:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def run_cli(*args, env: dict[str, str] | None = None) -> Ran:
-    """Run the CLI in this process (a child process costs seconds of imports per case): the
-    same parsing, error lines and exit codes. ``env`` is set for the call only. Anything but a
-    clean exit (a bug's traceback) is raised here."""
-    from typer.testing import CliRunner
-
-    from clipship.cli import app
-
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in (env or {}).items():
-            patch.setenv(key, value)
-        result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return Ran(result.exit_code, result.stdout, result.stderr)
 
 
 @pytest.fixture(scope="module")
