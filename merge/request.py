@@ -13,6 +13,7 @@ from typing import Any
 from clipship.errors import MethodError, RecipeError
 from clipship.merge.engine import MergeResult, merge, merge_from_recipe, read_recipe
 from clipship.merge.registry import Method, get_method
+from clipship.outputs import refuse_link
 from clipship.requests import Sources, TaskSpec
 
 DATA_OPTIONS = ("data_examples", "batch_size", "data_order", "merging_weights")
@@ -64,6 +65,8 @@ class MergeRequest:
                     f"{spec.name} reads no images: drop `{given[0]}`", option=given[0]
                 )
         spec.resolve(self.method_params(spec))
+        if self.save_merging_weights is not None:
+            refuse_link(self.save_merging_weights)  # before the images are read, not after
         if not self.sources.pretrained:
             raise MethodError(
                 "no pretrained model to merge onto: give `pretrained`", option="pretrained"

@@ -13,7 +13,7 @@ import torch
 
 from clipship.errors import MethodError
 from clipship.merge.engine import iter_inputs
-from clipship.outputs import check_target, write_bytes_atomic
+from clipship.outputs import check_target, refuse_link, write_bytes_atomic
 from clipship.pool import ModelPool, open_pool
 
 CSV_NAME = "task_vector_cos_similarity.csv"
@@ -81,6 +81,7 @@ def analyze_similarity(
     """Write ``task_vector_cos_similarity.csv`` (and ``.png``) into ``out``; returns the matrix."""
     out = Path(out)
     check_target(out / CSV_NAME, force)
+    refuse_link(out / PNG_NAME)  # both outputs checked before either is written
     pool = open_pool(pretrained, models, allow_pickle=allow_pickle)
     try:
         if len(pool.models) < 2:

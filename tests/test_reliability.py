@@ -281,6 +281,8 @@ LINKS = {
     "release stages/merge is a link": ("run_merge", ["release", "{tmp}/release.yaml", "--run-dir", "{tmp}/run"], 1, "merge is a symbolic link"),
     "release marker is a link": ("run_marker", ["release", "{tmp}/release.yaml", "--run-dir", "{tmp}/run"], 1, ".clipship-release is a symbolic link"),
     "release release/ is a link": ("run_release", ["release", "{tmp}/release.yaml", "--run-dir", "{tmp}/run"], 1, "release is a symbolic link"),
+    "analyze png is a link": ("similarity_png", ["analyze", "similarity", "--pretrained", "{pre}", "--model", "digits={mnist}", "--model", "d2={world}/far", "--out", "{tmp}/sim"], 1, "task_vector_cos_similarity.png is a symbolic link"),
+    "merge --save-merging-weights is a link": ("weights_out", ["merge", "--pretrained", "{pre}", "--model", "digits={mnist}", "--method", "adamerging", "--taskfile", "{world}/tasks.json", "--param", "max_steps=1", "--data-examples", "4", "--batch-size", "4", "--save-merging-weights", "{tmp}/weights.safetensors", "--out", "{tmp}/m"], 1, "weights.safetensors is a symbolic link"),
     "analyze csv is a link": ("similarity_csv", ["analyze", "similarity", "--pretrained", "{pre}", "--model", "digits={mnist}", "--out", "{tmp}/sim", "--force"], 1, "symbolic link"),
     "finetune checkpoints are a link": ("finetune_ckpt", ["finetune", "{pre}", "--taskfile", "{world}/tasks.json", "--steps", "2", "--batch-size", "4", "--checkpoint-every", "1", "--out", "{tmp}/f"], 1, "f.checkpoints is a symbolic link"),
 }
@@ -316,6 +318,11 @@ def plant(kind: str, world: Path, tmp: Path, victim: Path) -> None:
             link(run / ".clipship-release", victim / "file.txt")
         elif kind == "run_release":
             link(run / "release", victim / "folder")
+    elif kind == "similarity_png":
+        (tmp / "sim").mkdir()
+        link(tmp / "sim" / "task_vector_cos_similarity.png", victim / "file.txt")
+    elif kind == "weights_out":
+        link(tmp / "weights.safetensors", victim / "file.txt")
     elif kind == "similarity_csv":
         (tmp / "sim").mkdir()
         link(tmp / "sim" / "task_vector_cos_similarity.csv", victim / "file.txt")
@@ -334,6 +341,19 @@ def test_no_write_follows_a_planted_link(world, tmp_path, victim, case):
     check(result, code, fragment, before, victim)
     leftovers = [p.name for p in tmp_path.rglob(".*tmp-*")]
     assert leftovers == [], leftovers
+
+
+def test_minibench_tables_are_not_written_through_links(tmp_path, victim):
+    from clipship.errors import OutputError
+    from clipship.minibench.run import write_tables
+
+    before = snapshot(victim)
+    (tmp_path / "out").mkdir()
+    os.symlink(victim / "file.txt", tmp_path / "out" / "results.png")
+    with pytest.raises(OutputError, match="results.png is a symbolic link"):
+        write_tables(tmp_path / "out", {"rows": {}})
+    assert snapshot(victim) == before
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.png"]
 
 
 def test_temporaries_have_unpredictable_names(tmp_path, victim):

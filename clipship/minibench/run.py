@@ -13,7 +13,12 @@ from typing import Any
 
 from clipship.eval.evaluate import evaluate
 from clipship.minibench.build import pool_tasks
-from clipship.outputs import write_bytes_atomic, write_json_atomic, write_text_atomic
+from clipship.outputs import (
+    refuse_link,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from clipship.pool import read_pool_yaml
 from clipship.runtime.state import figure
 
@@ -143,6 +148,8 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def write_tables(out: Path, results: dict[str, Any]) -> None:
+    for name in ("results.json", "results.md", "results.png"):
+        refuse_link(out / name)  # all three checked before any is written
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "results.json", results)
     write_text_atomic(out / "results.md", markdown(results))
