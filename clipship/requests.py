@@ -17,7 +17,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
-from clipship.errors import ClipshipError, MethodError, SourceNotFoundError, TaskError
+from clipship.errors import ClipshipError, MethodError, SourceNotFoundError, TaskError, shown
 
 E = TypeVar("E", bound=Enum)
 
@@ -45,6 +45,18 @@ def choice(kind: type[E], value: Any, option: str) -> E:
         *first, last = [str(m.value) for m in kind]
         names = f"{', '.join(first)} or {last}" if first else last
         raise ClipshipError(f"`{option}` {value}: choose {names}", option=option) from None
+
+
+MAX_SEED = 2**63 - 1  # torch's generators take a signed 64-bit seed
+
+
+def check_seed(seed: Any, option: str = "seed") -> int:
+    """A seed: a whole number from 0 to 2⁶³ − 1 (what every generator it reaches takes)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ClipshipError(
+            f"`{option}` {shown(seed)}: must be a whole number from 0 to 2^63 - 1", option=option
+        )
+    return seed
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from clipship.machine import pick_device
 from clipship.memory import load_owned, own_module
 from clipship.outputs import atomic_folder, check_target, json_text, library_versions, refuse_link
 from clipship.pool import resolve_folder
-from clipship.requests import choice
+from clipship.requests import check_seed, choice
 from clipship.runtime.data import DataError, ImageSource, Preprocess, TaskImages, collate
 from clipship.runtime.heads import build_heads
 from clipship.runtime.model import PRECISIONS, Precision, ZeroShotModel
@@ -137,6 +137,7 @@ class Settings:
                 option="weight_decay",
             )
         choice(Precision, self.precision, "precision")
+        check_seed(self.seed)
 
 
 @borrows_process_state

@@ -12,7 +12,7 @@ from clipship.errors import SourceNotFoundError
 from clipship.eval.evaluate import check_options, distributed_rank, evaluate, evaluate_pool
 from clipship.outputs import check_target, write_json_atomic
 from clipship.reports import EvalReport
-from clipship.requests import EVAL_BATCH_SIZE, Sources, TaskSpec
+from clipship.requests import EVAL_BATCH_SIZE, Sources, TaskSpec, check_seed
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class EvalRequest:
 
     def check_settings(self) -> None:
         check_options(self.precision, self.batch_size, self.limit, self.workers)
+        check_seed(self.seed)
 
     def check(self) -> list:
         """The settings, the model or pool, and the tasks (returned)."""

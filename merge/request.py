@@ -14,7 +14,7 @@ from clipship.errors import MethodError, RecipeError
 from clipship.merge.engine import MergeResult, merge, merge_from_recipe, read_recipe
 from clipship.merge.registry import Method, get_method
 from clipship.outputs import refuse_link
-from clipship.requests import Sources, TaskSpec
+from clipship.requests import Sources, TaskSpec, check_seed
 
 DATA_OPTIONS = ("data_examples", "batch_size", "data_order", "merging_weights")
 
@@ -44,6 +44,7 @@ class MergeRequest:
 
     def check(self) -> None:
         """The method and its parameters, or a recipe without them."""
+        check_seed(self.seed)
         if self.recipe is not None:
             if self.method or self.params or self.data_examples or self.batch_size:
                 raise MethodError(

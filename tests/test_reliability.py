@@ -185,6 +185,8 @@ NONFINITE = {
     "heads NaN logit_scale": (["heads", "{world}/nan_scale", "--taskfile", "{world}/tasks.json", "--out", "{tmp}/h"], 1, "logit_scale is nan"),
     "export --max-logit-diff nan": (["export", "{world}/merged", "--heads", "{world}/heads", "--out", "{tmp}/e", "--taskfile", "{world}/tasks.json", "--max-logit-diff", "nan"], 1, "--max-logit-diff"),
     "export --min-agreement-int8 inf": (["export", "{world}/merged", "--heads", "{world}/heads", "--out", "{tmp}/e", "--taskfile", "{world}/tasks.json", "--min-agreement-int8", "inf"], 1, "--min-agreement-int8"),
+    "merge --seed beyond 64 bits": (["merge", "--pretrained", "{pre}", "--model", "digits={mnist}", "--method", "dare", "--seed", "99999999999999999999999", "--out", "{tmp}/m"], 1, "--seed"),
+    "eval --seed negative": (["eval", "{world}/merged", "--taskfile", "{world}/tasks.json", "--seed", "-1", "--out", "{tmp}/r.json"], 1, "--seed"),
     "finetune --lr 1e400": (["finetune", "{pre}", "--taskfile", "{world}/tasks.json", "--lr", "1e400", "--out", "{tmp}/f"], 1, "--lr"),
     "release scaling_factor 1e300": (["release", "{tmp}/release.yaml", "--run-dir", "{tmp}/run"], 1, "outside float32's range"),
     "release gate NaN": (["release", "{tmp}/release.yaml", "--run-dir", "{tmp}/run"], 1, "gates.min_average_accuracy"),

@@ -29,7 +29,7 @@ from clipship.hashing import file_sha256
 from clipship.minibench import sources
 from clipship.outputs import atomic_folder, library_versions
 from clipship.progress import Bars
-from clipship.requests import Sources
+from clipship.requests import Sources, check_seed
 from clipship.runtime.heads import cache_dir
 from clipship.runtime.state import borrows_process_state
 from clipship.runtime.tasks import Task
@@ -308,6 +308,7 @@ def build(
     from clipship.eval.finetune import finetune
 
     plan = BUDGETS[check_budget(budget)]
+    check_seed(seed)
     key = build_key(plan, seed)
     cached = cache_dir() / "minibench" / f"{budget}-seed{seed}-{key[:12]}"
 
