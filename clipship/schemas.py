@@ -223,6 +223,9 @@ def _yaml_problem(root: Any) -> str | None:
 
 
 def _join(where: str, key: Any) -> str:
+    """``where.key``; a key that is not plain text is quoted (it may hold a line break)."""
+    if not re.fullmatch(r"[\w-]+", str(key)):
+        return f"{where}[{shown(key)}]"
     return f"{where}.{key}" if where else str(key)
 
 
@@ -264,10 +267,17 @@ def _constant(name: str) -> Any:
     raise _NonFiniteConstant(name)
 
 
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses to Inf
+        raise _NonFiniteConstant(text)
+    return value
+
+
 def loads_json(text: str) -> Any:
-    """``json.loads`` that refuses duplicate keys and NaN/Infinity (raising ``ValueError``
-    subclasses the readers above turn into one line)."""
-    return json.loads(text, object_pairs_hook=_pairs, parse_constant=_constant)
+    """``json.loads`` that refuses duplicate keys, NaN/Infinity and numbers beyond float range
+    (raising ``ValueError`` subclasses the readers above turn into one line)."""
+    return json.loads(text, object_pairs_hook=_pairs, parse_constant=_constant, parse_float=_float)
 
 
 # --- validation ---------------------------------------------------------------------------------
