@@ -42,6 +42,8 @@ ARCH_KEYS = (
     "intermediate_size",
     "num_channels",
 )
+# Files of the pretrained folder that make the output a loadable CLIPModel's processor.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 # The files that make a folder's tokenizer (copied into merged models, hashed for heads).
 TOKENIZER_FILES = (
     "tokenizer.json",

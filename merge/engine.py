@@ -25,7 +25,14 @@ from clipship.errors import MethodError, NonFiniteError, PoolMismatchError, Reci
 from clipship.machine import pick_device
 from clipship.merge.registry import Method, TensorInputs, get_method
 from clipship.outputs import atomic_folder, check_target, json_text, library_versions
-from clipship.pool import TOKENIZER_FILES, Model, ModelPool, card_metadata, open_pool
+from clipship.pool import (
+    PROCESSOR_FILES,
+    TOKENIZER_FILES,
+    Model,
+    ModelPool,
+    card_metadata,
+    open_pool,
+)
 from clipship.progress import Bars
 from clipship.safetensors_io import Checkpoint, ShardedWriter, parse_size
 
@@ -35,8 +42,6 @@ if TYPE_CHECKING:
 RECIPE_NAME = "clipship_recipe.json"
 RECIPE_FORMAT = "clipship-recipe/1"
 CHUNK = 1 << 18  # elements per streamed piece (1 MiB of float32 per model)
-# Files of the pretrained folder that make the output a loadable CLIPModel (and processor).
-PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
 @dataclass
@@ -114,17 +119,30 @@ def merge(
                 "(pass `vision_only`)",
                 option="vision_only",
             )
-        data_record = None
-        if spec.data is not None:
+        data_record, mixture = None, None
+        if spec.data is not None and spec.data.mixture:
+            if vision_only:
+                raise MethodError(
+                    f"{spec.name} writes a mixture as a full CLIP model: drop `vision_only`",
+                    option="vision_only",
+                )
+            mixture, data_record = _mixture(pool, spec, values, data, seed, device, quiet)
+        elif spec.data is not None:
             spec, data_record = _computed(pool, spec, values, data, seed, device, quiet)
         hasher = ThreadPoolExecutor(1)
         try:
             with atomic_folder(out, force) as tmp, Bars(quiet, "elapsed") as bar:
                 hashes = {m.name: hasher.submit(m.file_hashes) for m in pool.all}
-                files, stats = _merge_weights(
-                    pool, spec, values, seed, vision_only, tmp, shard_bytes, bar, device
-                )
-                _copy_metadata(pool.pretrained, tmp, vision_only)
+                if mixture is not None:
+                    from clipship.merge.mixture import write_mixture
+
+                    files = write_mixture(mixture, pool, tmp, shard_bytes)
+                    stats = mixture.statistics
+                else:
+                    files, stats = _merge_weights(
+                        pool, spec, values, seed, vision_only, tmp, shard_bytes, bar, device
+                    )
+                    _copy_metadata(pool.pretrained, tmp, vision_only)
                 recipe = _recipe(pool, spec, values, seed, vision_only, shard_bytes, hashes, stats)
                 if device != "cpu":  # results equal CPU's within float rounding, not bitwise
                     recipe["device"] = device
@@ -167,6 +185,21 @@ def _computed(
         return tower[x.name].reshape(-1)
 
     return dataclasses.replace(spec, merge=computed, per_tensor=True, prepass=None), record
+
+
+def _mixture(
+    pool: ModelPool,
+    spec: Method,
+    values: dict[str, Any],
+    data: DataOptions | None,
+    seed: int,
+    device: str,
+    quiet: bool,
+) -> tuple[Any, dict[str, Any]]:
+    """A mixture method's adapted mixture and the recipe's ``data`` entry."""
+    from clipship.merge.dataaware.plan import DataOptions, compute
+
+    return compute(pool, spec, values, data or DataOptions(), seed, device, quiet)
 
 
 def merge_from_recipe(
@@ -379,20 +412,26 @@ def _merge_weights(
         for name in vision:
             if name not in floats:
                 writer.write(name, _same_everywhere(pool, name))
-        for name in extra:  # the text tower, projections and logit scale, copied as they are
-            info = pre.checkpoint.tensors[name]
-            if info.is_float:
-                for start in range(0, info.numel, CHUNK):
-                    piece = pre.checkpoint.read(name, start, min(CHUNK, info.numel - start))
-                    check_finite(piece, f"{name} of the pretrained model", None)
-            if isinstance(pre.checkpoint, Checkpoint):
-                writer.copy(name, info, pre.checkpoint.fd(info.file))
-            else:
-                writer.write(name, pre.checkpoint.read(name))
+        copy_extra(writer, pre, extra)
         files = writer.close()
     finally:
         writer.abort()
     return files, stats
+
+
+def copy_extra(writer: ShardedWriter, pretrained: Model, names: list[str]) -> None:
+    """The pretrained tensors outside the vision tower (text tower, projections, logit scale),
+    copied as they are (file to file where possible), each checked finite first."""
+    for name in names:
+        info = pretrained.checkpoint.tensors[name]
+        if info.is_float:
+            for start in range(0, info.numel, CHUNK):
+                piece = pretrained.checkpoint.read(name, start, min(CHUNK, info.numel - start))
+                check_finite(piece, f"{name} of the pretrained model", None)
+        if isinstance(pretrained.checkpoint, Checkpoint):
+            writer.copy(name, info, pretrained.checkpoint.fd(info.file))
+        else:
+            writer.write(name, pretrained.checkpoint.read(name))
 
 
 def check_finite(tensor: torch.Tensor, what: str, method: str | None) -> None:

@@ -82,7 +82,8 @@ class DataUse:
     device=, quiet=)``. Each task model reads its own task's ``split``, one pass in batches
     (``examples`` names the parameter that caps the images, ``shuffle`` whether the rows are a
     seeded permutation) or, ``endless``, ``max_steps`` batches of an endless shuffled loader;
-    ``heads`` when it needs the tasks' zero-shot heads."""
+    ``heads`` when it needs the tasks' zero-shot heads; ``seeded`` when it draws from the
+    merge's seed; ``mixture`` when the result is a mixture of experts, not one tower."""
 
     split: str
     function: str
@@ -91,6 +92,8 @@ class DataUse:
     shuffle: bool = True
     endless: bool = False
     heads: bool = False
+    seeded: bool = False  # the function takes the merge's seed (its own draws: routers)
+    mixture: bool = False  # it returns a mixture (``MixtureResult``), written as such
 
 
 @dataclass(frozen=True)

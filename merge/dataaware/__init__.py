@@ -23,6 +23,7 @@ from clipship.merge.dataaware.batches import (
 from clipship.merge.dataaware.common import DataAwareResult
 from clipship.merge.dataaware.fisher import fisher_merging
 from clipship.merge.dataaware.regmean import regmean, regmean_plusplus
+from clipship.merge.dataaware.wemoe import mixture_of_experts
 
 __all__ = [
     "DataAwareResult",
@@ -32,6 +33,7 @@ __all__ = [
     "entropy_loss",
     "fisher_merging",
     "merge_with_weights",
+    "mixture_of_experts",
     "one_pass_data",
     "pixel_batches",
     "regmean",

@@ -54,7 +54,8 @@ def compute(
     device: str,
     quiet: bool,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(the merged vision tower by tensor name, the recipe's ``data`` entry)."""
+    """(the merged vision tower by tensor name — a mixture method's ``MixtureResult`` —, the
+    recipe's ``data`` entry)."""
     assert spec.data is not None
     if options.merging_weights is not None:
         return _with_weights(pool, spec, values, options.merging_weights)
@@ -83,11 +84,15 @@ def compute(
     run = getattr(dataaware, use.function)
     settings = {key: values[key] for key in use.keys}
     given = (heads,) if use.heads else ()
+    if use.seeded:
+        settings["seed"] = seed
     result = run(pool, data, preprocess, *given, **settings, device=device, quiet=quiet)
     record: dict[str, Any] = {
         "tasks": {d.task.name: {**identities[d.task.name], **d.record()} for d in data},
         "preprocessing": preprocess.record(),
     }
+    if use.mixture:  # the mixture itself, not a merged tower: the engine writes it
+        return result, record
     if result.merging_weights is not None:
         record["merging_weights"] = result.merging_weights.tolist()
         if options.save_merging_weights is not None:
@@ -143,6 +148,20 @@ def folder_sha256(path: Path) -> str:
     for name, file_digest in files.items():
         digest.update(f"{name}\0{file_digest}\n".encode())
     return digest.hexdigest()
+
+
+def read_router_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Routers under FusionBench's keys (``gate_init.safetensors``), every value finite."""
+    from safetensors import SafetensorError
+
+    from clipship.memory import load_owned
+
+    try:
+        return load_owned(path)
+    except FileNotFoundError:
+        raise DataError(f"router_init {path}: no such file") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DataError(f"router_init {path}: not a safetensors file ({e})") from None
 
 
 def save_weights(path: Path, weights: torch.Tensor, names: list[str] | None) -> None:

@@ -27,7 +27,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -46,39 +45,29 @@ from clipship.merge.matrices import canonical
 from clipship.pool import ModelPool
 from clipship.progress import Bars
 from clipship.runtime.data import Preprocess
+from clipship.runtime.modeling_clipship_wemoe import (
+    MLP_PARAMS,
+    Gate,
+    layer_code,
+    synthesised_mlp,
+)
 from clipship.runtime.state import borrows_process_state
 
-MLP_PARAMS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
 QUANTILE_LIMIT = 1 << 24  # torch.quantile refuses larger inputs (FusionBench's D8)
-SYNTHESIS_BYTES = 64 << 20  # per-sample MLP weights synthesised at once, at most
 
 
 # --- routers -------------------------------------------------------------------------------------
 
 
-class Router(nn.Module):
+class Router(Gate):
     """FusionBench's gates by depth, with its parameter names: 0 ``weight`` [T]; 1 ``fc``;
-    2 ``fc1`` (d → d), ReLU, ``fc2`` (d → T)."""
+    2 ``fc1`` (d → d), ReLU, ``fc2`` (d → T) (the mixture folder's ``Gate``), initialised as
+    FusionBench does."""
 
     def __init__(self, width: int, experts: int, depth: int):
-        super().__init__()
-        self.depth = depth
-        if depth == 0:
-            self.weight = nn.Parameter(torch.empty(experts))
-        elif depth == 1:
-            self.fc = nn.Linear(width, experts)
-        elif depth == 2:
-            self.fc1 = nn.Linear(width, width)
-            self.fc2 = nn.Linear(width, experts)
-        else:
+        if depth not in (0, 1, 2):
             raise MethodError(f"router_hidden_layers {depth}: choose 0, 1 or 2")
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.depth == 0:
-            return self.weight
-        if self.depth == 1:
-            return self.fc(hidden)
-        return self.fc2(torch.relu(self.fc1(hidden)))
+        super().__init__(width, experts, depth)
 
     @torch.no_grad()
     def initialise(self, init_lambda: float, generator: torch.Generator) -> None:
@@ -99,13 +88,6 @@ def router_generator(seed: int, index: int) -> torch.Generator:
     """The generator of router ``index``'s initial draws, from (``seed``, ``index``)."""
     digest = hashlib.sha256(f"clipship-wemoe-router\0{seed}\0{index}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-
-def layer_code(layer: int, dim: int) -> torch.Tensor:
-    """FusionBench's ``positional_encoding``: sin then cos of ``layer`` at 10000^(−2i/dim)."""
-    i = np.arange(dim // 2)
-    rates = 1 / np.power(10000, (2 * i) / dim)
-    return torch.from_numpy(np.concatenate([np.sin(layer * rates), np.cos(layer * rates)])).float()
 
 
 # --- the mixture MLP -----------------------------------------------------------------------------
@@ -162,29 +144,7 @@ class MoEMLP(nn.Module):
         """Each sample through its own weights W_b = θ₀ + Σ_t w_bt τ_t (added in pool order, as
         FusionBench's per-sample loop does), synthesised for a few samples at a time."""
         base = dict(self.base.named_parameters())
-        per = sum(base[n].numel() for n in MLP_PARAMS) * 4
-        chunk = max(1, SYNTHESIS_BYTES // per)
-        act = self.base.activation_fn
-        outputs = []
-        for start in range(0, hidden.shape[0], chunk):
-            w = weights[start : start + chunk]
-            synthesised = {}
-            for name in MLP_PARAMS:
-                value = base[name].expand(w.shape[0], *base[name].shape)
-                for t, vector in enumerate(self.task_vectors):
-                    scale = w[:, t].reshape(-1, *([1] * base[name].dim()))
-                    value = value + scale * vector[name]
-                synthesised[name] = value
-            h = hidden[start : start + chunk]
-            h = torch.baddbmm(
-                synthesised["fc1.bias"].unsqueeze(1), h, synthesised["fc1.weight"].transpose(1, 2)
-            )
-            h = act(h)
-            h = torch.baddbmm(
-                synthesised["fc2.bias"].unsqueeze(1), h, synthesised["fc2.weight"].transpose(1, 2)
-            )
-            outputs.append(h)
-        return torch.cat(outputs)
+        return synthesised_mlp(hidden, base, self.task_vectors, weights, self.base.activation_fn)
 
 
 # --- construction --------------------------------------------------------------------------------
@@ -428,3 +388,54 @@ def weight_ensembling_moe(
     for router in mixture.routers:
         router.requires_grad_(False)
     return MixtureResult(mixture, rows_of(data), {"entropy": losses})
+
+
+def mixture_of_experts(
+    pool: ModelPool,
+    data: list[TaskData],
+    preprocess: Preprocess,
+    heads: dict[str, torch.Tensor],
+    *,
+    router_hidden_layers: int,
+    init_lambda: float,
+    batch_reduce: bool,
+    lr: float,
+    max_steps: int,
+    use_grad_accumulate: bool,
+    router_init: str | None = None,
+    tv_prune_ratio: float | None = None,
+    shared_gate: bool = False,
+    position_encoding: bool = False,
+    position_encoding_dim: int = 8,
+    post_sparse_gate: bool = False,
+    gate_prune_ratio: float = 0.0,
+    seed: int = 0,
+    device: str = "cpu",
+    quiet: bool = True,
+) -> MixtureResult:
+    """:func:`weight_ensembling_moe` from a method's flat parameters (FusionBench's keys);
+    ``router_init`` a safetensors file of routers under FusionBench's keys. With
+    ``post_sparse_gate``, each router tensor is magnitude-pruned at ``gate_prune_ratio`` after
+    adaptation (FusionBench's post sparse gate)."""
+    from clipship.merge.dataaware.plan import read_router_file
+
+    settings = MixtureSettings(
+        router_hidden_layers=router_hidden_layers,
+        init_lambda=init_lambda,
+        tv_prune_ratio=tv_prune_ratio,
+        shared_gate=shared_gate,
+        position_encoding=position_encoding,
+        position_encoding_dim=position_encoding_dim,
+        router_init=read_router_file(router_init) if router_init else None,
+    )
+    result = weight_ensembling_moe(
+        pool, data, preprocess, heads, settings=settings, batch_reduce=batch_reduce, lr=lr,
+        max_steps=max_steps, use_grad_accumulate=use_grad_accumulate, seed=seed, device=device,
+        quiet=quiet,
+    )  # fmt: skip
+    if post_sparse_gate:
+        with torch.no_grad():
+            for router in result.mixture.routers:
+                for param in router.parameters():
+                    param.copy_(magnitude_prune(param, gate_prune_ratio))
+    return result
