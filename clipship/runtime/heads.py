@@ -77,8 +77,9 @@ def tokenizer_sha256(folder: Path) -> str:
 
 
 def config_sha256(config: dict[str, Any]) -> str:
-    """sha256 of what the heads depend on in ``config.json``: everything but the vision part."""
-    text = {k: v for k, v in config.items() if k not in ("vision_config", "transformers_version")}
+    """sha256 of what the heads depend on in ``config.json``: the text tower's configuration and
+    the projection size (so a merged model or a mixture shares its pretrained model's heads)."""
+    text = {k: config.get(k) for k in ("text_config", "projection_dim")}
     return hashlib.sha256(json.dumps(text, sort_keys=True).encode()).hexdigest()
 
 
@@ -237,10 +238,13 @@ def _logit_scale(folder: Path) -> float:
 
 
 def load_clip(folder: Path, device: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    from transformers import CLIPModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
+
+    from clipship.runtime.model import clip_class
 
     with quiet_transformers():
-        model = own_module(CLIPModel.from_pretrained(folder, dtype=dtype).to(device).eval())
+        model = clip_class(folder).from_pretrained(folder, dtype=dtype)
+        model = own_module(model.to(device).eval())
         return model, CLIPTokenizer.from_pretrained(folder)
 
 

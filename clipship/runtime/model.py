@@ -64,7 +64,7 @@ def load_zero_shot(
     model: str, pretrained: str | None, device: str
 ) -> tuple[ZeroShotModel, Path, dict]:
     """(model on device, pretrained folder, model_info) for a merged folder, encoder or hub id."""
-    from transformers import CLIPModel, CLIPVisionModel
+    from transformers import CLIPVisionModel
 
     checked = load_model("model", model)  # headers only: refuses folders without a vision tower
     checked.checkpoint.close()
@@ -79,13 +79,40 @@ def load_zero_shot(
     else:
         pretrained_folder = resolve_folder(pretrained)[0]
     with quiet_transformers():
-        clip = CLIPModel.from_pretrained(pretrained_folder)
-        vision = CLIPVisionModel.from_pretrained(checked.folder)
+        clip = clip_class(pretrained_folder).from_pretrained(pretrained_folder)
+        if is_mixture(checked.config):  # a WEMoE mixture: its own vision tower, per-sample routing
+            mixture = clip
+            if checked.folder != pretrained_folder:
+                mixture = clip_class(checked.folder).from_pretrained(checked.folder)
+            vision = mixture.vision_model
+        else:
+            vision = CLIPVisionModel.from_pretrained(checked.folder)
     zero_shot = ZeroShotModel(vision, clip.visual_projection, clip.logit_scale).to(device).eval()
     own_module(zero_shot)  # out of the files' mappings (clipship.memory)
     for name, parameter in zero_shot.named_parameters():  # NaN in, NaN metrics out: refuse
         if not bool(torch.isfinite(parameter).all()):
             raise NonFiniteWeightsError(f"{model}: {name} has NaN or Inf values")
-    n = sum(p.numel() for p in vision.parameters())
+    n = sum(p.numel() for p in vision.parameters()) + sum(b.numel() for b in vision.buffers())
     info = {"trainable_params": n, "all_params": n, "trainable_percentage": 1.0}
+    if is_mixture(checked.config):
+        info["routing"] = "per_sample"  # each image through its own routing weights
     return zero_shot, pretrained_folder, info
+
+
+def is_mixture(config: dict) -> bool:
+    """A weight-ensembling mixture folder (``clipship.merge.mixture``)."""
+    return config.get("model_type") == "clipship_wemoe"
+
+
+def clip_class(folder: Path) -> Any:
+    """The class that loads ``folder``'s full CLIP model: ``CLIPModel``, or a mixture's."""
+    import json
+
+    from transformers import CLIPModel
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    if is_mixture(config):
+        from clipship.runtime.modeling_clipship_wemoe import CLIPWEMoEModel
+
+        return CLIPWEMoEModel
+    return CLIPModel
