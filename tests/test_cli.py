@@ -475,6 +475,8 @@ def test_info_and_methods_and_similarity(tmp_path):
         "regmean_plusplus",
         "fisher_merging",
         "adamerging",
+        "weight_ensembling_moe",
+        "sparse_weight_ensembling_moe",
     }
     assert all(m["paper"].startswith("https://") for m in table)
     reads = {m["name"]: m["reads"] for m in table if m["reads"]}
@@ -483,6 +485,8 @@ def test_info_and_methods_and_similarity(tmp_path):
         "regmean_plusplus": "train",
         "fisher_merging": "train",
         "adamerging": "test",
+        "weight_ensembling_moe": "test",
+        "sparse_weight_ensembling_moe": "test",
     }
     wudi = next(m for m in table if m["name"] == "wudi")["params"]
     assert wudi["iter_num"]["default"] == 400 and wudi["exclude_keys"]["default"] is None

@@ -196,3 +196,113 @@ def test_a_bad_router_file_is_one_clear_error(pool, change, message):
     given = change(load_file(str(REFERENCE / "wemoe" / "gate_init.safetensors")))
     with pytest.raises(MethodError, match=message.replace("[", r"\[").replace("]", r"\]")):
         build_mixture(pool, settings_of("wemoe", router_init=given))
+
+
+# --- the mixture folder --------------------------------------------------------------------------
+
+
+def merge_args(algo: str, out, order, *extra: str) -> list[str]:
+    config = info(algo)["config"]
+    method = "weight_ensembling_moe" if algo == "wemoe" else "sparse_weight_ensembling_moe"
+    models = [a for t in NAMES for a in ("--model", f"{t}={FIXTURE / t}")]
+    return [
+        "merge", "--pretrained", str(PRETRAINED), *models, "--method", method,
+        "--param", f"max_steps={config['max_steps']}",
+        "--param", f"router_init={REFERENCE / algo / 'gate_init.safetensors'}",
+        "--data-order", str(order), "--data-dir", str(FIXTURE / "data"), "--out", str(out),
+        "--quiet", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Each reference run merged through the command line into a mixture folder."""
+    from .conftest import run_cli
+
+    root = tmp_path_factory.mktemp("mixtures")
+    out = {}
+    for algo in ALGOS:
+        order = root / f"{algo}_order.json"
+        rows = info(algo)["data_order"]
+        order.write_text(json.dumps({t: rows[f"test/{t}/call0"] for t in NAMES}))
+        result = run_cli(
+            *merge_args(algo, root / algo, order), env={"CLIPSHIP_CACHE": str(root / "c")}
+        )
+        assert result.returncode == 0, result.stderr
+        out[algo] = root / algo
+    return out
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_the_folder_loads_with_automodel_and_holds_fusionbenchs_mixture(folders, algo):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(folders[algo], trust_remote_code=True)
+    assert type(model).__name__ == "CLIPWEMoEModel"
+    reference = load_file(str(REFERENCE / algo / "final_state_dict.safetensors"))
+    state = model.state_dict()
+    for name, value in reference.items():
+        if ".task_vectors." in name and algo == "sparse_wemoe":  # stored as mask + values
+            layer, rest = name.split(".layers.")[1].split(".mlp.task_vectors.")
+            expert, param = rest.split(".", 1)
+            vector = model.vision_model.encoder.layers[int(layer)].mlp.task_vectors[int(expert)]
+            ours = vector.dense(param)
+        else:
+            ours = state[name]
+        # our zero-shot heads differ from that run's by up to 1.7e-7 (see tests/data/mixing)
+        assert float((ours - value).abs().max()) <= 1e-5, name
+
+
+def test_the_sparse_folder_is_smaller_and_its_config_describes_the_mixture(folders):
+    from safetensors import safe_open
+
+    def vector_bytes(folder):
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            names = [k for k in f.keys() if ".task_vectors." in k]
+            return sum(f.get_tensor(k).nbytes for k in names)
+
+    config = json.loads((folders["sparse_wemoe"] / "config.json").read_text())
+    assert config["wemoe"]["experts"] == NAMES and config["wemoe"]["storage"] == "bitmask"
+    assert config["wemoe"]["shared_gate"] and config["wemoe"]["routing"] == "per_sample"
+    # 10 % of the entries kept as float32 plus one bit per entry: 13.1 % of the dense bytes
+    dense, sparse = vector_bytes(folders["wemoe"]), vector_bytes(folders["sparse_wemoe"])
+    assert 0.12 * dense < sparse < 0.14 * dense, (sparse, dense)
+    sizes = {a: (folders[a] / "model.safetensors").stat().st_size for a in ALGOS}
+    assert sizes["wemoe"] - sizes["sparse_wemoe"] >= 0.85 * (dense - sparse), sizes
+
+
+def test_eval_reads_the_folder_and_says_its_routing(folders):
+    from .conftest import run_cli
+
+    result = run_cli(
+        "eval", folders["wemoe"], "--tasks", ",".join(NAMES), "--data-dir", FIXTURE / "data",
+        "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["model_info"]["routing"] == "per_sample"
+    expected = info("wemoe")["accuracy_test_split"]["per_sample"]
+    assert {t: report[t]["accuracy"] for t in NAMES} == pytest.approx(
+        {t: expected[t] for t in NAMES}, abs=1 / 64
+    )
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--param", "tv_prune_ratio=1"], "tv_prune_ratio=1.0 must be in [0, 1)"),
+        (["--param", "router_hidden_layers=3"], "must be 0, 1 or 2"),
+        (["--vision-only"], "drop --vision-only"),
+        (["--param", "router_init=/nonexistent/gate.safetensors"], "no such file"),
+    ],
+)
+def test_bad_mixture_requests_are_one_line(tmp_path, extra, message):
+    from .conftest import run_cli
+
+    order = tmp_path / "order.json"
+    order.write_text(json.dumps({t: list(range(64)) * 5 for t in NAMES}))
+    args = merge_args("sparse_wemoe", tmp_path / "m", order, *extra)
+    result = run_cli(*args)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "m").exists()

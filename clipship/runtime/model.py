@@ -92,7 +92,8 @@ def load_zero_shot(
     for name, parameter in zero_shot.named_parameters():  # NaN in, NaN metrics out: refuse
         if not bool(torch.isfinite(parameter).all()):
             raise NonFiniteWeightsError(f"{model}: {name} has NaN or Inf values")
-    n = sum(p.numel() for p in vision.parameters()) + sum(b.numel() for b in vision.buffers())
+    # Parameters plus a mixture's stored task vectors (float buffers); not position_ids or masks.
+    n = sum(t.numel() for t in vision.state_dict().values() if t.is_floating_point())
     info = {"trainable_params": n, "all_params": n, "trainable_percentage": 1.0}
     if is_mixture(checked.config):
         info["routing"] = "per_sample"  # each image through its own routing weights
