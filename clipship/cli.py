@@ -201,6 +201,7 @@ def eval_(
     workers: o.EvalWorkers = None,
     seed: o.Seed = 0,
     skip_bad_images: o.EvalSkipBadImages = False,
+    routing: o.EvalRouting = "per_sample",
     out: o.EvalOut = None,
     force: o.Force = False,
     quiet: o.Quiet = False,
@@ -212,8 +213,8 @@ def eval_(
     request = _call(
         "clipship.eval.request:EvalRequest", spec, model=model, pretrained=pretrained,
         pool=sources, heads=heads_dir, device=device, precision=precision, batch_size=batch_size,
-        limit=limit, workers=workers, seed=seed, skip_bad_images=skip_bad_images, out=out,
-        force=force, quiet=quiet,
+        limit=limit, workers=workers, seed=seed, skip_bad_images=skip_bad_images,
+        routing=routing, out=out, force=force, quiet=quiet,
     )  # fmt: skip
     outcome = _run(request.run)
     if not outcome.primary:  # under torchrun, rank 0 reports for everyone

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,43 @@ def describe(model: Model) -> dict[str, Any]:
     if model.has_text_tower:
         text = config["text_config"]
         info["text"] = {k: text.get(k) for k in _TEXT_KEYS if k in text}
+    if config.get("model_type") == "clipship_wemoe":
+        info["mixture"] = describe_mixture(model)
+        routers = info["mixture"]["router_params"]
+        total = info["model_info"]["all_params"]
+        info["model_info"] = {  # FusionBench's: only the routers train
+            "trainable_params": routers,
+            "all_params": total,
+            "trainable_percentage": routers / total if total else 0.0,
+        }
     return info
+
+
+def describe_mixture(model: Model) -> dict[str, Any]:
+    """A WEMoE / E-WEMoE folder: its experts, router, routing, and the task vectors' storage
+    (``density``: the share of entries kept, 1.0 dense)."""
+    from clipship.runtime.model import check_mixture
+
+    spec = check_mixture(model.config, model.source)
+    tensors = model.checkpoint.tensors
+    size = {n: math.prod(t.shape) for n, t in tensors.items()}
+    routers = sum(size[n] for n in tensors if ".mlp.gate." in n)
+    if spec["shared_gate"]:  # one router, stored under every layer's names
+        routers //= model.vision_config["num_hidden_layers"]
+    base = sum(size[n] for n in tensors if ".mlp.base_model." in n)  # one expert's entries
+    vectors = base * len(spec["experts"])
+    kept = sum(size[n] for n in tensors if ".task_vectors." in n and not n.endswith("_mask"))
+    return {
+        "experts": spec["experts"],
+        "router_hidden_layers": spec["router_hidden_layers"],
+        "shared_gate": spec["shared_gate"],
+        "routing": spec["routing"],
+        "storage": spec["storage"],
+        "tv_prune_ratio": spec.get("tv_prune_ratio"),
+        "router_params": routers,
+        "task_vector_entries": vectors,
+        "density": round(kept / vectors, 6) if vectors else None,
+    }
 
 
 def model_info(sources: dict[str, str], allow_pickle: bool = False) -> list[dict[str, Any]]:

@@ -75,6 +75,14 @@ EvalBatchSize = Annotated[int, Opt("--batch-size")]
 EvalLimit = Annotated[int | None, Opt("--limit", help="First N test images per task.")]
 EvalWorkers = Annotated[int | None, Opt("--workers", help="DataLoader workers.")]
 EvalSkipBadImages = Annotated[bool, Opt("--skip-bad-images")]
+EvalRouting = Annotated[
+    str,
+    Opt(
+        "--routing",
+        help="A mixture's routing: per_sample (each image on its own) or batch "
+        "(FusionBench's evaluation: weights averaged over the batch).",
+    ),
+]
 EvalOut = Annotated[Path | None, Opt("--out", help="Write the JSON report here.")]
 FinetuneOut = Annotated[Path, Opt("--out", help="Output CLIPVisionModel folder.")]
 FinetuneTasks = Annotated[str | None, Opt("--tasks", help="The built-in task to tune for.")]

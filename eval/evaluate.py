@@ -24,7 +24,15 @@ from clipship.reports import EvalReport
 from clipship.requests import choice
 from clipship.runtime.data import DataError, ImageSource, Preprocess, TaskImages, collate
 from clipship.runtime.heads import build_heads, check_heads, load_heads
-from clipship.runtime.model import PRECISIONS, Precision, ZeroShotModel, hub_dataset, load_zero_shot
+from clipship.runtime.model import (
+    PRECISIONS,
+    Precision,
+    Routing,
+    ZeroShotModel,
+    hub_dataset,
+    load_zero_shot,
+    set_routing,
+)
 from clipship.runtime.state import borrows_process_state
 from clipship.runtime.tasks import Task
 
@@ -46,13 +54,14 @@ def evaluate(
     seed: int = 0,
     skip_bad_images: bool = False,
     quiet: bool = True,
+    routing: str = "per_sample",
 ) -> EvalReport:
     """Accuracy and loss per task, their average and the model's size (FusionBench's report
     shape, ``EvalReport.to_json()``).
 
     >>> evaluate("merged/", get_tasks("all"), device="cuda")   # doctest: +SKIP
     """
-    check_options(precision, batch_size, limit, workers)
+    check_options(precision, batch_size, limit, workers, routing)
     device = init_distributed(pick_device(device))
     if precision == "fp16" and device == "cpu":
         raise ClipshipError(
@@ -60,6 +69,7 @@ def evaluate(
         )
     torch.manual_seed(seed)
     zero_shot, pretrained_folder, info = load_zero_shot(model, pretrained, device)
+    layers = set_routing(zero_shot, info, routing)
     if heads is not None:
         head_table, meta = load_heads(heads)
         check_heads(meta, pretrained_folder)
@@ -71,6 +81,9 @@ def evaluate(
     preprocess = Preprocess.from_pretrained(pretrained_folder)
     rows: dict[str, dict[str, Any]] = {}
     for task in tasks:
+        for layer in layers:  # a mixture: the mean routing weights of this task's images
+            layer.routing_sum = torch.zeros(len(info["experts"]), dtype=torch.float64)
+            layer.routed = 0
         rows[task.name] = evaluate_task(
             zero_shot,
             task,
@@ -84,6 +97,13 @@ def evaluate(
             skip_bad_images,
             quiet,
         )
+        if layers:  # [layer][expert], this process's images
+            rows[task.name]["routing_weights"] = [
+                [round(float(w), 6) for w in layer.routing_sum / max(layer.routed, 1)]
+                for layer in layers
+            ]
+            for layer in layers:
+                layer.routing_sum = None
     average = {
         key: sum(rows[t.name][key] for t in tasks) / len(tasks) for key in ("accuracy", "loss")
     }
@@ -98,9 +118,16 @@ def evaluate(
     return EvalReport.from_json(report)
 
 
-def check_options(precision: str, batch_size: int, limit: int | None, workers: int | None) -> None:
+def check_options(
+    precision: str,
+    batch_size: int,
+    limit: int | None,
+    workers: int | None,
+    routing: str = "per_sample",
+) -> None:
     """An evaluation's settings, checked before anything loads."""
     choice(Precision, precision, "precision")
+    choice(Routing, routing, "routing")
     if batch_size < 1:
         raise ClipshipError(f"`batch_size` {batch_size}: must be positive", option="batch_size")
     if batch_size > MAX_BATCH:

@@ -10,7 +10,7 @@ from typing import Any
 
 from clipship.errors import SourceNotFoundError
 from clipship.eval.evaluate import check_options, distributed_rank, evaluate, evaluate_pool
-from clipship.outputs import check_target, write_json_atomic
+from clipship.outputs import check_target, refuse_link, write_bytes_atomic, write_json_atomic
 from clipship.reports import EvalReport
 from clipship.requests import EVAL_BATCH_SIZE, Sources, TaskSpec, check_seed
 
@@ -43,12 +43,13 @@ class EvalRequest:
     workers: int | None = None
     seed: int = 0
     skip_bad_images: bool = False
+    routing: str = "per_sample"
     out: Path | None = None
     force: bool = False
     quiet: bool = True
 
     def check_settings(self) -> None:
-        check_options(self.precision, self.batch_size, self.limit, self.workers)
+        check_options(self.precision, self.batch_size, self.limit, self.workers, self.routing)
         check_seed(self.seed)
 
     def check(self) -> list:
@@ -79,6 +80,7 @@ class EvalRequest:
             seed=self.seed,
             skip_bad_images=self.skip_bad_images,
             quiet=self.quiet,
+            routing=self.routing,
         )
         if self.pool is not None:
             pretrained = self.pool.pretrained or ""
@@ -87,7 +89,15 @@ class EvalRequest:
             reports = evaluate(self.model or "", tasks, pretrained=self.pretrained, **options)
         outcome = EvalOutcome(reports, primary=distributed_rank()[0] == 0)
         if self.out is not None and outcome.primary:
-            write_json_atomic(self.out, outcome.to_json())
+            report = outcome.to_json()
+            if isinstance(outcome.reports, EvalReport):  # a mixture's routing map beside it
+                from clipship.eval.routing import heatmap_path, routing_heatmap
+
+                png = routing_heatmap(report)
+                if png is not None:
+                    refuse_link(heatmap_path(self.out))
+                    write_bytes_atomic(heatmap_path(self.out), png)
+            write_json_atomic(self.out, report)
         return outcome
 
 

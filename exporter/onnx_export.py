@@ -370,6 +370,11 @@ def export(
         )
     heads = {n: table[n] for n in names}
     deploy = DeployModel(zero_shot, heads).eval()
+    graph = deploy  # what is exported; deploy gives the reference logits
+    if info.get("routing") == "per_sample":  # a mixture: the batch's weights in one product
+        from clipship.exporter.mixture import exportable
+
+        graph = DeployModel(exportable(zero_shot), heads).eval()
     preprocess = Preprocess.from_pretrained(pretrained_folder)
     val_tasks = [t for t in validation_tasks or [] if t.name in names]
     unvalidated = [n for n in names if n not in {t.name for t in val_tasks}]
@@ -402,7 +407,7 @@ def export(
         _gate(gate, result, names, gates)
 
     with atomic_folder(out, force) as tmp:
-        _write_variants(tmp, deploy, images, record, variants, int8_scheme)
+        _write_variants(tmp, graph, images, record, variants, int8_scheme)
         for variant in variants:
             validate(_session(tmp / FILES[variant]), str(variant), variant)
         if tensorrt:

@@ -27,43 +27,50 @@ import torch
 
 from clipship.merge.dataaware.wemoe import MixtureResult, router_keys
 from clipship.pool import PROCESSOR_FILES, TOKENIZER_FILES, ModelPool
-from clipship.runtime.modeling_clipship_wemoe import MLP_PARAMS, pack_mask
+from clipship.runtime.modeling_clipship_wemoe import FORMAT, MLP_PARAMS, pack_mask
 from clipship.safetensors_io import DTYPE_NAMES, ShardedWriter
 
 MODELING_FILE = "modeling_clipship_wemoe.py"
-FORMAT = "clipship-wemoe/1"
 
 
-def mixture_tensors(result: MixtureResult, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every vision tensor of the folder by name (float tensors in ``dtype``, routers in float32,
-    sparse masks uint8)."""
+def mixture_tensors(result: MixtureResult, dtype: torch.dtype):
+    """Every vision tensor of the folder as (name, dtype, shape, make): float tensors in
+    ``dtype``, routers in float32, sparse masks uint8; ``make()`` gives the tensor, so the
+    writer holds one converted tensor at a time, not a second copy of the mixture."""
     from clipship.merge.matrices import canonical
 
     mixture = result.mixture
     sparse = mixture.settings.tv_prune_ratio is not None
-    out: dict[str, torch.Tensor] = {}
+
+    def converted(value: torch.Tensor, to: torch.dtype = dtype):
+        return to, tuple(value.shape), lambda: value.detach().to("cpu", to)
+
     for name, param in mixture.vision.named_parameters():
         key = canonical(name)
         if ".mlp." not in key:
-            out[key] = param.detach().to("cpu", dtype)
+            yield (key, *converted(param))
     for layer, mlp in enumerate(mixture.mlps):
         prefix = f"vision_model.encoder.layers.{layer}.mlp."
         for name, param in mlp.base.named_parameters():
-            out[f"{prefix}base_model.{name}"] = param.detach().to("cpu", dtype)
+            yield (f"{prefix}base_model.{name}", *converted(param))
         for t, vector in enumerate(mlp.task_vectors):
             for name in MLP_PARAMS:
-                value = vector[name].detach().to("cpu", dtype)
+                value = vector[name]
                 key = f"{prefix}task_vectors.{t}.{name}"
-                if sparse:
-                    kept = value != 0
-                    out[f"{key}_mask"] = pack_mask(kept)
-                    out[f"{key}_values"] = value[kept].contiguous()
-                else:
-                    out[key] = value
+                if not sparse:
+                    yield (key, *converted(value))
+                    continue
+                size = ((value.numel() + 7) // 8,)
+                yield (f"{key}_mask", torch.uint8, size, lambda v=value: pack_mask(v != 0))
+                yield (
+                    f"{key}_values",
+                    dtype,
+                    (int((value != 0).sum()),),
+                    lambda v=value: v.detach()[v != 0].to("cpu", dtype).contiguous(),
+                )
         params = dict(mlp.router.named_parameters())
         for key, name in router_keys(mlp.router, layer).items():
-            out[key] = params[name].detach().to("cpu", torch.float32)
-    return out
+            yield (key, *converted(params[name], torch.float32))
 
 
 def mixture_config(result: MixtureResult, pool: ModelPool, kept: dict[str, int] | None) -> dict:
@@ -105,18 +112,18 @@ def write_mixture(
 
     pretrained = pool.pretrained
     dtype = pretrained.info(pool.tensor_names[0]).dtype_torch
-    vision = mixture_tensors(result, dtype)
-    for name, tensor in vision.items():
-        check_finite(tensor, f"mixture tensor {name}", None)
+    vision = list(mixture_tensors(result, dtype))
     stored_vision = set(pretrained.vision_keys.values())
     extra = sorted(n for n in pretrained.checkpoint.tensors if n not in stored_vision)
-    layout = {n: (DTYPE_NAMES[t.dtype], tuple(t.shape)) for n, t in vision.items()}
+    layout = {n: (DTYPE_NAMES[d], shape) for n, d, shape, _ in vision}
     for name in extra:
         info = pretrained.checkpoint.tensors[name]
         layout[name] = (info.dtype, info.shape)
     writer = ShardedWriter(folder, layout, max_shard_bytes)
     try:
-        for name, tensor in vision.items():
+        for name, _, _, make in vision:
+            tensor = make()
+            check_finite(tensor, f"mixture tensor {name}", None)
             writer.write(name, tensor)
         copy_extra(writer, pretrained, extra)
         files = writer.close()

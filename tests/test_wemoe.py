@@ -306,3 +306,133 @@ def test_bad_mixture_requests_are_one_line(tmp_path, extra, message):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1 and message in lines[0], result.stderr
     assert not (tmp_path / "m").exists()
+
+
+def task_pixels(tasks, preprocess) -> dict[str, torch.Tensor]:
+    """Each task's 64 test images, preprocessed, in order."""
+    return {
+        t.name: torch.cat(
+            list(pixel_batches(one_pass_data(t, "test", 64, 64, shuffle=False), preprocess))
+        )
+        for t in tasks
+    }
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_the_loaded_folder_routes_per_sample_or_by_batch_like_fusionbench(
+    folders, tasks, preprocess, algo
+):
+    from clipship.runtime.model import load_zero_shot, set_routing
+
+    model, _, info = load_zero_shot(str(folders[algo]), None, "cpu")
+    assert info["routing"] == "per_sample" and info["experts"] == NAMES
+    reference = load_file(str(REFERENCE / algo / "logits.safetensors"))
+    heads = heads_of(algo)
+    with torch.no_grad():
+        for task, pixels in task_pixels(tasks, preprocess).items():
+            ours = model.logits(model.embed(pixels), heads[task])
+            assert float((ours - reference[f"per_sample/{task}"]).abs().max()) <= 1e-4
+        set_routing(model, info, "batch")
+        assert info["routing"] == "batch"
+        for task, pixels in task_pixels(tasks, preprocess).items():
+            by_16 = [model.logits(model.embed(pixels[i : i + 16]), heads[task]) for i in (0, 16)]
+            expected = reference[f"as_returned_bs16/{task}"][:32]
+            assert float((torch.cat(by_16) - expected).abs().max()) <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def exported(folders, tmp_path_factory):
+    """Both mixtures exported (WEMoE fp32; E-WEMoE fp32 and int8) with heads for the 3 tasks."""
+    from .conftest import run_cli
+
+    root = tmp_path_factory.mktemp("mixture_exports")
+    env = {"CLIPSHIP_CACHE": str(root / "c")}
+    heads = root / "heads"
+    result = run_cli("heads", PRETRAINED, "--tasks", ",".join(NAMES), "--out", heads, env=env)
+    assert result.returncode == 0, result.stderr
+    out = {}
+    for algo, precision in (("wemoe", "fp32"), ("sparse_wemoe", "fp32,int8")):
+        out[algo] = root / algo
+        result = run_cli(
+            "export", folders[algo], "--heads", heads, "--out", out[algo], "--precision",
+            precision, "--data-dir", FIXTURE / "data", env=env,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_the_exported_graph_routes_per_sample_like_fusionbench(exported, tasks, preprocess, algo):
+    import onnxruntime as ort
+
+    record = json.loads((exported[algo] / "export.json").read_text())
+    report = json.loads((exported[algo] / "export_report.json").read_text())
+    assert record["model_info"]["routing"] == "per_sample"
+    session = ort.InferenceSession(str(exported[algo] / "model.onnx"))
+    reference = load_file(str(REFERENCE / algo / "logits.safetensors"))
+    for task, pixels in task_pixels(tasks, preprocess).items():
+        (logits,) = session.run([f"logits_{task}"], {"pixel_values": pixels.numpy()})
+        diff = float((torch.from_numpy(logits) - reference[f"per_sample/{task}"]).abs().max())
+        assert diff <= 1e-4, (task, diff)
+        # one image at a time gives the same rows: no batch neighbour changes a prediction
+        (first,) = session.run([f"logits_{task}"], {"pixel_values": pixels[:1].numpy()})
+        assert float(abs(first - logits[:1]).max()) <= 1e-4
+    assert report["variants"]["fp32"]["batch_1_7_vs_32_max_diff"] <= 1e-4
+    if algo == "sparse_wemoe":  # the portable int8 scheme: every integer product exact
+        assert record["int8"]["integer_ops"] and "int8" in report["variants"]
+
+
+def test_eval_maps_the_routing_and_reproduces_fusionbenchs_batch_evaluation(folders, tmp_path):
+    from .conftest import run_cli
+
+    common = ["--tasks", ",".join(NAMES), "--data-dir", FIXTURE / "data", "--quiet"]
+    out = tmp_path / "report.json"
+    result = run_cli("eval", folders["sparse_wemoe"], *common, "--routing", "batch", "--out", out)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["model_info"]["routing"] == "batch"
+    grid = report["mnist"]["routing_weights"]
+    assert len(grid) == 4 and all(len(row) == 3 for row in grid)
+    assert (tmp_path / "report.routing.png").read_bytes().startswith(b"\x89PNG")
+    # a plain encoder has no router to average
+    result = run_cli("eval", FIXTURE / "mnist", "--pretrained", PRETRAINED, *common,
+                     "--routing", "batch")  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and "applies to mixtures" in lines[0]
+
+
+def test_a_mixture_folder_of_another_format_is_refused_in_one_line(folders, tmp_path):
+    import shutil
+
+    from .conftest import run_cli
+
+    old = tmp_path / "old"
+    shutil.copytree(folders["wemoe"], old)
+    config = json.loads((old / "config.json").read_text())
+    config["wemoe"]["format"] = "clipship-wemoe/0"
+    (old / "config.json").write_text(json.dumps(config))
+    for command in (
+        ["eval", old, "--tasks", "mnist", "--data-dir", FIXTURE / "data"],
+        ["info", old],
+        ["export", old, "--heads", old, "--out", tmp_path / "x"],
+    ):
+        result = run_cli(*command)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1, result.stderr
+        assert "mixture format 'clipship-wemoe/0'" in lines[0]
+    assert not (tmp_path / "x").exists()
+
+
+def test_info_describes_the_mixture(folders):
+    from .conftest import run_cli
+
+    result = run_cli("info", folders["wemoe"], folders["sparse_wemoe"], "--json")
+    assert result.returncode == 0, result.stderr
+    dense, sparse = (row["mixture"] for row in json.loads(result.stdout))
+    assert dense["experts"] == NAMES and dense["router_hidden_layers"] == 2
+    assert dense["density"] == 1.0 and dense["storage"] == "dense"
+    # E-WEMoE keeps the top 10 % of each tensor (a few ties aside) and shares one router
+    assert 0.099 <= sparse["density"] <= 0.101 and sparse["shared_gate"]
+    assert dense["router_params"] == 4 * sparse["router_params"]
+    rows = json.loads(result.stdout)
+    assert rows[0]["model_info"]["trainable_params"] == dense["router_params"]

@@ -13,9 +13,18 @@ import torch
 from clipship.errors import NonFiniteWeightsError, PoolMismatchError
 from clipship.memory import own_module
 from clipship.pool import load_model, resolve_folder
-from clipship.requests import Choice
+from clipship.requests import Choice, choice
 from clipship.runtime.state import quiet_transformers
 from clipship.runtime.tasks import Task
+
+
+class Routing(Choice):
+    """How a mixture routes an evaluation batch: each image on its own (clipship's default,
+    a prediction never depends on its batch neighbours), or FusionBench's evaluation, which
+    averages the routing weights over the batch."""
+
+    PER_SAMPLE = "per_sample"
+    BATCH = "batch"
 
 
 class Precision(Choice):
@@ -96,13 +105,53 @@ def load_zero_shot(
     n = sum(t.numel() for t in vision.state_dict().values() if t.is_floating_point())
     info = {"trainable_params": n, "all_params": n, "trainable_percentage": 1.0}
     if is_mixture(checked.config):
-        info["routing"] = "per_sample"  # each image through its own routing weights
+        info["routing"] = str(Routing.PER_SAMPLE)  # each image through its own routing weights
+        info["experts"] = list(checked.config["wemoe"]["experts"])
     return zero_shot, pretrained_folder, info
+
+
+def mixture_layers(zero_shot: ZeroShotModel) -> list[Any]:
+    """A mixture's MLPs in layer order (empty for a plain encoder)."""
+    from clipship.runtime.modeling_clipship_wemoe import WEMoEMLP
+
+    return [m for m in zero_shot.vision.modules() if isinstance(m, WEMoEMLP)]
+
+
+def set_routing(zero_shot: ZeroShotModel, info: dict[str, Any], routing: str) -> list[Any]:
+    """Route a mixture per sample or per batch (``info["routing"]`` says which); a plain
+    encoder takes only per_sample. Returns the mixture's MLPs."""
+    routing = choice(Routing, routing, "routing")
+    layers = mixture_layers(zero_shot)
+    if routing != Routing.PER_SAMPLE and not layers:
+        raise PoolMismatchError(
+            f"`routing` {routing} applies to mixtures (weight_ensembling_moe); this model has "
+            "no router",
+            option="routing",
+        )
+    for layer in layers:
+        layer.batch_reduce = routing == Routing.BATCH
+    if layers:
+        info["routing"] = str(routing)
+    return layers
 
 
 def is_mixture(config: dict) -> bool:
     """A weight-ensembling mixture folder (``clipship.merge.mixture``)."""
     return config.get("model_type") == "clipship_wemoe"
+
+
+def check_mixture(config: dict, where: Any) -> dict:
+    """A mixture config's ``wemoe`` section, refused unless this clipship wrote its layout."""
+    from clipship.runtime.modeling_clipship_wemoe import FORMAT
+
+    spec = config.get("wemoe")
+    written = spec.get("format") if isinstance(spec, dict) else None
+    if written != FORMAT:  # another clipship's layout: its tensors would load wrongly
+        raise PoolMismatchError(
+            f"{where}: mixture format {written!r} is not {FORMAT!r} (written by another "
+            "clipship version); merge it again with this one"
+        )
+    return spec
 
 
 def clip_class(folder: Path) -> Any:
@@ -114,6 +163,8 @@ def clip_class(folder: Path) -> Any:
     config = json.loads((Path(folder) / "config.json").read_text())
     if is_mixture(config):
         from clipship.runtime.modeling_clipship_wemoe import CLIPWEMoEModel
+
+        check_mixture(config, folder)
 
         return CLIPWEMoEModel
     return CLIPModel

@@ -23,6 +23,7 @@ from torch import nn
 from transformers import CLIPConfig, CLIPModel
 
 MLP_PARAMS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+FORMAT = "clipship-wemoe/1"  # config.wemoe.format: the layout this file reads
 SYNTHESIS_BYTES = 64 << 20  # per-sample MLP weights made at once, at most
 
 
@@ -145,6 +146,9 @@ class WEMoEMLP(nn.Module):
         self.task_vectors = nn.ModuleList(experts)
         self.gate = gate
         self.register_buffer("code", code, persistent=False)
+        self.batch_reduce = False  # True: FusionBench's evaluation, one routing for the batch
+        self.routing_sum: torch.Tensor | None = None  # when set, each image's weights add here
+        self.routed = 0
 
     def routing_weights(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.gate.depth == 0:
@@ -157,9 +161,19 @@ class WEMoEMLP(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         weights = self.routing_weights(hidden)
+        if self.batch_reduce:
+            weights = weights.mean(dim=0, keepdim=True).expand_as(weights)
+        if self.routing_sum is not None:
+            self.routing_sum += weights.detach().float().sum(dim=0).to(self.routing_sum)
+            self.routed += weights.shape[0]
         base = {n: p for n, p in self.base_model.named_parameters()}
         vectors = [{n: v.dense(n) for n in MLP_PARAMS} for v in self.task_vectors]
-        return synthesised_mlp(hidden, base, vectors, weights, self.base_model.activation_fn)
+        activation = self.base_model.activation_fn
+        if self.batch_reduce:  # one set of weights: the batch's tokens as one sample
+            flat = hidden.reshape(1, -1, hidden.shape[-1])
+            out = synthesised_mlp(flat, base, vectors, weights[:1], activation)
+            return out.reshape(*hidden.shape[:2], -1)
+        return synthesised_mlp(hidden, base, vectors, weights, activation)
 
 
 class CLIPWEMoEModel(CLIPModel):
