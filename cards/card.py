@@ -84,7 +84,7 @@ def write_card(
     from clipship.schemas import Recipe, parse
 
     parse(Recipe, recipe, str(run / RECIPE))
-    for output in ("README.md", "accuracy.png"):
+    for output in ("README.md", "accuracy.png", "routing.png"):
         refuse_link(run / output)  # before any work: the card is not written through a link
     if (run / "README.md").exists() and not force and not _ours(run / "README.md"):
         raise ClipshipError(
@@ -103,6 +103,11 @@ def write_card(
     merged = rows.get("merged") or {}
     name = name or run.resolve().name
     base = recipe["pretrained"].get("repo_id") or base_model  # a hub id, or no base_model field
+    mixture = _mixture(run)
+    bases: Any = base
+    if mixture is not None:  # a mixture's bases: the pretrained model and every expert
+        experts = [m["repo_id"] for m in recipe["models"] if m.get("repo_id")]
+        bases = [b for b in [base, *experts] if b] or None
     task_datasets = reports["merged"].datasets() if "merged" in reports else {}
     results, datasets = [], []
     for task, accuracy in merged.items():
@@ -125,8 +130,8 @@ def write_card(
         license=license,
         library_name="transformers",
         pipeline_tag="zero-shot-image-classification",
-        base_model=base,
-        base_model_relation="merge" if base else None,
+        base_model=bases,
+        base_model_relation="merge" if bases else None,
         tags=["clip", "model-merging", recipe["method"], "clipship"],
         datasets=sorted(set(datasets)) or None,
         model_name=name,
@@ -135,7 +140,16 @@ def write_card(
     body = _body(
         name, base or public_source(recipe["pretrained"]), recipe, rows, _read(run / EXPORT_REPORT)
     )
+    heatmap = None
+    if mixture is not None:
+        from clipship.eval.routing import routing_heatmap
+
+        merged_report = reports["merged"].to_json() if "merged" in reports else {}
+        heatmap = routing_heatmap(merged_report)
+        body = _mixture_section(body, mixture, merged_report, heatmap is not None)
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+    if heatmap is not None:
+        write_bytes_atomic(run / "routing.png", heatmap)
     if rows:
         write_bytes_atomic(run / "accuracy.png", _chart(rows))
     write_text_atomic(run / "README.md", str(card))
@@ -218,6 +232,64 @@ def _body(name: str, base: str, recipe: dict[str, Any], rows: dict, export: dict
             "",
         ]
     return "\n".join(lines)
+
+
+def _mixture(run: Path) -> dict[str, Any] | None:
+    """``clipship info``'s description of a mixture folder (None for a merged encoder)."""
+    from clipship.info import describe_mixture
+    from clipship.pool import load_model
+
+    config = _read(run / "config.json")
+    if not isinstance(config, dict) or config.get("model_type") != "clipship_wemoe":
+        return None
+    model = load_model("mixture", str(run))
+    try:
+        summary = describe_mixture(model)
+        from clipship.pool import count_params
+
+        summary["all_params"] = count_params(model)["all_params"]
+        return summary
+    finally:
+        model.checkpoint.close()
+
+
+def _mixture_section(body: str, mixture: dict[str, Any], report: dict, heatmap: bool) -> str:
+    """The card's description of a mixture, after its first paragraph."""
+    sparse = mixture["storage"] != "dense"
+    routing = (report.get("model_info") or {}).get("routing")
+    lines = [
+        "## Mixture",
+        "",
+        f"The vision encoder is a {'sparse ' if sparse else ''}weight-ensembling mixture of "
+        f"experts ({'E-WEMoE' if sparse else 'WEMoE'}): outside the MLPs, task arithmetic of the "
+        f"experts; in every layer the MLP is the base model's plus Σₜ wₜ τₜ, the routing weights "
+        f"w coming from a router of depth {mixture['router_hidden_layers']} "
+        f"({'one router shared by every layer' if mixture['shared_gate'] else 'one per layer'}) "
+        "over the MLP's input. **Each image is routed on its own**: a prediction does not depend "
+        "on the other images in its batch.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| experts (by task) | {', '.join(mixture['experts'])} |",
+        f"| parameters (total) | {mixture['all_params']:,} |",
+        f"| trainable (the routers) | {mixture['router_params']:,} |",
+        f"| task-vector storage | {mixture['storage']}"
+        + (f", density {100 * mixture['density']:.1f} %" if sparse else "")
+        + " |",
+        "",
+        "Load it with `AutoModel.from_pretrained(repo, trust_remote_code=True)` (the modeling file "
+        "ships in the repository).",
+        "",
+    ]
+    if routing:
+        lines += [f"The accuracy below was measured with routing `{routing}`.", ""]
+    if heatmap:
+        lines += [
+            "![mean routing weight per layer and expert, by task](routing.png)",
+            "",
+        ]
+    marker = "## Merge recipe"
+    return body.replace(marker, "\n".join(lines) + "\n" + marker, 1)
 
 
 def _link(base: str) -> str:

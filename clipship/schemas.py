@@ -508,6 +508,7 @@ class RecipeData(Schema):
     preprocessing: dict[str, Any] | None = None
     merging_weights: list[Any] | None = None
     given_merging_weights: bool | None = None
+    router_init_sha256: Sha256 | None = None  # a mixture's given initial routers
 
 
 class Recipe(Schema):

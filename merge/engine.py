@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from clipship.errors import MethodError, NonFiniteError, PoolMismatchError, RecipeError
+from clipship.hashing import file_sha256
 from clipship.machine import pick_device
 from clipship.merge.registry import Method, TensorInputs, get_method
 from clipship.outputs import atomic_folder, check_target, json_text, library_versions
@@ -148,6 +149,8 @@ def merge(
                     recipe["device"] = device
                 if data_record is not None:
                     recipe["data"] = data_record
+                if mixture is not None and values.get("router_init"):
+                    files.append(_keep_router_init(values["router_init"], tmp, recipe))
                 if expected_hashes is not None:
                     _check_hashes(recipe, expected_hashes)
                 (tmp / RECIPE_NAME).write_text(json_text(recipe, RECIPE_NAME))
@@ -215,6 +218,7 @@ def merge_from_recipe(
     by folder name only, so they come from ``pretrained`` / ``models`` (by task name), which can
     also stand in for hub sources; every weight file must match the recipe's sha256."""
     recipe = read_recipe(Path(recipe_path))
+    _find_router_init(recipe, Path(recipe_path).parent)
     given = dict(models or {})
     unknown = sorted(set(given) - {m["name"] for m in recipe["models"]})
     if unknown:
@@ -238,6 +242,32 @@ def merge_from_recipe(
         expected_hashes={m["name"]: m["files"] for m in [recipe["pretrained"], *recipe["models"]]},
         **{"device": recipe.get("device", "cpu"), **kwargs},
     )
+
+
+ROUTER_INIT = "router_init.safetensors"
+
+
+def _keep_router_init(source: str, folder: Path, recipe: dict[str, Any]) -> str:
+    """A mixture's given initial routers, copied beside its recipe (which names the copy and its
+    sha256, not this machine's path), so the folder replays on its own."""
+    shutil.copyfile(source, folder / ROUTER_INIT)
+    recipe["parameters"]["router_init"] = ROUTER_INIT
+    recipe["data"]["router_init_sha256"] = file_sha256(folder / ROUTER_INIT)
+    return ROUTER_INIT
+
+
+def _find_router_init(recipe: dict[str, Any], folder: Path) -> None:
+    """A replayed mixture's initial routers: the copy beside the recipe, checked by sha256."""
+    name = recipe["parameters"].get("router_init")
+    if not name:
+        return
+    expected = (recipe.get("data") or {}).get("router_init_sha256")
+    path = folder / name
+    if Path(name).name != name or not path.is_file():
+        raise RecipeError(f"router_init {name}: not beside the recipe in {folder}")
+    if expected is None or file_sha256(path) != expected:
+        raise RecipeError(f"{path}: its sha256 is not the recipe's router_init_sha256")
+    recipe["parameters"]["router_init"] = str(path)
 
 
 def _recorded_data(record: dict[str, Any], given: DataOptions | None) -> DataOptions:

@@ -436,3 +436,35 @@ def test_info_describes_the_mixture(folders):
     assert dense["router_params"] == 4 * sparse["router_params"]
     rows = json.loads(result.stdout)
     assert rows[0]["model_info"]["trainable_params"] == dense["router_params"]
+
+
+def test_the_recipe_replays_a_mixture_byte_for_byte(folders, tmp_path):
+    from .conftest import run_cli
+
+    folder = folders["sparse_wemoe"]
+    recipe = json.loads((folder / "clipship_recipe.json").read_text())
+    # the given routers travel with the folder, named by the recipe with their sha256
+    assert recipe["parameters"]["router_init"] == "router_init.safetensors"
+    assert (folder / "router_init.safetensors").read_bytes() == (
+        REFERENCE / "sparse_wemoe" / "gate_init.safetensors"
+    ).read_bytes()
+    assert str(REFERENCE) not in (folder / "clipship_recipe.json").read_text()
+    models = [a for t in NAMES for a in ("--model", f"{t}={FIXTURE / t}")]
+    again = tmp_path / "again"
+    result = run_cli(
+        "merge", "--recipe", folder / "clipship_recipe.json", "--pretrained", PRETRAINED,
+        *models, "--data-dir", FIXTURE / "data", "--out", again, "--quiet",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for name in ("model.safetensors", "config.json", "clipship_recipe.json"):
+        assert (again / name).read_bytes() == (folder / name).read_bytes(), name
+    (tmp_path / "bad").mkdir()
+    recipe_copy = tmp_path / "bad" / "clipship_recipe.json"
+    recipe_copy.write_text(json.dumps(recipe))
+    (tmp_path / "bad" / "router_init.safetensors").write_bytes(b"changed")
+    result = run_cli(
+        "merge", "--recipe", recipe_copy, "--pretrained", PRETRAINED, *models,
+        "--data-dir", FIXTURE / "data", "--out", tmp_path / "x",
+    )  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and "router_init_sha256" in lines[0]
