@@ -289,7 +289,11 @@ def _mixture_section(body: str, mixture: dict[str, Any], report: dict, heatmap: 
             "",
         ]
     marker = "## Merge recipe"
-    return body.replace(marker, "\n".join(lines) + "\n" + marker, 1)
+    body = body.replace(marker, "\n".join(lines) + "\n" + marker, 1)
+    # the modeling file is the repository's own code: the pipeline must be allowed to run it
+    return body.replace(
+        '-classification", model=', '-classification", trust_remote_code=True, model='
+    )
 
 
 def _link(base: str) -> str:

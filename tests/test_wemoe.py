@@ -468,3 +468,48 @@ def test_the_recipe_replays_a_mixture_byte_for_byte(folders, tmp_path):
     )  # fmt: skip
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1 and "router_init_sha256" in lines[0]
+
+
+def test_a_pushed_mixture_loads_from_the_hub_with_automodel_like_clipships_loader(
+    folders, hub, hub_env, tmp_path
+):
+    import shutil
+    import subprocess
+    import sys
+
+    from huggingface_hub import HfApi, snapshot_download
+    from transformers import AutoModel
+
+    from clipship.runtime.model import load_zero_shot
+
+    from .conftest import HUB_TOKENS, run_cli
+
+    run = tmp_path / "run"
+    shutil.copytree(folders["sparse_wemoe"], run)
+    common = ["--tasks", ",".join(NAMES), "--data-dir", FIXTURE / "data", "--quiet"]
+    assert run_cli("eval", run, *common, "--out", run / "eval_report.json").returncode == 0
+    result = run_cli(
+        "card", run, "--license", "mit", "--base-model", "openai/clip-vit-base-patch32"
+    )
+    assert result.returncode == 0, result.stderr
+    card = (run / "README.md").read_text()
+    assert "## Mixture" in card and "routing `per_sample`" in card and "(routing.png)" in card
+    assert "trust_remote_code=True" in card
+    push = [sys.executable, "-m", "clipship", "push", str(run), "--repo-id", "alice/ewemoe"]
+    pushed = subprocess.run(push, env=hub_env, capture_output=True, text=True, timeout=120)
+    assert pushed.returncode == 0, pushed.stderr
+    token = list(HUB_TOKENS)[0]
+    folder = snapshot_download(
+        "alice/ewemoe", endpoint=hub.url, token=token, cache_dir=tmp_path / "dl"
+    )
+    assert (
+        HfApi(endpoint=hub.url, token=token).model_info("alice/ewemoe").card_data.license == "mit"
+    )
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    ours, _, _ = load_zero_shot(str(run), None, "cpu")
+    pixels = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=pixels)
+        features = getattr(features, "pooler_output", features)  # transformers 5: an output
+        features = features / features.norm(dim=-1, keepdim=True)
+        assert float((features - ours.embed(pixels)).abs().max()) <= 1e-6
