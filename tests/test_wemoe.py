@@ -513,3 +513,32 @@ def test_a_pushed_mixture_loads_from_the_hub_with_automodel_like_clipships_loade
         features = getattr(features, "pooler_output", features)  # transformers 5: an output
         features = features / features.norm(dim=-1, keepdim=True)
         assert float((features - ours.embed(pixels)).abs().max()) <= 1e-6
+
+
+def test_a_pool_whose_mlp_shapes_differ_is_one_line(tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from .conftest import run_cli
+
+    odd = tmp_path / "odd"
+    shutil.copytree(FIXTURE / "mnist", odd)
+    tensors = load_file(str(odd / "model.safetensors"))
+    for name in tensors:  # an MLP of 96 hidden units instead of 128
+        if ".mlp.fc1." in name:
+            tensors[name] = tensors[name][:96].contiguous()
+        elif name.endswith(".mlp.fc2.weight"):
+            tensors[name] = tensors[name][:, :96].contiguous()
+    save_file(tensors, str(odd / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((odd / "config.json").read_text())
+    config.get("vision_config", config)["intermediate_size"] = 96
+    (odd / "config.json").write_text(json.dumps(config))
+    result = run_cli(
+        "merge", "--pretrained", PRETRAINED, "--model", f"mnist={odd}", "--model",
+        f"svhn={FIXTURE / 'svhn'}", "--method", "weight_ensembling_moe", "--param", "max_steps=1",
+        "--data-dir", FIXTURE / "data", "--out", tmp_path / "m",
+    )  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and "intermediate_size=96" in lines[0]
+    assert not (tmp_path / "m").exists()
