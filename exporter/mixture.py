@@ -30,14 +30,16 @@ class BatchedWEMoEMLP(nn.Module):
         self.shapes = {n: tuple(p.shape) for n, p in moe.base_model.named_parameters()}
         for name in MLP_PARAMS:
             key = name.replace(".", "_")
-            stacked = torch.stack([v.dense(name).reshape(-1) for v in moe.task_vectors])
-            self.register_buffer(f"tau_{key}", stacked.detach().clone())
+            # [numel, T], the product's first input: int8 export quantizes constant second
+            # inputs only, and these become per-image weights, not products to quantize
+            stacked = torch.stack([v.dense(name).reshape(-1) for v in moe.task_vectors], dim=1)
+            self.register_buffer(f"tau_{key}", stacked.detach().contiguous())
             self.register_buffer(f"base_{key}", moe.base_model.get_parameter(name).detach().clone())
         self.activation = moe.base_model.activation_fn
 
     def weights(self, routing: torch.Tensor, name: str) -> torch.Tensor:
         key = name.replace(".", "_")
-        made = routing @ getattr(self, f"tau_{key}")  # [B, numel]
+        made = torch.matmul(getattr(self, f"tau_{key}"), routing.T).T  # [B, numel]
         return made.reshape(-1, *self.shapes[name]) + getattr(self, f"base_{key}")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,10 @@ from clipship.runtime.tasks import Task
 from clipship.schemas import record_sha256
 
 OPSET = 20
+# Graphs whose weights pass this many bytes keep them in one ``<graph>.data`` file beside the
+# graph (ONNX's external data): a protobuf file cannot pass 2 GiB, and a mixture of 8 ViT-B/32
+# experts is 2.2 GB. Smaller graphs stay one self-contained file.
+EXTERNAL_DATA_BYTES = 1 << 30
 
 
 class Variant(Choice):
@@ -185,7 +189,34 @@ def validation_images(
     return np.stack(images), where
 
 
-def _onnx_export(model: DeployModel, example: torch.Tensor, path: Path, names: list[str]) -> None:
+def external_data(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s graph keeps its weights in a separate data file."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors) > EXTERNAL_DATA_BYTES
+
+
+def data_file(graph: Path) -> Path:
+    """The external data file of the graph at ``graph``."""
+    return graph.with_name(f"{graph.name}.data")
+
+
+def save_graph(model: Any, path: Path, external: bool) -> None:
+    """An ``onnx.ModelProto`` to ``path``, its weights in ``data_file(path)`` when ``external``."""
+    import onnx
+
+    if not external:
+        onnx.save(model, str(path))
+        return
+    data_file(path).unlink(missing_ok=True)
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+        location=data_file(path).name, size_threshold=1024,  # shapes stay in the graph
+    )  # fmt: skip
+
+
+def _onnx_export(
+    model: DeployModel, example: torch.Tensor, path: Path, names: list[str], external: bool
+) -> None:
     batch = torch.export.Dim("batch", min=1, max=65536)
     with _quiet():
         torch.onnx.export(
@@ -196,7 +227,7 @@ def _onnx_export(model: DeployModel, example: torch.Tensor, path: Path, names: l
             output_names=names,
             dynamic_shapes=({0: batch},),
             dynamo=True,
-            external_data=False,
+            external_data=external,
             opset_version=OPSET,
         )
 
@@ -228,7 +259,7 @@ def _to_fp16(source: Path, target: Path) -> None:
     with _quiet():
         model = OnnxModel(onnx.load(str(source)))
         model.convert_float_to_float16(keep_io_types=True)
-        model.save_model_to_file(str(target))
+        save_graph(model.model, target, data_file(source).exists())
 
 
 def _to_int8(source: Path, target: Path, scheme: Scheme) -> dict[str, Any]:
@@ -237,7 +268,7 @@ def _to_int8(source: Path, target: Path, scheme: Scheme) -> dict[str, Any]:
     import onnx
 
     with _quiet():
-        rewrites = quantize_int8(source, target, scheme)
+        rewrites = quantize_int8(source, target, scheme, data_file(source).exists())
     graph = onnx.load(str(target))
     problems = check_integer_products(graph)
     if problems:
@@ -417,9 +448,12 @@ def export(
             validate(EngineSession(tmp / ENGINE_FILE), "tensorrt_fp16", Variant.FP16)
         if Variant.FP32 not in variants:
             (tmp / FILES[Variant.FP32]).unlink()
+            data_file(tmp / FILES[Variant.FP32]).unlink(missing_ok=True)
         _embed_metadata(tmp, record)
+        graphs = sorted(set(record["variants"].values()))
+        files = [*graphs, *(data_file(Path(g)).name for g in graphs if data_file(tmp / g).exists())]
         record["sha256"] = {  # predict refuses a graph that changed since it was validated
-            name: file_sha256(tmp / name) for name in sorted(set(record["variants"].values()))
+            name: file_sha256(tmp / name) for name in sorted(files)
         }
         record["record_sha256"] = record_sha256(record)  # covers labels and preprocessing
         (tmp / "export.json").write_text(json_text(record, "export.json", ensure_ascii=False))
@@ -504,7 +538,7 @@ def _write_variants(
 ) -> None:
     """The fp32 graph (always: the others derive from it), then fp16 and int8 when asked."""
     fp32 = tmp / FILES[Variant.FP32]
-    _onnx_export(deploy, images.pixels(0, 2), fp32, record["outputs"])
+    _onnx_export(deploy, images.pixels(0, 2), fp32, record["outputs"], external_data(deploy))
     _check_graph(fp32)
     if Variant.FP16 in variants:
         _to_fp16(fp32, tmp / FILES[Variant.FP16])
@@ -525,6 +559,7 @@ def _write_engine(
     record["tensorrt"] = build_engine(fp16, tmp / ENGINE_FILE, shape, max_batch)
     if Variant.FP16 not in variants:
         fp16.unlink()
+        data_file(fp16).unlink(missing_ok=True)
 
 
 def _minimum(variant: Variant, gates: Gates) -> float:
@@ -562,8 +597,7 @@ def _gate(precision: Variant, result: dict[str, Any], names: list[str], gates: G
 def _check_graph(path: Path) -> None:
     import onnx
 
-    model = onnx.load(str(path))
-    onnx.checker.check_model(model, full_check=True)
+    onnx.checker.check_model(str(path), full_check=True)  # by path: also past 2 GiB
 
 
 def _embed_metadata(folder: Path, record: dict[str, Any]) -> None:
@@ -592,7 +626,7 @@ def _embed_metadata(folder: Path, record: dict[str, Any]) -> None:
         ):
             entry = model.metadata_props.add()
             entry.key, entry.value = f"clipship.{key}", json.dumps(record[key], ensure_ascii=False)
-        onnx.save(model, str(path))
+        save_graph(model, path, data_file(path).exists())
 
 
 def _recipe_hash(model: str) -> str | None:

@@ -58,7 +58,18 @@ def _variant_graph(folder: Path, record: dict[str, Any], variant: str) -> tuple[
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != expected:
         raise ClipshipError(f"{name}: changed since it was exported (sha256 differs)")
-    return name, data
+    weights = f"{name}.data"  # a large graph's external weights, beside it
+    if weights not in (record.get("sha256") or {}):
+        return name, data
+    if not (folder / weights).is_file() or (folder / weights).is_symlink():
+        raise ClipshipError(f"{weights}: missing from {folder} (re-export the model)")
+    digest = hashlib.sha256()
+    with open(folder / weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    if digest.hexdigest() != record["sha256"][weights]:
+        raise ClipshipError(f"{weights}: changed since it was exported (sha256 differs)")
+    return name, str(path)  # onnxruntime reads the data file from beside the graph
 
 
 def _preprocess(record: dict[str, Any], where: str = "export.json") -> ImagePreprocess:

@@ -60,7 +60,9 @@ DEFAULT_SCHEME = "u8u8"
 SATURATING = Scheme("s8", "int8", reduce_range=False)
 
 
-def quantize_int8(source: Path, target: Path, scheme: Scheme) -> dict[str, int]:
+def quantize_int8(
+    source: Path, target: Path, scheme: Scheme, external: bool = False
+) -> dict[str, int]:
     """Dynamic per-channel quantization of the encoder's matrix products into ``target``, after
     the CPU rewrites of :mod:`clipship.exporter.cpu_graph` (fused attention; the patch embedding
     as a MatMul, so it is quantized too). The projection (a Gemm: one row per image, no time to
@@ -85,6 +87,7 @@ def quantize_int8(source: Path, target: Path, scheme: Scheme) -> dict[str, int]:
         op_types_to_quantize=["MatMul"],
         # onnxruntime turns each Gemm into a MatMul named "<gemm>_MatMul" and quantizes it.
         nodes_to_exclude=[f"{n.name}_MatMul" for n in model.graph.node if n.op_type == "Gemm"],
+        use_external_data_format=external,  # weights in "<target>.data"
     )
     return rewrites
 

@@ -542,3 +542,41 @@ def test_a_pool_whose_mlp_shapes_differ_is_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1 and "intermediate_size=96" in lines[0]
     assert not (tmp_path / "m").exists()
+
+
+def test_a_graph_past_the_size_limit_keeps_its_weights_in_one_data_file(
+    folders, tmp_path, monkeypatch
+):
+    """Exports above EXTERNAL_DATA_BYTES (a mixture of 8 ViT-B/32 experts: 2.2 GB, past
+    protobuf's 2 GiB) write ``<graph>.data`` beside each graph; predict checks and reads it."""
+    from clipship.exporter import onnx_export
+
+    from .conftest import run_cli
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    env = {"CLIPSHIP_CACHE": str(tmp_path / "c")}
+    heads, out = tmp_path / "heads", tmp_path / "export"
+    assert run_cli("heads", PRETRAINED, "--tasks", "mnist", "--out", heads, env=env).returncode == 0
+    result = run_cli(
+        "export", folders["wemoe"], "--heads", heads, "--out", out, "--precision", "fp16,int8",
+        "--data-dir", FIXTURE / "data", env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    record = json.loads((out / "export.json").read_text())
+    names = {p.name for p in out.iterdir()}
+    assert names == {
+        "export.json", "export_report.json", "model_fp16.onnx", "model_fp16.onnx.data",
+        "model_int8.onnx", "model_int8.onnx.data",
+    }  # fmt: skip
+    assert set(record["sha256"]) == names - {"export.json", "export_report.json"}
+    # the weights are elsewhere (tensors under 1 KiB, shapes among them, stay in the graph)
+    size = {n: (out / n).stat().st_size for n in names}
+    assert size["model_fp16.onnx.data"] > size["model_fp16.onnx"]
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "red.png")
+    args = ["predict", out, tmp_path / "red.png", "--task", "mnist", "--variant", "fp16"]
+    assert run_cli(*args).returncode == 0
+    (out / "model_fp16.onnx.data").write_bytes(b"changed")
+    result = run_cli(*args)
+    assert result.returncode == 1 and "model_fp16.onnx.data: changed" in result.stderr
