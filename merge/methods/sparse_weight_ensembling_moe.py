@@ -18,7 +18,7 @@ def _below_one(value: float) -> str | None:
 METHOD = Method(
     name="sparse_weight_ensembling_moe",
     summary="E-WEMoE: WEMoE with magnitude-pruned task vectors and one shared router.",
-    paper="https://arxiv.org/abs/2410.09908",
+    paper="https://arxiv.org/abs/2410.21804",
     params=(
         *COMMON,
         Param("use_grad_accumulate", bool, False, "one backward pass per task (else one in all)"),
