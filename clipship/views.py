@@ -85,6 +85,17 @@ def model_info(rows: list[dict[str, Any]]) -> None:
             ",".join(row["dtype"]),
         )
     _show(grid)
+    for row in rows:  # a mixture's own line: experts, router, storage
+        m = row.get("mixture")
+        if m:
+            density = f", density {100 * m['density']:.1f} %" if m["storage"] != "dense" else ""
+            router = "one shared router" if m["shared_gate"] else "a router per layer"
+            print(
+                f"{row['name']}: mixture of {len(m['experts'])} experts ({', '.join(m['experts'])})"
+                f"; {router} of depth {m['router_hidden_layers']}, "
+                f"{m['router_params']:,} trainable; {m['routing']} routing; "
+                f"{m['storage']} task vectors{density}"
+            )
 
 
 def eval_reports(reports: Any) -> None:
