@@ -431,6 +431,9 @@ def main() -> None:
     from clipship.outputs import unwind_on_sigterm
 
     unwind_on_sigterm()
+    from clipship.machine import return_freed_memory
+
+    return_freed_memory()
     try:
         app()
     except Terminated:

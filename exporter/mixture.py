@@ -30,17 +30,18 @@ class BatchedWEMoEMLP(nn.Module):
         self.shapes = {n: tuple(p.shape) for n, p in moe.base_model.named_parameters()}
         for name in MLP_PARAMS:
             key = name.replace(".", "_")
-            # [numel, T], the product's first input: int8 export quantizes constant second
-            # inputs only, and these become per-image weights, not products to quantize
-            stacked = torch.stack([v.dense(name).reshape(-1) for v in moe.task_vectors], dim=1)
-            self.register_buffer(f"tau_{key}", stacked.detach().contiguous())
-            self.register_buffer(f"base_{key}", moe.base_model.get_parameter(name).detach().clone())
+            stacked = torch.stack([v.dense(name).reshape(-1) for v in moe.task_vectors])
+            self.register_buffer(f"tau_{key}", stacked.detach().contiguous())  # [T, numel]
+            base = moe.base_model.get_parameter(name).detach().reshape(-1)
+            self.register_buffer(f"base_{key}", base.clone())
         self.activation = moe.base_model.activation_fn
 
     def weights(self, routing: torch.Tensor, name: str) -> torch.Tensor:
+        """[B, *shape]: θ₀ + Σ_t r_bt τ_t, one Gemm (which int8 export leaves float: these are
+        the images' weights, not a product to quantize)."""
         key = name.replace(".", "_")
-        made = torch.matmul(getattr(self, f"tau_{key}"), routing.T).T  # [B, numel]
-        return made.reshape(-1, *self.shapes[name]) + getattr(self, f"base_{key}")
+        made = torch.addmm(getattr(self, f"base_{key}"), routing, getattr(self, f"tau_{key}"))
+        return made.reshape(-1, *self.shapes[name])
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         routing = self.moe.routing_weights(hidden)  # [B, T], per image

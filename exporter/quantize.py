@@ -86,10 +86,23 @@ def quantize_int8(
         weight_type=QuantType.QUInt8 if scheme.weight_type == "uint8" else QuantType.QInt8,
         op_types_to_quantize=["MatMul"],
         # onnxruntime turns each Gemm into a MatMul named "<gemm>_MatMul" and quantizes it.
-        nodes_to_exclude=[f"{n.name}_MatMul" for n in model.graph.node if n.op_type == "Gemm"],
+        nodes_to_exclude=[f"{n.name}_MatMul" for n in model.graph.node if n.op_type == "Gemm"]
+        + synthesis_products(model),
         use_external_data_format=external,  # weights in "<target>.data"
     )
     return rewrites
+
+
+def synthesis_products(model: Any) -> list[str]:
+    """A mixture's weight-synthesis products (routing × its stacked task vectors, the buffers
+    named ``tau_*`` in :mod:`clipship.exporter.mixture`): they make each image's MLP weights,
+    which int8 rounding would move for every product downstream, so they stay float."""
+    return [
+        node.name
+        for node in model.graph.node
+        if node.op_type == "MatMul"
+        and any(i.rsplit(".", 1)[-1].startswith("tau_") for i in node.input)
+    ]
 
 
 def check_integer_products(model: Any) -> list[str]:
