@@ -215,8 +215,15 @@ def save_graph(model: Any, path: Path, external: bool) -> None:
 
 
 def _onnx_export(
-    model: DeployModel, example: torch.Tensor, path: Path, names: list[str], external: bool
+    model: DeployModel,
+    example: torch.Tensor,
+    path: Path,
+    names: list[str],
+    external: bool | None = None,
 ) -> None:
+    """``model`` as a graph at ``path``; its weights in ``data_file(path)`` when ``external``
+    (by default when they pass ``EXTERNAL_DATA_BYTES``)."""
+    external = external_data(model) if external is None else external
     batch = torch.export.Dim("batch", min=1, max=65536)
     with _quiet():
         torch.onnx.export(
@@ -538,7 +545,7 @@ def _write_variants(
 ) -> None:
     """The fp32 graph (always: the others derive from it), then fp16 and int8 when asked."""
     fp32 = tmp / FILES[Variant.FP32]
-    _onnx_export(deploy, images.pixels(0, 2), fp32, record["outputs"], external_data(deploy))
+    _onnx_export(deploy, images.pixels(0, 2), fp32, record["outputs"])
     _check_graph(fp32)
     if Variant.FP16 in variants:
         _to_fp16(fp32, tmp / FILES[Variant.FP16])

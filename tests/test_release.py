@@ -391,3 +391,30 @@ def test_a_data_aware_merge_reads_the_eval_sections_tasks(hub_env, cache, tmp_pa
     tasks = recipe["data"]["tasks"]
     assert set(tasks) == set(summary["accuracy"]["merged"])
     assert all(entry["split"] == "train" and len(entry["rows"]) == 32 for entry in tasks.values())
+
+
+def test_a_mixture_release_exports_cards_and_pushes(hub, hub_env, cache, tmp_path):
+    """E-WEMoE through every stage: its routers adapted on the pool's test images, eval per
+    sample (with the routing map), the ONNX graph validated, the card and the push."""
+    from huggingface_hub import HfApi
+
+    env = {**hub_env, "CLIPSHIP_CACHE": str(cache)}
+    path = config(tmp_path, "alice/minibench-ewemoe", eval={"baselines": False, "limit": 32})
+    data = yaml.safe_load(path.read_text())
+    data.update(method="sparse_weight_ensembling_moe", parameters={"max_steps": 4})
+    data["export"] = {"precisions": ["fp32"], "validation_size": 16}
+    data["gates"]["min_average_accuracy"] = 0.0
+    data["gates"].pop("max_drop")  # no baselines here
+    path.write_text(yaml.safe_dump(data))
+    result = release(path, tmp_path / "run", env)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "released"
+    built = tmp_path / "run" / "release"
+    report = json.loads((built / "eval_report.json").read_text())
+    assert report["merged"]["model_info"]["routing"] == "per_sample"
+    assert (built / "routing.png").is_file() and "## Mixture" in (built / "README.md").read_text()
+    record = json.loads((built / "export" / "export.json").read_text())
+    assert record["model_info"]["routing"] == "per_sample"
+    files = HfApi(endpoint=hub.url, token=ALICE).list_repo_files("alice/minibench-ewemoe")
+    assert "modeling_clipship_wemoe.py" in files and "export/model.onnx" in files
