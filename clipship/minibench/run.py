@@ -26,9 +26,22 @@ DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "task_arithmetic": {"scaling_factor": 0.3},
     "ties": {"scaling_factor": 0.3, "threshold": 20},
 }  # every other method runs with its registered (FusionBench's packaged) defaults, except:
-# AdaMerging's steps, scaled to the miniature's CPU budget (FusionBench's 1000 steps take
-# minutes here; the smoke pool's test splits are small).
+# the test-time adaptation steps, scaled to the miniature's CPU budget (FusionBench's 1000
+# steps take minutes here; the smoke pool's test splits are small). AdaMerging's:
 ADAMERGING_STEPS = {"smoke": 20, "full": 300}
+# WEMoE's and E-WEMoE's router adaptation (FusionBench: 1000 steps, Adam at 1e-4), as AdaMerging's:
+MIXTURE_STEPS = {
+    "weight_ensembling_moe": {"smoke": 20, "full": 300},
+    "sparse_weight_ensembling_moe": {"smoke": 20, "full": 300},
+}
+
+
+def adaptation_steps(method: str, budget: str) -> int | None:
+    """The ``max_steps`` a test-time-adapted method runs with on ``budget`` (None: not one)."""
+    if method == "adamerging":
+        return ADAMERGING_STEPS[budget]
+    steps = MIXTURE_STEPS.get(method)
+    return None if steps is None else steps[budget]
 
 
 def expand_methods(names: list[str]) -> list[str]:
@@ -93,8 +106,9 @@ def run(
         used = merged_tasks(method, list(models))
         pool = {t: models[t] for t in used}
         params = dict(DEFAULT_PARAMS.get(method, {}))
-        if method == "adamerging":
-            params["max_steps"] = ADAMERGING_STEPS[budget]
+        steps = adaptation_steps(method, budget)
+        if steps is not None:
+            params["max_steps"] = steps
         data = DataOptions(tuple(t for t in tasks if t.name in pool))
         merge(pretrained, pool, method, folder, params, force=True, data=data)
         results["merged"][method] = accuracy(str(folder))
