@@ -100,6 +100,9 @@ def merge(
     json_out: o.Json = False,
 ) -> None:
     """Merge task encoders into one CLIP model folder, streaming tensor by tensor."""
+    from clipship.machine import return_freed_memory
+
+    return_freed_memory()  # a mixture's adaptation frees many MLP-sized temporaries
     sources = _run(lambda: resolve_sources(pool, pretrained, model, partial=recipe is not None))
     params = _run(lambda: parse_params(lambda_, threshold, param))
     request = _call(
@@ -431,9 +434,6 @@ def main() -> None:
     from clipship.outputs import unwind_on_sigterm
 
     unwind_on_sigterm()
-    from clipship.machine import return_freed_memory
-
-    return_freed_memory()
     try:
         app()
     except Terminated:

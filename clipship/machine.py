@@ -48,7 +48,7 @@ def return_freed_memory(threshold: int = 1 << 20) -> bool:
     """Have glibc serve blocks of ``threshold`` bytes or more with mmap, so a freed tensor goes
     back to the system. Its default threshold rises to 32 MiB once large blocks are freed, after
     which every freed MLP-sized temporary (a ViT-B/32 fc1 weight is 9 MiB) stays in the heap: a
-    mixture's adaptation then held over 12 GiB where 5.6 GiB were in use. The command line calls
+    mixture's adaptation then held over 12 GiB where 5.6 GiB were in use. `clipship merge` calls
     this at start; no-op (False) where the C library is not glibc."""
     import ctypes
     import ctypes.util
