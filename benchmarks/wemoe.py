@@ -68,6 +68,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from merge_memory import resident  # benchmarks/: one reader of /proc's VmRSS
+
 from clipship.machine import describe
 
 MIXTURES = {"E-WEMoE": "sparse_weight_ensembling_moe", "WEMoE": "weight_ensembling_moe"}
@@ -138,17 +140,6 @@ def mib(n: float) -> str:
 
 
 # --- child processes -----------------------------------------------------------------------------
-
-
-def resident(pid: int) -> int:
-    """A live process's resident set in bytes (0 once it is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def run(cmd: list[str], env: dict[str, str], memory: float, log: Path) -> tuple[float, int] | str:
@@ -277,23 +268,9 @@ def fusionbench_loop(zero_shot):
 def export_graph(model, example, path: Path, outputs: list[str]) -> None:
     """clipship's export (``_onnx_export``: dynamo, its opset, dynamic batch), with the weights
     in an external data file: a mixture's graph is above protobuf's 2 GB."""
-    import torch
+    from clipship.exporter.onnx_export import _onnx_export
 
-    from clipship.exporter.onnx_export import OPSET, _quiet
-
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    with _quiet():
-        torch.onnx.export(
-            model,
-            (example,),
-            str(path),
-            input_names=["pixel_values"],
-            output_names=outputs,
-            dynamic_shapes=({0: batch},),
-            dynamo=True,
-            external_data=True,
-            opset_version=OPSET,
-        )
+    _onnx_export(model, example, path, outputs, external=True)
 
 
 def graph_bytes(path: Path) -> int:

@@ -237,7 +237,7 @@ def _body(name: str, base: str, recipe: dict[str, Any], rows: dict, export: dict
 def _mixture(run: Path) -> dict[str, Any] | None:
     """``clipship info``'s description of a mixture folder (None for a merged encoder)."""
     from clipship.info import describe_mixture
-    from clipship.pool import load_model
+    from clipship.pool import count_params, load_model
 
     config = _read(run / "config.json")
     if not isinstance(config, dict) or config.get("model_type") != "clipship_wemoe":
@@ -245,8 +245,6 @@ def _mixture(run: Path) -> dict[str, Any] | None:
     model = load_model("mixture", str(run))
     try:
         summary = describe_mixture(model)
-        from clipship.pool import count_params
-
         summary["all_params"] = count_params(model)["all_params"]
         return summary
     finally:

@@ -127,7 +127,12 @@ def merge(
                     f"{spec.name} writes a mixture as a full CLIP model: drop `vision_only`",
                     option="vision_only",
                 )
-            mixture, data_record = _mixture(pool, spec, values, data, seed, device, quiet)
+            from clipship.merge.dataaware.plan import DataOptions, compute
+
+            # the adapted mixture itself (no per-tensor merge follows) and the recipe's entry
+            mixture, data_record = compute(
+                pool, spec, values, data or DataOptions(), seed, device, quiet
+            )
         elif spec.data is not None:
             spec, data_record = _computed(pool, spec, values, data, seed, device, quiet)
         hasher = ThreadPoolExecutor(1)
@@ -188,21 +193,6 @@ def _computed(
         return tower[x.name].reshape(-1)
 
     return dataclasses.replace(spec, merge=computed, per_tensor=True, prepass=None), record
-
-
-def _mixture(
-    pool: ModelPool,
-    spec: Method,
-    values: dict[str, Any],
-    data: DataOptions | None,
-    seed: int,
-    device: str,
-    quiet: bool,
-) -> tuple[Any, dict[str, Any]]:
-    """A mixture method's adapted mixture and the recipe's ``data`` entry."""
-    from clipship.merge.dataaware.plan import DataOptions, compute
-
-    return compute(pool, spec, values, data or DataOptions(), seed, device, quiet)
 
 
 def merge_from_recipe(
