@@ -47,9 +47,10 @@ def cpu() -> dict[str, object]:
 def return_freed_memory(threshold: int = 1 << 20) -> bool:
     """Have glibc serve blocks of ``threshold`` bytes or more with mmap, so a freed tensor goes
     back to the system. Its default threshold rises to 32 MiB once large blocks are freed, after
-    which every freed MLP-sized temporary (a ViT-B/32 fc1 weight is 9 MiB) stays in the heap: a
-    mixture's adaptation then held over 12 GiB where 5.6 GiB were in use. `clipship merge` calls
-    this at start; no-op (False) where the C library is not glibc."""
+    which every freed MLP-sized temporary (a ViT-B/32 fc1 weight is 9 MiB, made and dropped per
+    layer while a mixture adapts) stays in the heap, and a merge's resident size keeps growing
+    past what it uses. `clipship merge` calls this at start; no-op (False) where the C library
+    is not glibc."""
     import ctypes
     import ctypes.util
 

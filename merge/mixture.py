@@ -18,6 +18,7 @@ vector operations.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 
-from clipship.merge.dataaware.wemoe import MixtureResult, router_keys
+from clipship.merge.dataaware.wemoe import MixtureResult, Pruned, router_keys
 from clipship.pool import PROCESSOR_FILES, TOKENIZER_FILES, ModelPool
 from clipship.runtime.modeling_clipship_wemoe import FORMAT, MLP_PARAMS, pack_mask
 from clipship.safetensors_io import DTYPE_NAMES, ShardedWriter
@@ -40,7 +41,6 @@ def mixture_tensors(result: MixtureResult, dtype: torch.dtype):
     from clipship.merge.matrices import canonical
 
     mixture = result.mixture
-    sparse = mixture.settings.tv_prune_ratio is not None
 
     def converted(value: torch.Tensor, to: torch.dtype = dtype):
         return to, tuple(value.shape), lambda: value.detach().to("cpu", to)
@@ -57,20 +57,22 @@ def mixture_tensors(result: MixtureResult, dtype: torch.dtype):
             for name in MLP_PARAMS:
                 value = vector[name]
                 key = f"{prefix}task_vectors.{t}.{name}"
-                if not sparse:
+                if not isinstance(value, Pruned):
                     yield (key, *converted(value))
                     continue
-                size = ((value.numel() + 7) // 8,)
-                yield (f"{key}_mask", torch.uint8, size, lambda v=value: pack_mask(v != 0))
-                yield (
-                    f"{key}_values",
-                    dtype,
-                    (int((value != 0).sum()),),
-                    lambda v=value: v.detach()[v != 0].to("cpu", dtype).contiguous(),
-                )
+                numel = math.prod(value.shape)
+                yield (f"{key}_mask", torch.uint8, ((numel + 7) // 8,), lambda v=value: mask_of(v))
+                yield (f"{key}_values", *converted(value.values))
         params = dict(mlp.router.named_parameters())
         for key, name in router_keys(mlp.router, layer).items():
             yield (key, *converted(params[name], torch.float32))
+
+
+def mask_of(value: Pruned) -> torch.Tensor:
+    """The folder's packed bit mask of a pruned tensor's kept entries."""
+    mask = torch.zeros(math.prod(value.shape), dtype=torch.bool, device=value.indices.device)
+    mask[value.indices.long()] = True
+    return pack_mask(mask.cpu())
 
 
 def mixture_config(result: MixtureResult, pool: ModelPool, kept: dict[str, int] | None) -> dict:
@@ -131,11 +133,12 @@ def write_mixture(
         writer.abort()
     kept = None
     if result.mixture.settings.tv_prune_ratio is not None:
-        kept = {}
-        for layer, mlp in enumerate(result.mixture.mlps):
-            for t, vector in enumerate(mlp.task_vectors):
-                for name in MLP_PARAMS:
-                    kept[f"{layer}.{t}.{name}"] = int((vector[name] != 0).sum())
+        kept = {
+            f"{layer}.{t}.{name}": vector[name].values.numel()
+            for layer, mlp in enumerate(result.mixture.mlps)
+            for t, vector in enumerate(mlp.task_vectors)
+            for name in MLP_PARAMS
+        }
     config = mixture_config(result, pool, kept)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     source = resources.files("clipship.runtime").joinpath(MODELING_FILE).read_text("utf-8")

@@ -16,9 +16,12 @@ from clipship.merge.dataaware import endless_data, one_pass_data, pixel_batches
 from clipship.merge.dataaware.common import zero_shot
 from clipship.merge.dataaware.wemoe import (
     MixtureSettings,
+    Pruned,
     build_mixture,
     fusionbench_state_dict,
     magnitude_prune,
+    prune_sparse,
+    prune_threshold,
     weight_ensembling_moe,
 )
 from clipship.pool import open_pool
@@ -140,7 +143,8 @@ def test_sparse_task_vectors_keep_the_top_tenth_of_each_tensor(pool):
     for mlp in mixture.mlps:
         for vector in mlp.task_vectors:
             for name, value in vector.items():
-                densities.setdefault(name, []).append(float((value != 0).float().mean()))
+                assert isinstance(value, Pruned)  # held sparse while adapting
+                densities.setdefault(name, []).append(value.values.numel() / value.dense().numel())
     # FusionBench's measured densities at 0.9 (shared/mixing/README.md)
     expected = {"fc1.weight": 0.1001, "fc1.bias": 0.1016, "fc2.weight": 0.1001, "fc2.bias": 0.1094}
     for name, value in expected.items():
@@ -148,17 +152,16 @@ def test_sparse_task_vectors_keep_the_top_tenth_of_each_tensor(pool):
     assert len({id(m.router) for m in mixture.mlps}) == 1  # one shared router
 
 
-def test_magnitude_prune_beyond_the_quantile_limit_is_the_same_rule():
-    from clipship.merge.dataaware import wemoe
-
+@pytest.mark.parametrize("n", [1, 2, 1000, 4097, 2_359_296])
+def test_the_prune_threshold_is_torch_quantile_from_two_order_statistics(n):
+    magnitude = torch.randn(n, generator=torch.Generator().manual_seed(n)).abs()
+    for ratio in (0.0, 0.1, 0.5, 0.73, 0.9, 0.999):
+        assert torch.equal(prune_threshold(magnitude, ratio), magnitude.quantile(ratio)), ratio
     vector = torch.randn(1000, generator=torch.Generator().manual_seed(0))
-    exact = magnitude_prune(vector, 0.73)
-    limit, wemoe.QUANTILE_LIMIT = wemoe.QUANTILE_LIMIT, 10  # take the sorting path
-    try:
-        assert torch.equal(magnitude_prune(vector, 0.73), exact)
-    finally:
-        wemoe.QUANTILE_LIMIT = limit
-    assert int((exact != 0).sum()) == 270
+    assert int((magnitude_prune(vector, 0.73) != 0).sum()) == 270
+    sparse = prune_sparse(vector.reshape(10, 100), 0.73)
+    assert torch.equal(sparse.dense(), magnitude_prune(vector, 0.73).reshape(10, 100))
+    assert sparse.indices.dtype == torch.int32 and sparse.values.numel() == 270
 
 
 def test_seeded_routers_are_reproducible_and_depths_have_fusionbench_names(pool):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from clipship.errors import HeadsMismatchError, PoolMismatchError
-from clipship.memory import own_module, owned
+from clipship.memory import owned
 from clipship.merge.dataaware.batches import TaskData
 from clipship.merge.matrices import canonical
 from clipship.pool import Model, ModelPool
@@ -42,13 +42,24 @@ class DataAwareResult:
     statistics: dict[str, Any] = field(default_factory=dict)
 
 
+@torch.no_grad()
 def load_vision(model: Model, device: str = "cpu") -> Any:
-    """The vision tower of a pool member as a float32 ``CLIPVisionModel`` in eval mode."""
-    from transformers import CLIPVisionModel
+    """The vision tower of a pool member as a float32 ``CLIPVisionModel`` in eval mode, its
+    tensors read one at a time into the model's own (aligned) memory: one copy of the tower,
+    where ``from_pretrained`` also maps the whole file, text tower included."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
 
     with quiet_transformers():
-        vision = CLIPVisionModel.from_pretrained(model.folder, dtype=torch.float32)
-    return own_module(vision).to(device).eval()
+        config = CLIPVisionConfig.from_pretrained(model.folder)
+        vision = CLIPVisionModel._from_config(config).float()
+    params = dict(vision.named_parameters())
+    names = {canonical(name): name for name in params}
+    absent = sorted(set(names) - set(model.vision_keys))  # extra stored buffers are ignored
+    if absent:
+        raise PoolMismatchError(f"{model.source}: no vision tensor {absent[0]} in its checkpoint")
+    for name, param in params.items():
+        param.copy_(model.read(canonical(name)).reshape(param.shape))
+    return vision.to(device).eval()
 
 
 def tower(vision: Any) -> Any:

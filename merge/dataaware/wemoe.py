@@ -12,7 +12,9 @@ shared by every layer (``shared_gate``), optionally fed a sinusoidal code of the
 
 Test-time adaptation. Adam on the routers only, ``max_steps`` steps; each step takes one batch
 of every task's unlabeled test images in pool order and minimises the entropy of its zero-shot
-predictions, either one backward pass per task (``use_grad_accumulate``) or one for the sum.
+predictions. FusionBench either backpropagates each task's loss (``use_grad_accumulate``) or
+their sum once; both give the router gradient Σ_t ∂e_t/∂θ (to float rounding), and here it is
+always taken task by task, so one task's graph is held at a time, not all T of them.
 ``batch_reduce`` averages the routing weights over the batch while adapting (FusionBench's
 default); the result routes each sample on its own (:class:`MoEMLP`'s ``per_sample``).
 
@@ -45,16 +47,8 @@ from clipship.merge.matrices import canonical
 from clipship.pool import ModelPool
 from clipship.progress import Bars
 from clipship.runtime.data import Preprocess
-from clipship.runtime.modeling_clipship_wemoe import (
-    MLP_PARAMS,
-    Gate,
-    layer_code,
-    synthesised_mlp,
-)
+from clipship.runtime.modeling_clipship_wemoe import MLP_PARAMS, Gate, layer_code
 from clipship.runtime.state import borrows_process_state
-
-QUANTILE_LIMIT = 1 << 24  # torch.quantile refuses larger inputs (FusionBench's D8)
-
 
 # --- routers -------------------------------------------------------------------------------------
 
@@ -93,14 +87,108 @@ def router_generator(seed: int, index: int) -> torch.Generator:
 # --- the mixture MLP -----------------------------------------------------------------------------
 
 
+@dataclass
+class Pruned:
+    """A pruned task-vector tensor held sparse: the flat (row-major) positions of its kept
+    entries, ascending, as int32, and their values: 8 bytes per kept entry, 20 % of the dense
+    tensor at ``tv_prune_ratio`` 0.9, and added into a weight with one ``index_add_``."""
+
+    indices: torch.Tensor
+    values: torch.Tensor
+    shape: tuple[int, ...]
+
+    def dense(self) -> torch.Tensor:
+        out = torch.zeros(math.prod(self.shape), dtype=self.values.dtype, device=self.values.device)
+        return out.index_put_((self.indices.long(),), self.values).reshape(self.shape)
+
+
+Vector = torch.Tensor | Pruned  # one MLP tensor of one task vector
+
+
+def dense(value: Vector) -> torch.Tensor:
+    return value.dense() if isinstance(value, Pruned) else value
+
+
+def synthesise(base: torch.Tensor, terms: list[Vector], weights: torch.Tensor) -> torch.Tensor:
+    """θ₀ + Σ_t w_t τ_t for one MLP tensor, the terms added in pool order, each as FusionBench's
+    ``state + w_t · τ_t`` (a pruned τ adds w_t · value at its kept positions only, which is the
+    same sum: its other terms are zeros)."""
+    value = base
+    for weight, term in zip(weights, terms):
+        if isinstance(term, Pruned):
+            value = value.clone() if value is base else value
+            value.view(-1).index_add_(0, term.indices, term.values * weight)
+        else:
+            value = value + weight * term
+    return value
+
+
+def contract(grad: torch.Tensor, terms: list[Vector]) -> torch.Tensor:
+    """[T]: ⟨∂L/∂W, τ_t⟩ for one MLP tensor W, each expert's share of its weight's gradient."""
+    parts = []
+    for term in terms:
+        if isinstance(term, Pruned):
+            parts.append((grad.reshape(-1)[term.indices] * term.values).sum())
+        else:
+            parts.append((grad * term).sum())
+    return torch.stack(parts)
+
+
+class MixedMLP(torch.autograd.Function):
+    """A CLIP MLP with the weights θ₀ + Σ_t w_t τ_t, differentiable in the hidden states and w
+    only. It keeps the layer's input, its pre-activation and w for the backward pass and makes
+    the weights again there, one tensor at a time, rather than holding them (autograd would keep
+    both synthesised matrices of every layer of every task until its backward: 19 MiB a layer
+    for ViT-B/32)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weights, base, vectors, activation):
+        w = weights.detach()
+        terms = {name: [v[name] for v in vectors] for name in MLP_PARAMS}
+        made = {name: synthesise(base[name], terms[name], w) for name in ("fc1.weight", "fc1.bias")}
+        pre = torch.nn.functional.linear(hidden, made["fc1.weight"], made["fc1.bias"])
+        del made
+        act = activation(pre)
+        out = torch.nn.functional.linear(
+            act,
+            synthesise(base["fc2.weight"], terms["fc2.weight"], w),
+            synthesise(base["fc2.bias"], terms["fc2.bias"], w),
+        )
+        ctx.save_for_backward(hidden, weights, pre)
+        ctx.base, ctx.terms, ctx.activation = base, terms, activation
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weights, pre = ctx.saved_tensors
+        w, base, terms = weights.detach(), ctx.base, ctx.terms
+        with torch.enable_grad():
+            pre = pre.detach().requires_grad_(True)
+            act = ctx.activation(pre)
+        flat_out = grad_out.reshape(-1, grad_out.shape[-1])
+        flat_act = act.detach().reshape(-1, act.shape[-1])
+        grad_w = contract(flat_out.T @ flat_act, terms["fc2.weight"])
+        grad_w = grad_w + contract(flat_out.sum(dim=0), terms["fc2.bias"])
+        grad_act = grad_out @ synthesise(base["fc2.weight"], terms["fc2.weight"], w)
+        (grad_pre,) = torch.autograd.grad(act, pre, grad_act)
+        del act, flat_act, grad_act
+        flat_pre = grad_pre.reshape(-1, grad_pre.shape[-1])
+        grad_w = grad_w + contract(
+            flat_pre.T @ hidden.reshape(-1, hidden.shape[-1]), terms["fc1.weight"]
+        )
+        grad_w = grad_w + contract(flat_pre.sum(dim=0), terms["fc1.bias"])
+        grad_hidden = grad_pre @ synthesise(base["fc1.weight"], terms["fc1.weight"], w)
+        return grad_hidden, grad_w if ctx.needs_input_grad[1] else None, None, None, None
+
+
 class MoEMLP(nn.Module):
     """One layer's MLP mixture: ``base`` (the pretrained ``CLIPMLP``, frozen), the task vectors
-    of its four tensors, and a router (possibly shared with other layers)."""
+    of its four tensors (dense, or :class:`Pruned`), and a router (possibly shared)."""
 
     def __init__(
         self,
         base: nn.Module,
-        task_vectors: list[dict[str, torch.Tensor]],
+        task_vectors: list[dict[str, Vector]],
         router: Router,
         code: torch.Tensor | None = None,
     ):
@@ -122,29 +210,18 @@ class MoEMLP(nn.Module):
             inputs = torch.cat((code, hidden), dim=-1)
         return self.router(inputs).mean(dim=1)
 
-    def merged(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-        """θ₀ + Σ_t w_t τ_t for [T] weights, the terms added in pool order (FusionBench's)."""
-        state = dict(self.base.named_parameters())
-        for weight, vector in zip(weights, self.task_vectors):
-            for name in MLP_PARAMS:
-                state[name] = state[name] + weight * vector[name]
-        return state
+    def mlp(self, hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        base = dict(self.base.named_parameters())
+        activation = self.base.activation_fn
+        return MixedMLP.apply(hidden, weights, base, self.task_vectors, activation)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        from torch.func import functional_call
-
         weights = self.routing_weights(hidden)
         self.last_weights = weights.detach() if weights.dim() == 2 else None
         if weights.dim() == 1 or self.batch_reduce:
-            shared = weights if weights.dim() == 1 else weights.mean(dim=0)
-            return functional_call(self.base, self.merged(shared), (hidden,))
-        return self.per_sample(hidden, weights)
-
-    def per_sample(self, hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Each sample through its own weights W_b = θ₀ + Σ_t w_bt τ_t (added in pool order, as
-        FusionBench's per-sample loop does), synthesised for a few samples at a time."""
-        base = dict(self.base.named_parameters())
-        return synthesised_mlp(hidden, base, self.task_vectors, weights, self.base.activation_fn)
+            return self.mlp(hidden, weights if weights.dim() == 1 else weights.mean(dim=0))
+        # each sample through its own weights, as FusionBench's per-sample loop
+        return torch.cat([self.mlp(hidden[b : b + 1], w) for b, w in enumerate(weights)])
 
 
 # --- construction --------------------------------------------------------------------------------
@@ -179,21 +256,31 @@ class Mixture:
             mlp.batch_reduce = value
 
 
-def magnitude_prune(vector: torch.Tensor, ratio: float) -> torch.Tensor:
-    """``vector`` with |τ| ≤ its ``ratio`` quantile (linear interpolation) zeroed, as
-    FusionBench's ``_magnitude_prune`` (above torch.quantile's size limit, the same quantile
-    computed from a sort)."""
-    magnitude = vector.abs()
+def prune_threshold(magnitude: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``torch.quantile(magnitude, ratio)`` (linear interpolation; FusionBench's
+    ``_magnitude_prune``) from two order statistics instead of a sort, with quantile's own
+    arithmetic (the rank ``ratio · (n − 1)`` in the tensor's dtype), at any size: torch.quantile
+    refuses more than 2²⁴ entries (FusionBench's D8)."""
     flat = magnitude.reshape(-1)
-    if flat.numel() <= QUANTILE_LIMIT:
-        threshold = flat.quantile(ratio)
-    else:
-        ordered = flat.sort().values
-        position = ratio * (flat.numel() - 1)
-        low = math.floor(position)
-        high = min(low + 1, flat.numel() - 1)
-        threshold = torch.lerp(ordered[low], ordered[high], position - low)
-    return vector * (magnitude > threshold)
+    rank = torch.tensor(ratio, dtype=flat.dtype) * (flat.numel() - 1)
+    below, above = int(rank.floor()), int(rank.ceil())
+    low = flat.kthvalue(below + 1).values
+    high = low if above == below else flat.kthvalue(above + 1).values
+    return torch.lerp(low, high, rank - below)
+
+
+def magnitude_prune(vector: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``vector`` with |τ| ≤ its ``ratio`` quantile zeroed (FusionBench's rule, strict ``>``)."""
+    magnitude = vector.abs()
+    return vector * (magnitude > prune_threshold(magnitude, ratio))
+
+
+def prune_sparse(vector: torch.Tensor, ratio: float) -> Pruned:
+    """:func:`magnitude_prune` held as :class:`Pruned`."""
+    flat = vector.reshape(-1)
+    magnitude = flat.abs()
+    indices = (magnitude > prune_threshold(magnitude, ratio)).nonzero().squeeze(1)
+    return Pruned(indices.to(torch.int32), flat[indices].clone(), tuple(vector.shape))
 
 
 def build_mixture(
@@ -219,7 +306,7 @@ def build_mixture(
             vectors = [model.read(name).float().to(device) - pretrained for model in pool.models]
             if name in mlp_names:
                 if settings.tv_prune_ratio is not None:
-                    vectors = [magnitude_prune(v, settings.tv_prune_ratio) for v in vectors]
+                    vectors = [prune_sparse(v, settings.tv_prune_ratio) for v in vectors]
                 task_vectors[name] = vectors
             else:  # FusionBench's task_arithmetic_merge: θ₀ + λ₀ · ((τ₁ + τ₂) + …)
                 total = vectors[0].clone()
@@ -309,7 +396,7 @@ def fusionbench_state_dict(mixture: Mixture) -> dict[str, torch.Tensor]:
             state[f"{prefix}base_model.{name}"] = param.detach()
         for t, vector in enumerate(mlp.task_vectors):
             for name in MLP_PARAMS:
-                state[f"{prefix}task_vectors.{t}.{name}"] = vector[name]
+                state[f"{prefix}task_vectors.{t}.{name}"] = dense(vector[name])
         for key, name in router_keys(mlp.router, layer).items():
             state[key] = dict(mlp.router.named_parameters())[name].detach()
     return state
@@ -368,18 +455,12 @@ def weight_ensembling_moe(
     with Bars(quiet, "elapsed") as bars, torch.enable_grad():
         bar = bars.add("test-time adaptation (routers)", max_steps)
         for _ in range(max_steps):
-            total = None
             for task_data in data:
                 name = task_data.task.name
                 pixels = next(loaders[name])
                 loss = entropy_loss(scorer.logits(scorer.embed(pixels), task_heads[name]))
-                if use_grad_accumulate:
-                    loss.backward(retain_graph=True)
-                else:
-                    total = loss if total is None else total + loss
+                loss.backward()  # one task's graph held at a time, either loss path
                 losses.append(float(loss.detach()))
-            if total is not None:
-                total.backward(retain_graph=True)
             optimizer.step()
             optimizer.zero_grad()
             bars.advance(bar)

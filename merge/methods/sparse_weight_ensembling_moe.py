@@ -21,7 +21,12 @@ METHOD = Method(
     paper="https://arxiv.org/abs/2410.21804",
     params=(
         *COMMON,
-        Param("use_grad_accumulate", bool, False, "one backward pass per task (else one in all)"),
+        Param(
+            "use_grad_accumulate",
+            bool,
+            False,
+            "FusionBench's loss path: the same gradient either way (taken task by task here)",
+        ),
         Param(
             "tv_prune_ratio",
             float,

@@ -57,7 +57,12 @@ METHOD = Method(
     paper="https://arxiv.org/abs/2402.00433",
     params=(
         *COMMON,
-        Param("use_grad_accumulate", bool, True, "one backward pass per task (else one in all)"),
+        Param(
+            "use_grad_accumulate",
+            bool,
+            True,
+            "FusionBench's loss path: the same gradient either way (taken task by task here)",
+        ),
     ),
     merge=unused,
     data=DataUse(
