@@ -11,13 +11,13 @@ weights, and ``--batch`` tiny 32×32 random images per task), then:
    the pretrained text tower; the synthetic tokenizer has 514 tokens, the real one 49 408, so
    this text tower is ≈ 95 MiB lighter than B/32's) and the vision tensors alone (the
    architecture's own figure). Targets: E-WEMoE ≤ 1.7×, WEMoE ≈ 6.2× (vision tensors).
-   Mixture merges adapt their routers at test time and ``max_steps=0`` is refused ("must be
-   positive"), so each runs the smallest adaptation: one step of ``--batch`` images per task.
+   Each mixture merge runs one adaptation step of ``--batch`` images per task, so that the
+   adaptation's memory counts (``max_steps=0`` would skip it).
 2. Construction peak RSS of each mixture merge, in its own process (``wait4``'s ru_maxrss; this
    process stays torch-free until then, since a child's peak counts what its parent held when it
    forked), against the target: its folder size + 1.5 × one encoder's fp32 size. A merge is
-   stopped above ``--memory`` GiB resident (the machine is shared: on 24 GiB, E-WEMoE on 8 × B/32
-   was killed by the kernel's OOM killer at 21.8 GiB); one that fails runs again with
+   stopped above ``--memory`` GiB resident (the machine is shared: before 20b056c, E-WEMoE on
+   8 × B/32 was killed by the kernel's OOM killer at 21.8 GiB); one that fails runs again with
    ``MALLOC_MMAP_THRESHOLD_`` set (glibc then returns freed MLP-sized blocks to the system) so
    that the other figures still have a folder, and both rows are printed.
 3. Throughput, images/s, fp32 at batch 1 and 32, all with the same thread count, timed in turns

@@ -207,6 +207,10 @@ def positive(value: float) -> str | None:
     return None if value > 0 else "must be positive"
 
 
+def non_negative(value: float) -> str | None:
+    return None if value >= 0 else "must be 0 or more"
+
+
 def parse_names(raw: Any) -> list[str] | None:
     """Tensor names (or patterns): a list, or one comma-separated string; null is None."""
     if _is_null(raw):

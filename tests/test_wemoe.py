@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from clipship.errors import MethodError
 from clipship.merge.dataaware import endless_data, one_pass_data, pixel_batches
@@ -435,6 +435,32 @@ def test_a_mixture_folder_of_another_format_is_refused_in_one_line(folders, tmp_
         assert result.returncode == 1 and len(lines) == 1, result.stderr
         assert "mixture format 'clipship-wemoe/0'" in lines[0]
     assert not (tmp_path / "x").exists()
+
+
+def test_zero_steps_ship_the_given_routers_unchanged(tmp_path):
+    """max_steps=0: another tool's trained routers (here FusionBench's final gates) shipped as
+    they are, the folder's routers bit-identical to the file."""
+    from .conftest import run_cli
+
+    final = load_file(str(REFERENCE / "sparse_wemoe" / "final_state_dict.safetensors"))
+    gates = tmp_path / "gates.safetensors"
+    save_file({k: v for k, v in final.items() if ".mlp.gate." in k}, str(gates))
+    args = merge_args("sparse_wemoe", tmp_path / "out", tmp_path / "none")
+    args = [a for a in args if a not in ("--data-order", str(tmp_path / "none"))]
+    args[args.index("max_steps=20")] = "max_steps=0"
+    args[args.index(f"router_init={REFERENCE / 'sparse_wemoe' / 'gate_init.safetensors'}")] = (
+        f"router_init={gates}"
+    )
+    result = run_cli(*args, env={"CLIPSHIP_CACHE": str(tmp_path / "c")})
+    assert result.returncode == 0, result.stderr
+    written = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for key, value in final.items():
+        if ".mlp.gate." in key or ".task_vectors." not in key and ".mlp." not in key:
+            assert torch.equal(written[key], value), key
+    args[args.index("max_steps=0")] = "max_steps=-1"
+    args[args.index(str(tmp_path / "out"))] = str(tmp_path / "bad")
+    bad = run_cli(*args)
+    assert bad.returncode != 0 and "max_steps" in bad.stderr and "0 or more" in bad.stderr
 
 
 def test_info_describes_the_mixture(folders):

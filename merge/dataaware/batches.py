@@ -148,6 +148,8 @@ def endless_data(
     _check_sizes(task, split, batch_size, examples=examples, steps=steps)
     size = split_size(task, split)
     size = size if examples is None else min(size, examples)
+    if steps == 0:  # nothing is read (a mixture shipped with its starting routers)
+        return TaskData(task, split, (), batch_size, size)
     if rows is None:
         rows = endless_rows(size, steps, batch_size, task_generator(seed, task.name))
     rows = _checked_rows(task, split, rows, size)
@@ -193,8 +195,8 @@ def _check_sizes(
         raise DataError(f"batch size {batch_size}: must be at least 1")
     if examples is not None and examples < 1:
         raise DataError(f"{examples} examples: must be at least 1")
-    if steps is not None and steps < 1:
-        raise DataError(f"{steps} steps: must be at least 1")
+    if steps is not None and steps < 0:
+        raise DataError(f"{steps} steps: must be 0 or more")
 
 
 def _checked_rows(task: Task, split: str, rows: list[int], size: int) -> list[int]:

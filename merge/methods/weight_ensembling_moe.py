@@ -13,6 +13,7 @@ from clipship.merge.registry import (
     Method,
     Param,
     finite,
+    non_negative,
     parse_optional_int,
     positive,
 )
@@ -34,7 +35,11 @@ COMMON = (
     Param("lr", float, 1e-4, "Adam's learning rate for the routers", check=positive),
     Param("optimizer", str, "adam", "the routers' optimizer", choices=("adam",)),
     Param("batch_size", int, 16, "test images per task per step", check=positive),
-    Param("max_steps", int, 1000, "adaptation steps (each one batch per task)", check=positive),
+    Param(
+        "max_steps", int, 1000,
+        "adaptation steps (each one batch per task); 0 keeps the routers as they start",
+        check=non_negative,
+    ),
     Param(
         "max_examples", int, None,
         "use only the first N test images per task (clipship's; null: all, as FusionBench)",
