@@ -30,7 +30,12 @@ Out = Annotated[Path, Opt("--out", help="Output folder (written atomically).")]
 Device = Annotated[str, Opt("--device", help="cuda, cpu or auto.")]
 Seed = Annotated[int, Opt("--seed")]
 Tasks = Annotated[
-    str | None, Opt("--tasks", help="'all' (the eight tasks) or comma-separated task names.")
+    str | None,
+    Opt(
+        "--tasks",
+        help="'all' (the eight tasks), 'tall14', 'tall20', or comma-separated task names "
+        "(FusionBench's names and aliases).",
+    ),
 ]
 Taskpool = Annotated[Path | None, Opt("--taskpool", help="FusionBench taskpool YAML.")]
 Custom = Annotated[

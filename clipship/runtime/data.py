@@ -97,6 +97,9 @@ class ImageSource:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise DataError(f"task {task.name}: cannot load {spec['path']} ({first})") from None
         columns = set(self._rows.column_names)
+        if task.data is not None and not {self.image_column, self.label_column} <= columns:
+            if {"image", "label"} <= columns:  # a local copy in FusionBench's loaded layout
+                self.image_column, self.label_column = "image", "label"
         missing = [c for c in (self.image_column, self.label_column) if c not in columns]
         if missing:
             raise DataError(

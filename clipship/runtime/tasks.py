@@ -54,19 +54,46 @@ def standard_tasks() -> list[str]:
     return list(_builtin()["standard"])
 
 
+def suites() -> dict[str, list[str]]:
+    """Named task lists: ``all`` (the eight tasks) and FusionBench's ``tall14`` and ``tall20``."""
+    return {"all": standard_tasks(), **_builtin()["suites"]}
+
+
+def aliases() -> dict[str, str]:
+    """FusionBench's other names for a task (``stanford_cars``, ``tanganke/gtsrb``, ...)."""
+    return dict(_builtin()["aliases"])
+
+
 def get_tasks(names: str | list[str]) -> list[Task]:
-    """``"all"`` (the eight standard tasks), a comma-separated string, or a list of names."""
+    """A suite (``all``, ``tall14``, ``tall20``), a comma-separated string, or a list of names.
+    Every name FusionBench's ``CLIPTemplateFactory`` accepts resolves: an alias without a ``/``
+    keeps its name (so a pool's ``stanford_cars`` model meets its task); a hub id
+    (``tanganke/gtsrb``) becomes the task's own name."""
     from clipship.schemas import check_name
 
     if isinstance(names, str):
-        names = standard_tasks() if names == "all" else [n for n in names.split(",") if n]
+        lists = suites()
+        if names in lists:
+            names = lists[names]
+        else:
+            names = [n for n in names.split(",") if n]
+    table, other = builtin_tasks(), aliases()
+    out = []
     for name in names:
+        if name in other and "/" in name:
+            out.append(table[other[name]])
+            continue
         check_name(name, "task name", option="tasks")
-    table = builtin_tasks()
-    unknown = [n for n in names if n not in table]
-    if unknown:
-        raise TaskError(f"unknown task {unknown[0]!r} (known: {', '.join(table)})")
-    return [table[n] for n in names]
+        if name in other:
+            out.append(replace(table[other[name]], name=name))
+        elif name in table:
+            out.append(table[name])
+        else:
+            raise TaskError(
+                f"unknown task {name!r} (known: {', '.join(table)}; suites: "
+                f"{', '.join(suites())}; or FusionBench's aliases)"
+            )
+    return out
 
 
 def read_taskpool_yaml(path: Path) -> list[str]:
