@@ -137,8 +137,16 @@ def write_card(
         model_name=name,
         eval_results=results or None,
     )
+    hidden = set()  # tasks no merged task model was tuned on (the eval report marks them)
+    if "merged" in reports:
+        hidden = {n for n, s in reports["merged"].tasks.items() if s.to_json().get("unseen")}
     body = _body(
-        name, base or public_source(recipe["pretrained"]), recipe, rows, _read(run / EXPORT_REPORT)
+        name,
+        base or public_source(recipe["pretrained"]),
+        recipe,
+        rows,
+        _read(run / EXPORT_REPORT),
+        hidden,
     )
     heatmap = None
     if mixture is not None:
@@ -156,7 +164,14 @@ def write_card(
     return run / "README.md"
 
 
-def _body(name: str, base: str, recipe: dict[str, Any], rows: dict, export: dict | None) -> str:
+def _body(
+    name: str,
+    base: str,
+    recipe: dict[str, Any],
+    rows: dict,
+    export: dict | None,
+    hidden: set[str] = frozenset(),
+) -> str:
     params = ", ".join(f"`{k}={v}`" for k, v in recipe["parameters"].items()) or "none"
     lines = [
         f"# {name}",
@@ -184,16 +199,30 @@ def _body(name: str, base: str, recipe: dict[str, Any], rows: dict, export: dict
     ]
     if rows:
         tasks = list(next(iter(rows.values())))
+        groups = {"avg.": tasks}
+        if hidden:  # generalization: seen and unseen tasks averaged apart
+            groups["seen avg."] = [t for t in tasks if t not in hidden]
+            groups["unseen avg."] = [t for t in tasks if t in hidden]
+        heads = [f"{t} (unseen)" if t in hidden else t for t in tasks]
         lines += [
             "## Zero-shot accuracy (%)",
             "",
-            "| model | " + " | ".join(tasks) + " | avg. |",
-            "|---" * (len(tasks) + 2) + "|",
+            "| model | " + " | ".join(heads) + " | " + " | ".join(groups) + " |",
+            "|---" * (len(tasks) + len(groups) + 1) + "|",
         ]
         for label, acc in rows.items():
-            values = [100 * acc[t] for t in tasks if t in acc]
             cells = " | ".join(f"{100 * acc[t]:.1f}" if t in acc else "—" for t in tasks)
-            lines.append(f"| {label} | {cells} | {sum(values) / max(1, len(values)):.1f} |")
+            means = []
+            for members in groups.values():
+                values = [100 * acc[t] for t in members if t in acc]
+                means.append(f"{sum(values) / len(values):.1f}" if values else "—")
+            lines.append(f"| {label} | {cells} | {' | '.join(means)} |")
+        if hidden:
+            lines += [
+                "",
+                f"Unseen: {', '.join(t for t in tasks if t in hidden)}: no merged task model "
+                "was tuned on these tasks.",
+            ]
         lines += ["", "![per-task accuracy](accuracy.png)", ""]
     if export:
         lines += [

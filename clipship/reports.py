@@ -16,7 +16,7 @@ from typing import Any
 
 from clipship.errors import ClipshipError
 
-META_KEYS = ("average", "model_info")
+META_KEYS = ("average", "average_seen", "average_unseen", "model_info")
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,8 @@ class EvalReport:
     tasks: dict[str, TaskScore]
     average: dict[str, float] | None = None
     model_info: dict[str, Any] | None = None
+    average_seen: dict[str, float] | None = None  # generalization: tasks a task model was
+    average_unseen: dict[str, float] | None = None  # tuned on, and the others (rows "unseen")
 
     def accuracies(self) -> dict[str, float]:
         return {name: score.accuracy for name, score in self.tasks.items()}
@@ -55,6 +57,9 @@ class EvalReport:
         data: dict[str, Any] = {name: score.to_json() for name, score in self.tasks.items()}
         if self.average is not None:
             data["average"] = self.average
+        for key in ("average_seen", "average_unseen"):
+            if getattr(self, key) is not None:
+                data[key] = getattr(self, key)
         if self.model_info is not None:
             data["model_info"] = self.model_info
         return data
@@ -76,7 +81,13 @@ class EvalReport:
                     f"{where}: {name}: {accuracy} is not a finite accuracy in [0, 1]"
                 )
             tasks[name] = TaskScore(accuracy, {k: v for k, v in row.items() if k != "accuracy"})
-        return cls(tasks, data.get("average"), data.get("model_info"))
+        return cls(
+            tasks,
+            data.get("average"),
+            data.get("model_info"),
+            data.get("average_seen"),
+            data.get("average_unseen"),
+        )
 
 
 def is_single(data: Any) -> bool:

@@ -106,9 +106,15 @@ def eval_reports(reports: Any) -> None:
         grid = _table("task", "accuracy (%)", "loss", "images")
         for name, score in reports.tasks.items():
             loss, samples = score.fields["loss"], score.fields["samples"]
-            grid.add_row(name, f"{100 * score.accuracy:.2f}", f"{loss:.4f}", str(samples))
-        avg = reports.average or {}
-        grid.add_row("average", f"{100 * avg['accuracy']:.2f}", f"{avg['loss']:.4f}", "")
+            label = f"{name} (unseen)" if score.fields.get("unseen") else name
+            grid.add_row(label, f"{100 * score.accuracy:.2f}", f"{loss:.4f}", str(samples))
+        for label, avg in (
+            ("average", reports.average),
+            ("average, seen", reports.average_seen),
+            ("average, unseen", reports.average_unseen),
+        ):
+            if avg:
+                grid.add_row(label, f"{100 * avg['accuracy']:.2f}", f"{avg['loss']:.4f}", "")
     else:
         names = list(next(iter(reports.values())).tasks)
         grid = _table("model", *names, "average", title="zero-shot accuracy (%)")

@@ -34,7 +34,7 @@ from clipship.runtime.model import (
     set_routing,
 )
 from clipship.runtime.state import borrows_process_state
-from clipship.runtime.tasks import Task
+from clipship.runtime.tasks import Task, aliases, builtin_tasks, unseen
 
 MAX_BATCH = 65536
 
@@ -104,10 +104,19 @@ def evaluate(
             ]
             for layer in layers:
                 layer.routing_sum = None
-    average = {
-        key: sum(rows[t.name][key] for t in tasks) / len(tasks) for key in ("accuracy", "loss")
-    }
-    report = {**rows, "average": average, "model_info": info}
+    report = {**rows, "average": mean_of(rows, [t.name for t in tasks])}
+    names = [t.name for t in tasks]
+    hidden = unseen(names, info.get("task_models") or info.get("experts") or names)
+    if hidden and (len(hidden) < len(names) or named_after_tasks(info)):
+        # generalization: tasks none of the merged task models was tuned on (known only when
+        # the task models are named after tasks, as FusionBench's pools are)
+        for name in hidden:
+            rows[name]["unseen"] = True
+        seen = [t.name for t in tasks if t.name not in hidden]
+        if seen:
+            report["average_seen"] = mean_of(rows, seen)
+        report["average_unseen"] = mean_of(rows, hidden)
+    report["model_info"] = info
     bad = first_nonfinite(report)
     if bad is not None:  # a metric that is not a number is never reported, gated or written
         raise NonFiniteError(
@@ -116,6 +125,17 @@ def evaluate(
             option="precision",
         )
     return EvalReport.from_json(report)
+
+
+def named_after_tasks(info: dict[str, Any]) -> bool:
+    """Whether every task model of a merge is named after a built-in task (or its alias)."""
+    models = info.get("task_models") or info.get("experts") or []
+    known = set(builtin_tasks()) | set(aliases())
+    return bool(models) and all(m in known for m in models)
+
+
+def mean_of(rows: dict[str, dict[str, Any]], names: list[str]) -> dict[str, float]:
+    return {key: sum(rows[n][key] for n in names) / len(names) for key in ("accuracy", "loss")}
 
 
 def check_options(

@@ -178,7 +178,9 @@ def bad_parquet(path, columns):
 
 def test_bad_inputs_are_one_line(data, tmp_path):
     base = ["eval", MNIST, "--pretrained", PRETRAINED]
-    one_error_line(cli(*base, "--tasks", "imagenet"), "unknown task 'imagenet'")
+    one_error_line(cli(*base, "--tasks", "imagenet-r"), "unknown task 'imagenet-r'")
+    # a known task without a hub test set in FusionBench's configs needs its data
+    one_error_line(cli(*base, "--tasks", "imagenet"), "task imagenet: no dataset source")
     wrong = bad_parquet(tmp_path / "wrong.parquet", {"img": [b"x"], "target": [1]})
     one_error_line(
         cli(*base, "--task", f"mnist2={wrong}", "--classnames", names_file(tmp_path)),

@@ -156,3 +156,38 @@ def test_eval_reads_the_pool_task_file(smoke):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert set(report) == {"mnist", "average", "model_info"} and report["mnist"]["samples"] == 150
+
+
+def test_a_pool_of_three_tasks_reports_the_fourth_as_unseen(smoke, tmp_path):
+    """Generalization (FusionBench's generalization_exp pools): three of the four task models
+    merged, all four tasks evaluated; the report and the card average seen and unseen apart."""
+    from .conftest import run_cli
+
+    folder, cache = smoke
+    env = {"CLIPSHIP_CACHE": str(cache)}
+    seen = ["mnist", "animals", "digits"]
+    models = [a for t in seen for a in ("--model", f"{t}={folder / t}")]
+    merged = tmp_path / "merged"
+    result = run_cli(
+        "merge", "--pretrained", folder / "pretrained", *models, "--method", "task_arithmetic",
+        "--out", merged, "--quiet", env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    result = run_cli(
+        "eval", merged, "--taskfile", folder / "tasks.json",
+        "--tasks", "mnist,animals,digits,textures", "--limit", "16",
+        "--out", merged / "eval_report.json", env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads((merged / "eval_report.json").read_text())
+    assert report["model_info"]["task_models"] == seen
+    assert report["textures"]["unseen"] is True
+    assert not any(report[t].get("unseen") for t in seen)
+    accuracy = {t: report[t]["accuracy"] for t in [*seen, "textures"]}
+    assert report["average_seen"]["accuracy"] == pytest.approx(sum(accuracy[t] for t in seen) / 3)
+    assert report["average_unseen"]["accuracy"] == accuracy["textures"]
+    assert report["average"]["accuracy"] == pytest.approx(sum(accuracy.values()) / 4)
+    result = run_cli("card", merged, "--license", "mit")
+    assert result.returncode == 0, result.stderr
+    card = (merged / "README.md").read_text()
+    assert "textures (unseen)" in card and "seen avg." in card and "unseen avg." in card

@@ -107,7 +107,22 @@ def load_zero_shot(
     if is_mixture(checked.config):
         info["routing"] = str(Routing.PER_SAMPLE)  # each image through its own routing weights
         info["experts"] = list(checked.config["wemoe"]["experts"])
+    merged_from = task_models(checked.folder)
+    if merged_from is not None:
+        info["task_models"] = merged_from
     return zero_shot, pretrained_folder, info
+
+
+def task_models(folder: Path) -> list[str] | None:
+    """The task models a merged folder was made from (its recipe's ``models``), or None."""
+    from clipship.errors import RecipeError
+    from clipship.schemas import Recipe, parse, read_json
+
+    path = folder / "clipship_recipe.json"
+    if not path.is_file():
+        return None
+    recipe = read_json(path, RecipeError, "recipe file")
+    return [m.name for m in parse(Recipe, recipe, str(path), RecipeError).models]
 
 
 def mixture_layers(zero_shot: ZeroShotModel) -> list[Any]:

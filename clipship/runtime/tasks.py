@@ -64,6 +64,14 @@ def aliases() -> dict[str, str]:
     return dict(_builtin()["aliases"])
 
 
+def unseen(names: list[str], merged_from: list[str]) -> list[str]:
+    """The tasks of ``names`` that no task model of ``merged_from`` was tuned on (FusionBench's
+    generalization experiments), matching FusionBench's aliases to their task."""
+    other = aliases()
+    seen = {other.get(n, n) for n in merged_from}
+    return [n for n in names if other.get(n, n) not in seen]
+
+
 def get_tasks(names: str | list[str]) -> list[Task]:
     """A suite (``all``, ``tall14``, ``tall20``), a comma-separated string, or a list of names.
     Every name FusionBench's ``CLIPTemplateFactory`` accepts resolves: an alias without a ``/``
