@@ -30,7 +30,13 @@ PRETRAINED = "_pretrained_"
 VISION_PREFIX = "vision_model."
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 # What a merge needs from a hub repo: weights, configs, tokenizer and processor files.
-HUB_PATTERNS = ["*.json", "*.txt", "model.safetensors", "model-*-of-*.safetensors"]
+HUB_PATTERNS = [
+    "*.json",
+    "*.txt",
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "adapter_model.safetensors",  # a LoRA task model (clipship.lora)
+]
 PICKLE_PATTERNS = ["pytorch_model.bin", "pytorch_model-*-of-*.bin"]
 # Vision settings that must agree across a pool (checked before the tensors, for a clear message).
 ARCH_KEYS = (
@@ -312,10 +318,23 @@ def vision_key_map(names: list[str], source: str) -> dict[str, str]:
     return bare
 
 
-def load_model(name: str, source: str, allow_pickle: bool = False) -> Model:
+def load_model(
+    name: str, source: str, allow_pickle: bool = False, base: Model | None = None
+) -> Model:
+    """A pool member; a LoRA adapter folder (``adapter_config.json``) is read over ``base``, the
+    pool's pretrained model, as the task encoder it makes (``clipship.lora``)."""
+    from clipship.lora import is_adapter, open_lora
     from clipship.schemas import read_json
 
     folder, repo_id, revision = resolve_folder(source, allow_pickle)
+    if is_adapter(folder):
+        if base is None:
+            raise CheckpointError(
+                f"{source}: a LoRA adapter, not a model; give it as a task model of a pool, "
+                "whose pretrained model it adapts"
+            )
+        lora, keys = open_lora(source, folder, base)
+        return Model(name, source, folder, repo_id, revision, lora, base.config, keys)
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise SourceNotFoundError(f"{source}: no config.json in {folder}")
@@ -441,13 +460,23 @@ def read_pool_yaml(path: Path) -> tuple[str, dict[str, str]]:
         raise SourceNotFoundError(f"{path}: a modelpool needs a 'models:' mapping")
     pool = parse(PoolFile, data, str(path), SourceNotFoundError)
     sources: dict[str, str] = {}
+
+    def located(src: str) -> str:
+        local = Path(path).parent / src
+        return str(local) if not Path(src).is_absolute() and local.exists() else src
+
     for name, value in pool.models.items():
         src = value.source or ""
         if value.revision:
             src = f"{src}@{value.revision}"
-        local = Path(path).parent / src
-        sources[name] = str(local) if not Path(src).is_absolute() and local.exists() else src
+        sources[name] = located(src)
     pretrained = sources.pop(PRETRAINED)
+    for name, value in pool.models.items():  # a LoRA entry names the base it adapts
+        if value.base_model_name and located(value.base_model_name) != pretrained:
+            raise PoolMismatchError(
+                f"{path}: {name} adapts base_model_name {value.base_model_name}, not the pool's "
+                f"_pretrained_ ({pretrained})"
+            )
     return pretrained, sources
 
 
@@ -478,10 +507,8 @@ def open_pool(
     >>> pool = open_pool("openai/clip-vit-base-patch32",
     ...                  {"mnist": "tanganke/clip-vit-base-patch32_mnist"})  # doctest: +SKIP
     """
-    pool = ModelPool(
-        load_model(PRETRAINED, pretrained, allow_pickle),
-        [load_model(name, src, allow_pickle) for name, src in models.items()],
-    )
+    base = load_model(PRETRAINED, pretrained, allow_pickle)
+    pool = ModelPool(base, [load_model(n, src, allow_pickle, base) for n, src in models.items()])
     if validate:
         pool.validate()
     return pool

@@ -416,11 +416,18 @@ class Open(Schema):
 
 class PoolModel(Open):
     """One entry of a modelpool's ``models:``: a source (text), or Hydra's model config (a
-    mapping with ``pretrained_model_name_or_path`` or ``path``, and ``revision``)."""
+    mapping with ``pretrained_model_name_or_path`` or ``path``, and ``revision``), or one of
+    FusionBench's loader calls: ``load_fft_vision_model_hf`` (``model_name``) and
+    ``load_lora_vision_model_hf`` (``peft_name`` over ``base_model_name``, merged and unloaded)."""
 
     pretrained_model_name_or_path: Text | None = None
     path: Text | None = None
     revision: Revision | None = None
+    target: Text | None = Field(default=None, alias="_target_")
+    model_name: Text | None = None
+    peft_name: Text | None = None
+    base_model_name: Text | None = None
+    merge_and_unload: bool | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -429,13 +436,20 @@ class PoolModel(Open):
 
     @model_validator(mode="after")
     def _source(self) -> PoolModel:
+        loader = (self.target or "").rsplit(".", 1)[-1]
+        if loader == "load_l_lora_vision_model_hf":
+            raise ValueError("L-LoRA task models (load_l_lora_vision_model_hf) are not supported")
+        if loader == "load_lora_vision_model_hf" and self.merge_and_unload is not True:
+            raise ValueError(
+                "a LoRA task model is merged in weight space: set merge_and_unload: true"
+            )
         if self.source is None or "${" in self.source:
             raise ValueError("no plain source path or hub id (pretrained_model_name_or_path:)")
         return self
 
     @property
     def source(self) -> str | None:
-        return self.pretrained_model_name_or_path or self.path
+        return self.pretrained_model_name_or_path or self.path or self.peft_name or self.model_name
 
 
 class PoolFile(Open):

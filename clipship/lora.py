@@ -1,0 +1,176 @@
+"""LoRA task models: a PEFT adapter on the pool's pretrained vision tower, read as the full task
+encoder it makes, one tensor at a time (FusionBench merges them after ``merge_and_unload``).
+
+A targeted weight W of a linear layer becomes W + s · (B @ A) — ``peft``'s ``merge_and_unload``
+in its operation order, with s = ``lora_alpha / r`` (``lora_alpha / √r`` with ``use_rslora``);
+every other tensor is the pretrained one. Only what can be reproduced exactly is read: plain
+LoRA on linear layers of the vision tower, one rank and one alpha. DoRA, rank or alpha patterns,
+LoRA biases, ``modules_to_save`` and targets outside the vision tower are refused by name before
+any work.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clipship.errors import CheckpointError, PoolMismatchError
+from clipship.safetensors_io import Checkpoint, TensorInfo, read_header
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+UNSUPPORTED = {  # adapter_config key → why it cannot be read as weights here
+    "use_dora": "DoRA (weight-decomposed LoRA)",
+    "lora_bias": "LoRA biases",
+    "rank_pattern": "per-module ranks (rank_pattern)",
+    "alpha_pattern": "per-module alphas (alpha_pattern)",
+    "modules_to_save": "modules_to_save (whole modules trained beside the adapter)",
+    "layers_to_transform": "layers_to_transform",
+}
+
+
+def is_adapter(folder: Path) -> bool:
+    return (folder / ADAPTER_CONFIG).is_file()
+
+
+class LoraCheckpoint:
+    """The vision tensors of ``base`` with the adapter's updates merged in, read on demand.
+
+    Looks like a :class:`Checkpoint` to the pool: ``tensors`` (the base's vision tensors),
+    ``files`` (the adapter's, whose sha256 a recipe records), ``read``, ``close``."""
+
+    def __init__(
+        self,
+        base: Checkpoint,
+        vision_keys: dict[str, str],
+        adapter: Checkpoint,
+        updates: dict[str, tuple[str, str]],
+        scale: float,
+        fan_in_fan_out: bool,
+    ):
+        self.base = base
+        self.adapter = adapter
+        self.tensors: dict[str, TensorInfo] = {s: base.tensors[s] for s in vision_keys.values()}
+        self.updates = updates  # stored weight name → (lora_A name, lora_B name)
+        self.scale = scale
+        self.fan_in_fan_out = fan_in_fan_out
+
+    @property
+    def files(self) -> list[Path]:
+        return self.adapter.files
+
+    def read(
+        self, name: str, start: int = 0, count: int | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if name not in self.updates:
+            return self.base.read(name, start, count, out=out)
+        weight = self.base.read(name)
+        a_name, b_name = self.updates[name]
+        a = self.adapter.read(a_name).to(weight.dtype)
+        b = self.adapter.read(b_name).to(weight.dtype)
+        delta = b @ a
+        if self.fan_in_fan_out:
+            delta = delta.T
+        weight += delta * self.scale  # peft: base_layer.weight.data += get_delta_weight()
+        if count is not None:
+            weight = weight.reshape(-1)[start : start + count]
+        return weight if out is None else out.copy_(weight.reshape(-1))
+
+    def close(self) -> None:
+        self.adapter.close()  # the base checkpoint is the pool's pretrained model's
+
+
+def adapter_config(folder: Path, source: str) -> dict[str, Any]:
+    from clipship.schemas import read_json
+
+    config = read_json(folder / ADAPTER_CONFIG, CheckpointError, "adapter config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: {ADAPTER_CONFIG} is not a JSON object")
+    kind = config.get("peft_type")
+    if kind != "LORA":
+        raise CheckpointError(f"{source}: a {kind} adapter; only LoRA adapters are task models")
+    for key, what in UNSUPPORTED.items():
+        value = config.get(key)
+        if value not in (None, False, {}, [], "none"):
+            raise CheckpointError(f"{source}: the adapter uses {what}, which clipship cannot read")
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise CheckpointError(f"{source}: {ADAPTER_CONFIG}: {key}={value!r} is not positive")
+    return config
+
+
+def canonical(name: str) -> str:
+    """A module path under the vision tower (``encoder.…`` on a ``CLIPVisionTransformer``, as
+    FusionBench adapts it, or ``vision_model.encoder.…``) as its ``vision_model.*`` name."""
+    return name if name.startswith("vision_model.") else f"vision_model.{name}"
+
+
+def open_lora(source: str, folder: Path, base: Any) -> tuple[LoraCheckpoint, dict[str, str]]:
+    """(the checkpoint, its vision key map) of the adapter in ``folder`` over ``base`` (the
+    pool's pretrained :class:`clipship.pool.Model`)."""
+    config = adapter_config(folder, source)
+    check_base(config.get("base_model_name_or_path"), base, source)
+    file = folder / ADAPTER_WEIGHTS
+    if not file.is_file():
+        raise CheckpointError(f"{source}: no {ADAPTER_WEIGHTS} in {folder}")
+    adapter = Checkpoint(read_header(file)[0])
+    r, alpha = config["r"], config["lora_alpha"]
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    pairs: dict[str, dict[str, str]] = {}
+    for name in adapter.tensors:
+        module, _, part = name.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+        if not part or not module:
+            raise CheckpointError(f"{source}: {ADAPTER_WEIGHTS} holds {name}, not a LoRA factor")
+        pairs.setdefault(module, {})[part.split(".")[0]] = name
+    updates: dict[str, tuple[str, str]] = {}
+    for module, parts in sorted(pairs.items()):
+        target = canonical(f"{module}.weight")
+        if target not in base.vision_keys:
+            raise CheckpointError(
+                f"{source}: the adapter changes {module}, outside the vision tower of "
+                f"{base.source}; only vision-tower adapters are task models"
+            )
+        if set(parts) != {"A", "B"}:
+            raise CheckpointError(f"{source}: {module} lacks lora_A or lora_B")
+        a, b = adapter.tensors[parts["A"]].shape, adapter.tensors[parts["B"]].shape
+        weight = base.info(target).shape
+        out_dim, in_dim = (weight[1], weight[0]) if config.get("fan_in_fan_out") else weight
+        if len(a) != 2 or len(b) != 2 or a[0] != r or b[1] != r:
+            raise CheckpointError(
+                f"{source}: {module}: lora_A {list(a)} and lora_B {list(b)} do not have the rank "
+                f"r={r} its config says"
+            )
+        if (b[0], a[1]) != (out_dim, in_dim):
+            raise CheckpointError(
+                f"{source}: {module}: lora_B @ lora_A is {[b[0], a[1]]}, the weight is "
+                f"{list(weight)}"
+            )
+        updates[base.vision_keys[target]] = (parts["A"], parts["B"])
+    if not updates:
+        raise CheckpointError(f"{source}: the adapter changes no weight")
+    transpose = bool(config.get("fan_in_fan_out"))
+    checkpoint = LoraCheckpoint(
+        base.checkpoint, base.vision_keys, adapter, updates, scale, transpose
+    )
+    return checkpoint, dict(base.vision_keys)
+
+
+def check_base(named: Any, base: Any, source: str) -> None:
+    """The adapter was trained on the pool's pretrained model: the same hub id, or the same
+    folder (peft records the path or id the base was loaded from)."""
+    if not isinstance(named, str) or not named:
+        return  # nothing recorded: the pool says which base
+    same = named in (base.source, base.repo_id) or (
+        Path(named).expanduser().is_dir()
+        and Path(named).expanduser().resolve() == Path(base.folder).resolve()
+    )
+    if not same:
+        raise PoolMismatchError(
+            f"{source}: the adapter was made on {named}, not on the pool's pretrained model "
+            f"({base.source})"
+        )
