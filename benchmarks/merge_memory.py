@@ -8,12 +8,17 @@ magnitude pruning on the first), each in its own process, and prints wall second
 process's peak RSS next to one encoder's fp32 size. Target for 8 × B/32 on a 2-core box: peak
 RSS ≤ 1.5× one encoder for every method.
 
+With ``--lora R``, the same methods also run on the pool with every task model replaced by a
+rank-R LoRA adapter of the pretrained tower (``synthetic.write_lora_pool``: q/k/v/out and both MLP
+layers), which clipship reads as the merged encoder tensor by tensor; each row then has a second
+figure, ``lora``. Target: the same ≤ 1.5× one encoder.
+
 With ``--fusionbench PYTHON`` (a virtualenv with fusion-bench==0.2.33 installed), each method
 also runs through `fusionbench_merge.py` on the same pool, stopped after ``--fusionbench-timeout``
 seconds or above ``--fusionbench-memory`` GiB resident.
 
     python benchmarks/merge_memory.py [--models 8] [--large] [--methods all|ta,ties,...]
-                                      [--fusionbench /path/to/venv/bin/python]
+                                      [--fusionbench /path/to/venv/bin/python] [--lora 16]
 """
 
 from __future__ import annotations
@@ -142,6 +147,7 @@ def main() -> None:
     parser.add_argument("--data-steps", type=int, default=10, help="AdaMerging steps")
     parser.add_argument("--fusionbench-timeout", type=float, default=900)
     parser.add_argument("--fusionbench-memory", type=float, default=16, help="GiB")
+    parser.add_argument("--lora", type=int, default=None, help="also a pool of rank-R adapters")
     args = parser.parse_args()
     print(describe())
 
@@ -176,6 +182,16 @@ def main() -> None:
                 check=True,
             )
             print(f"built {args.models} × {size} pool in {time.perf_counter() - t:.1f}s at {work}")
+        if args.lora and not (work / "pool_lora.yaml").exists():
+            here = str(Path(__file__).parent)
+            build = (
+                "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[3]); "
+                "from synthetic import write_lora_pool; "
+                "write_lora_pool(Path(sys.argv[1]), int(sys.argv[2]))"
+            )
+            subprocess.run(
+                [sys.executable, "-c", build, str(work), str(args.lora), here], check=True
+            )
         encoder = weight_bytes(work / task_names(work)[0] / "model.safetensors")
         print(f"one encoder (fp32): {encoder / 2**30:.3f} GiB; cores: {os.cpu_count()}")
         rows = method_rows()
@@ -208,6 +224,12 @@ def main() -> None:
             ours = run([*cmd, "--force", "--quiet"])
             shutil.rmtree(out, ignore_errors=True)
             line = f"{method:22s} {cell(ours, encoder)}"
+            if args.lora and "--pool" in cmd:
+                lora_cmd = [c if c != str(work / "pool.yaml") else str(work / "pool_lora.yaml")
+                            for c in cmd]  # fmt: skip
+                lora = run([*lora_cmd, "--force", "--quiet"])
+                shutil.rmtree(out, ignore_errors=True)
+                line += f"   lora r={args.lora}: {cell(lora, encoder)}"
             if args.fusionbench:
                 fb_cmd = [args.fusionbench, str(driver), method, str(work / "pool.yaml")]
                 fb_cmd += [str(args.data_examples)] if rows[method]["reads"] else []

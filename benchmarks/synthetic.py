@@ -244,3 +244,50 @@ def write_task_data(
     path = Path(folder) / "tasks.json"
     path.write_text(json.dumps({"tasks": spec}, indent=1) + "\n")
     return path
+
+
+def write_lora_pool(work: Path, rank: int, seed: int = 0) -> Path:
+    """``pool_lora.yaml``: every task model of ``work/pool.yaml`` replaced by a seeded random
+    LoRA adapter of rank ``rank`` (PEFT's files: ``adapter_config.json``,
+    ``adapter_model.safetensors`` with FusionBench's key layout, ``base_model.model.encoder.…``)
+    on every attention projection and both MLP layers of the pretrained vision tower."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    text = (work / "pool.yaml").read_text()
+    lines = text.split("models:", 1)[1].splitlines()
+    entries = [line.strip().split(": ", 1) for line in lines if line.strip()]
+    sources = dict(entries)
+    pretrained = Path(sources.pop("_pretrained_"))
+    with safe_open(str(pretrained / "model.safetensors"), "pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    modules = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+    targets = sorted(
+        k.removeprefix("vision_model.").removesuffix(".weight")
+        for k in shapes
+        if k.startswith("vision_model.encoder.")
+        and k.endswith(tuple(f"{m}.weight" for m in modules))
+    )
+    generator = torch.Generator().manual_seed(seed)
+    adapters = {}
+    for name in sources:
+        folder = work / f"{name}_lora"
+        folder.mkdir(exist_ok=True)
+        tensors = {}
+        for target in targets:
+            out_dim, in_dim = shapes[f"vision_model.{target}.weight"]
+            key = f"base_model.model.{target}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, in_dim, generator=generator) * 0.01
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out_dim, rank, generator=generator) * 0.01
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+        config = {
+            "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(modules),
+            "base_model_name_or_path": str(pretrained.resolve()), "fan_in_fan_out": False,
+            "use_dora": False, "use_rslora": False, "bias": "none",
+        }  # fmt: skip
+        (folder / "adapter_config.json").write_text(json.dumps(config, indent=1))
+        adapters[name] = folder
+    return write_pool_yaml(work / "pool_lora.yaml", pretrained, adapters)

@@ -66,19 +66,27 @@ class LoraCheckpoint:
     def read(
         self, name: str, start: int = 0, count: int | None = None, out: torch.Tensor | None = None
     ) -> torch.Tensor:
+        """The merged tensor, or its flat elements ``[start, start + count)``: only the rows
+        of W those elements lie in are read and updated (merges read a tensor in slices)."""
         if name not in self.updates:
             return self.base.read(name, start, count, out=out)
-        weight = self.base.read(name)
+        shape = self.tensors[name].shape
+        width = shape[1]
+        end = math.prod(shape) if count is None else start + count
+        first, last = start // width, -(-end // width)  # the rows [first, last) of W
+        rows = self.base.read(name, first * width, (last - first) * width).reshape(-1, width)
         a_name, b_name = self.updates[name]
-        a = self.adapter.read(a_name).to(weight.dtype)
-        b = self.adapter.read(b_name).to(weight.dtype)
-        delta = b @ a
-        if self.fan_in_fan_out:
-            delta = delta.T
-        weight += delta * self.scale  # peft: base_layer.weight.data += get_delta_weight()
-        if count is not None:
-            weight = weight.reshape(-1)[start : start + count]
-        return weight if out is None else out.copy_(weight.reshape(-1))
+        a = self.adapter.read(a_name).to(rows.dtype)
+        b = self.adapter.read(b_name).to(rows.dtype)
+        if self.fan_in_fan_out:  # W is (B @ A)ᵀ: its rows are columns of B @ A
+            delta = (b @ a[:, first:last]).mul_(self.scale).T
+        else:
+            delta = (b[first:last] @ a).mul_(self.scale)
+        rows += delta  # peft: base_layer.weight.data += transpose(B @ A) · scaling
+        flat = rows.reshape(-1)[start - first * width : end - first * width]
+        if out is not None:
+            return out.copy_(flat)
+        return flat.reshape(shape) if count is None else flat
 
     def close(self) -> None:
         self.adapter.close()  # the base checkpoint is the pool's pretrained model's
@@ -139,6 +147,8 @@ def open_lora(source: str, folder: Path, base: Any) -> tuple[LoraCheckpoint, dic
             raise CheckpointError(f"{source}: {module} lacks lora_A or lora_B")
         a, b = adapter.tensors[parts["A"]].shape, adapter.tensors[parts["B"]].shape
         weight = base.info(target).shape
+        if len(weight) != 2:
+            raise CheckpointError(f"{source}: LoRA on {module}, not a linear layer")
         out_dim, in_dim = (weight[1], weight[0]) if config.get("fan_in_fan_out") else weight
         if len(a) != 2 or len(b) != 2 or a[0] != r or b[1] != r:
             raise CheckpointError(
