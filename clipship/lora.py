@@ -50,14 +50,12 @@ class LoraCheckpoint:
         adapter: Checkpoint,
         updates: dict[str, tuple[str, str]],
         scale: float,
-        fan_in_fan_out: bool,
     ):
         self.base = base
         self.adapter = adapter
         self.tensors: dict[str, TensorInfo] = {s: base.tensors[s] for s in vision_keys.values()}
         self.updates = updates  # stored weight name → (lora_A name, lora_B name)
         self.scale = scale
-        self.fan_in_fan_out = fan_in_fan_out
 
     @property
     def files(self) -> list[Path]:
@@ -76,13 +74,11 @@ class LoraCheckpoint:
         first, last = start // width, -(-end // width)  # the rows [first, last) of W
         rows = self.base.read(name, first * width, (last - first) * width).reshape(-1, width)
         a_name, b_name = self.updates[name]
-        a = self.adapter.read(a_name).to(rows.dtype)
-        b = self.adapter.read(b_name).to(rows.dtype)
-        if self.fan_in_fan_out:  # W is (B @ A)ᵀ: its rows are columns of B @ A
-            delta = (b @ a[:, first:last]).mul_(self.scale).T
-        else:
-            delta = (b[first:last] @ a).mul_(self.scale)
-        rows += delta  # peft: base_layer.weight.data += transpose(B @ A) · scaling
+        # peft on CPU: B @ A in float32 for a half-precision weight, cast back, then added
+        work = torch.float32 if rows.dtype in (torch.float16, torch.bfloat16) else rows.dtype
+        a = self.adapter.read(a_name).to(work)
+        b = self.adapter.read(b_name)[first:last].to(work)
+        rows += (b @ a).mul_(self.scale).to(rows.dtype)  # peft: weight += (B @ A) · scaling
         flat = rows.reshape(-1)[start - first * width : end - first * width]
         if out is not None:
             return out.copy_(flat)
@@ -149,7 +145,8 @@ def open_lora(source: str, folder: Path, base: Any) -> tuple[LoraCheckpoint, dic
         weight = base.info(target).shape
         if len(weight) != 2:
             raise CheckpointError(f"{source}: LoRA on {module}, not a linear layer")
-        out_dim, in_dim = (weight[1], weight[0]) if config.get("fan_in_fan_out") else weight
+        # CLIP's layers are nn.Linear, for which peft turns fan_in_fan_out off: so here
+        out_dim, in_dim = weight
         if len(a) != 2 or len(b) != 2 or a[0] != r or b[1] != r:
             raise CheckpointError(
                 f"{source}: {module}: lora_A {list(a)} and lora_B {list(b)} do not have the rank "
@@ -163,10 +160,7 @@ def open_lora(source: str, folder: Path, base: Any) -> tuple[LoraCheckpoint, dic
         updates[base.vision_keys[target]] = (parts["A"], parts["B"])
     if not updates:
         raise CheckpointError(f"{source}: the adapter changes no weight")
-    transpose = bool(config.get("fan_in_fan_out"))
-    checkpoint = LoraCheckpoint(
-        base.checkpoint, base.vision_keys, adapter, updates, scale, transpose
-    )
+    checkpoint = LoraCheckpoint(base.checkpoint, base.vision_keys, adapter, updates, scale)
     return checkpoint, dict(base.vision_keys)
 
 

@@ -272,7 +272,8 @@ def cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
     if ref.is_file():
         commit = ref.read_text().strip()
     snapshot = repo / "snapshots" / commit
-    return snapshot if (snapshot / "config.json").is_file() else None
+    found = any((snapshot / f).is_file() for f in ("config.json", "adapter_config.json"))
+    return snapshot if found else None
 
 
 def open_checkpoint(folder: Path, source: str, allow_pickle: bool) -> Checkpoint | PickleCheckpoint:
@@ -472,7 +473,8 @@ def read_pool_yaml(path: Path) -> tuple[str, dict[str, str]]:
         sources[name] = located(src)
     pretrained = sources.pop(PRETRAINED)
     for name, value in pool.models.items():  # a LoRA entry names the base it adapts
-        if value.base_model_name and located(value.base_model_name) != pretrained:
+        unpinned = split_revision(pretrained)[0]  # the _pretrained_ may name a revision
+        if value.base_model_name and located(value.base_model_name) not in (pretrained, unpinned):
             raise PoolMismatchError(
                 f"{path}: {name} adapts base_model_name {value.base_model_name}, not the pool's "
                 f"_pretrained_ ({pretrained})"

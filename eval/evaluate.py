@@ -107,9 +107,9 @@ def evaluate(
     report = {**rows, "average": mean_of(rows, [t.name for t in tasks])}
     names = [t.name for t in tasks]
     hidden = unseen(names, info.get("task_models") or info.get("experts") or names)
-    if hidden and (len(hidden) < len(names) or named_after_tasks(info)):
+    if hidden and named_after_tasks(info, names):
         # generalization: tasks none of the merged task models was tuned on (known only when
-        # the task models are named after tasks, as FusionBench's pools are)
+        # every task model is named after a task, as FusionBench's pools are)
         for name in hidden:
             rows[name]["unseen"] = True
         seen = [t.name for t in tasks if t.name not in hidden]
@@ -127,10 +127,11 @@ def evaluate(
     return EvalReport.from_json(report)
 
 
-def named_after_tasks(info: dict[str, Any]) -> bool:
-    """Whether every task model of a merge is named after a built-in task (or its alias)."""
+def named_after_tasks(info: dict[str, Any], evaluated: list[str]) -> bool:
+    """Whether every task model of a merge is named after a task: a built-in one, an alias, or
+    one of the tasks evaluated (a task file's)."""
     models = info.get("task_models") or info.get("experts") or []
-    known = set(builtin_tasks()) | set(aliases())
+    known = set(builtin_tasks()) | set(aliases()) | set(evaluated)
     return bool(models) and all(m in known for m in models)
 
 

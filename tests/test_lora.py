@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from clipship.errors import ClipshipError
+from clipship.merge.dataaware.common import load_vision
+from clipship.merge.matrices import canonical
 from clipship.pool import open_pool, read_pool_yaml
 
 from .conftest import FIXTURE, load_weights, max_abs_diff, run_cli, write_model
@@ -61,6 +63,9 @@ def test_a_lora_member_reads_as_peft_merge_and_unload(adapters):
             reference = load_weights(adapters[task][1])
             ours = {name: model.read(name) for name in pool.tensor_names}
             assert max_abs_diff(ours, reference) <= 1e-6, task
+            vision = load_vision(model)  # data-aware methods load task models whole
+            loaded = {canonical(n): t.detach() for n, t in vision.named_parameters()}
+            assert max_abs_diff(loaded, reference) <= 1e-6, task
             changed = [n for n in ours if not torch.equal(ours[n], pool.pretrained.read(n))]
             assert changed and all(n.endswith(("q_proj.weight", "v_proj.weight", "fc1.weight"))
                                    for n in changed)  # fmt: skip

@@ -159,6 +159,8 @@ def test_the_prune_threshold_is_torch_quantile_from_two_order_statistics(n):
         assert torch.equal(prune_threshold(magnitude, ratio), magnitude.quantile(ratio)), ratio
     vector = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     assert int((magnitude_prune(vector, 0.73) != 0).sum()) == 270
+    big = torch.arange(2**24 + 2, dtype=torch.float32)  # float32 rounds 1.0 · (n − 1) up to n
+    assert float(prune_threshold(big, 1.0)) == float(big[-1])
     sparse = prune_sparse(vector.reshape(10, 100), 0.73)
     assert torch.equal(sparse.dense(), magnitude_prune(vector, 0.73).reshape(10, 100))
     assert sparse.indices.dtype == torch.int32 and sparse.values.numel() == 270

@@ -49,8 +49,8 @@ def load_vision(model: Model, device: str = "cpu") -> Any:
     where ``from_pretrained`` also maps the whole file, text tower included."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    with quiet_transformers():
-        config = CLIPVisionConfig.from_pretrained(model.folder)
+    with quiet_transformers():  # the member's own config (a LoRA member's is its base's)
+        config = CLIPVisionConfig.from_dict(dict(model.vision_config))
         vision = CLIPVisionModel._from_config(config).float()
     params = dict(vision.named_parameters())
     names = {canonical(name): name for name in params}
@@ -58,7 +58,13 @@ def load_vision(model: Model, device: str = "cpu") -> Any:
     if absent:
         raise PoolMismatchError(f"{model.source}: no vision tensor {absent[0]} in its checkpoint")
     for name, param in params.items():
-        param.copy_(model.read(canonical(name)).reshape(param.shape))
+        stored = tuple(model.info(canonical(name)).shape)
+        if stored != tuple(param.shape):
+            raise PoolMismatchError(
+                f"{model.source}: {canonical(name)} is {list(stored)}, its config makes "
+                f"{list(param.shape)}"
+            )
+        param.copy_(model.read(canonical(name)))
     return vision.to(device).eval()
 
 

@@ -262,11 +262,13 @@ def prune_threshold(magnitude: torch.Tensor, ratio: float) -> torch.Tensor:
     arithmetic (the rank ``ratio · (n − 1)`` in the tensor's dtype), at any size: torch.quantile
     refuses more than 2²⁴ entries (FusionBench's D8)."""
     flat = magnitude.reshape(-1)
-    rank = torch.tensor(ratio, dtype=flat.dtype) * (flat.numel() - 1)
-    below, above = int(rank.floor()), int(rank.ceil())
+    last = flat.numel() - 1
+    rank = torch.tensor(ratio, dtype=flat.dtype, device=flat.device) * last
+    # above 2²⁴ entries the float32 rank can round past the last index: clamp it
+    below, above = min(int(rank.floor()), last), min(int(rank.ceil()), last)
     low = flat.kthvalue(below + 1).values
     high = low if above == below else flat.kthvalue(above + 1).values
-    return torch.lerp(low, high, rank - below)
+    return torch.lerp(low, high, (rank - below).clamp(0, 1))
 
 
 def magnitude_prune(vector: torch.Tensor, ratio: float) -> torch.Tensor:
