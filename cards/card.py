@@ -139,7 +139,7 @@ def write_card(
     )
     hidden = set()  # tasks no merged task model was tuned on (the eval report marks them)
     if "merged" in reports:
-        hidden = {n for n, s in reports["merged"].tasks.items() if s.to_json().get("unseen")}
+        hidden = {n for n, s in reports["merged"].tasks.items() if s.fields.get("unseen")}
     body = _body(
         name,
         base or public_source(recipe["pretrained"]),

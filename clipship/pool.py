@@ -472,8 +472,8 @@ def read_pool_yaml(path: Path) -> tuple[str, dict[str, str]]:
             src = f"{src}@{value.revision}"
         sources[name] = located(src)
     pretrained = sources.pop(PRETRAINED)
+    unpinned = split_revision(pretrained)[0]  # the _pretrained_ may name a revision
     for name, value in pool.models.items():  # a LoRA entry names the base it adapts
-        unpinned = split_revision(pretrained)[0]  # the _pretrained_ may name a revision
         if value.base_model_name and located(value.base_model_name) not in (pretrained, unpinned):
             raise PoolMismatchError(
                 f"{path}: {name} adapts base_model_name {value.base_model_name}, not the pool's "

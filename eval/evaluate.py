@@ -34,7 +34,7 @@ from clipship.runtime.model import (
     set_routing,
 )
 from clipship.runtime.state import borrows_process_state
-from clipship.runtime.tasks import Task, aliases, builtin_tasks, unseen
+from clipship.runtime.tasks import Task, unseen
 
 MAX_BATCH = 65536
 
@@ -104,15 +104,13 @@ def evaluate(
             ]
             for layer in layers:
                 layer.routing_sum = None
-    report = {**rows, "average": mean_of(rows, [t.name for t in tasks])}
     names = [t.name for t in tasks]
-    hidden = unseen(names, info.get("task_models") or info.get("experts") or names)
-    if hidden and named_after_tasks(info, names):
-        # generalization: tasks none of the merged task models was tuned on (known only when
-        # every task model is named after a task, as FusionBench's pools are)
+    report = {**rows, "average": mean_of(rows, names)}
+    hidden = unseen(names, info.get("task_models") or info.get("experts") or [])
+    if hidden:  # generalization: tasks none of the merged task models was tuned on
         for name in hidden:
             rows[name]["unseen"] = True
-        seen = [t.name for t in tasks if t.name not in hidden]
+        seen = [n for n in names if n not in hidden]
         if seen:
             report["average_seen"] = mean_of(rows, seen)
         report["average_unseen"] = mean_of(rows, hidden)
@@ -125,14 +123,6 @@ def evaluate(
             option="precision",
         )
     return EvalReport.from_json(report)
-
-
-def named_after_tasks(info: dict[str, Any], evaluated: list[str]) -> bool:
-    """Whether every task model of a merge is named after a task: a built-in one, an alias, or
-    one of the tasks evaluated (a task file's)."""
-    models = info.get("task_models") or info.get("experts") or []
-    known = set(builtin_tasks()) | set(aliases()) | set(evaluated)
-    return bool(models) and all(m in known for m in models)
 
 
 def mean_of(rows: dict[str, dict[str, Any]], names: list[str]) -> dict[str, float]:

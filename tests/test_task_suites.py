@@ -143,9 +143,9 @@ def test_eval_runs_tall20_on_local_copies(tmp_path):
 
 
 def test_unseen_is_marked_only_when_every_task_model_is_named_after_a_task():
-    from clipship.eval.evaluate import named_after_tasks
+    from clipship.runtime.tasks import named_after_tasks
 
-    assert named_after_tasks({"task_models": ["mnist", "stanford_cars"]}, ["svhn"])
-    assert named_after_tasks({"task_models": ["digits"]}, ["digits", "textures"])  # a task file's
-    assert not named_after_tasks({"task_models": ["mnist", "run2"]}, ["mnist", "svhn"])
-    assert not named_after_tasks({}, ["mnist"])
+    assert named_after_tasks(["mnist", "stanford_cars"], ["svhn"])
+    assert named_after_tasks(["digits"], ["digits", "textures"])  # a task file's
+    assert not named_after_tasks(["mnist", "run2"], ["mnist", "svhn"])
+    assert not named_after_tasks([], ["mnist"])

@@ -64,9 +64,19 @@ def aliases() -> dict[str, str]:
     return dict(_builtin()["aliases"])
 
 
+def named_after_tasks(merged_from: list[str], evaluated: list[str]) -> bool:
+    """Whether every task model is named after a task: a built-in one, an alias, or one of the
+    tasks evaluated (a task file's)."""
+    known = set(builtin_tasks()) | set(aliases()) | set(evaluated)
+    return bool(merged_from) and all(m in known for m in merged_from)
+
+
 def unseen(names: list[str], merged_from: list[str]) -> list[str]:
     """The tasks of ``names`` that no task model of ``merged_from`` was tuned on (FusionBench's
-    generalization experiments), matching FusionBench's aliases to their task."""
+    generalization experiments), matching FusionBench's aliases to their task; none when the
+    task models are not all named after tasks (then which task each was tuned on is unknown)."""
+    if not named_after_tasks(merged_from, names):
+        return []
     other = aliases()
     seen = {other.get(n, n) for n in merged_from}
     return [n for n in names if other.get(n, n) not in seen]

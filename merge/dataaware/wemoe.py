@@ -16,7 +16,7 @@ predictions. FusionBench either backpropagates each task's loss (``use_grad_accu
 their sum once; both give the router gradient Σ_t ∂e_t/∂θ (to float rounding), and here it is
 always taken task by task, so one task's graph is held at a time, not all T of them.
 ``batch_reduce`` averages the routing weights over the batch while adapting (FusionBench's
-default); the result routes each sample on its own (:class:`MoEMLP`'s ``per_sample``).
+default); the result routes each sample on its own (:class:`MoEMLP` with ``batch_reduce`` off).
 
 Routers start from a generator seeded by (seed, layer) — or from a file with FusionBench's key
 names (``router_init``), which is how parity with FusionBench's own runs is checked.
