@@ -36,6 +36,7 @@ HUB_PATTERNS = [
     "model.safetensors",
     "model-*-of-*.safetensors",
     "adapter_model.safetensors",  # a LoRA task model (clipship.lora)
+    "linearized_adapter_model.safetensors",  # an L-LoRA task model (FusionBench's)
 ]
 PICKLE_PATTERNS = ["pytorch_model.bin", "pytorch_model-*-of-*.bin"]
 # Vision settings that must agree across a pool (checked before the tensors, for a clear message).

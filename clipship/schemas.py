@@ -417,8 +417,9 @@ class Open(Schema):
 class PoolModel(Open):
     """One entry of a modelpool's ``models:``: a source (text), or Hydra's model config (a
     mapping with ``pretrained_model_name_or_path`` or ``path``, and ``revision``), or one of
-    FusionBench's loader calls: ``load_fft_vision_model_hf`` (``model_name``) and
-    ``load_lora_vision_model_hf`` (``peft_name`` over ``base_model_name``, merged and unloaded)."""
+    FusionBench's loader calls: ``load_fft_vision_model_hf`` (``model_name``),
+    ``load_lora_vision_model_hf`` (``peft_name`` over ``base_model_name``, merged and unloaded)
+    and ``load_l_lora_vision_model_hf`` (``peft_name`` over ``base_model_name``, linearized)."""
 
     pretrained_model_name_or_path: Text | None = None
     path: Text | None = None
@@ -437,8 +438,6 @@ class PoolModel(Open):
     @model_validator(mode="after")
     def _source(self) -> PoolModel:
         loader = (self.target or "").rsplit(".", 1)[-1]
-        if loader == "load_l_lora_vision_model_hf":
-            raise ValueError("L-LoRA task models (load_l_lora_vision_model_hf) are not supported")
         if loader == "load_lora_vision_model_hf" and self.merge_and_unload is not True:
             raise ValueError(
                 "a LoRA task model is merged in weight space: set merge_and_unload: true"

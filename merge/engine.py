@@ -24,6 +24,7 @@ import torch
 from clipship.errors import MethodError, NonFiniteError, PoolMismatchError, RecipeError
 from clipship.hashing import file_sha256
 from clipship.machine import pick_device
+from clipship.merge.linearized import in_adapter_space, merge_adapters
 from clipship.merge.registry import Method, TensorInputs, get_method
 from clipship.outputs import atomic_folder, check_target, json_text, library_versions
 from clipship.pool import (
@@ -145,7 +146,9 @@ def merge(
                     files = write_mixture(mixture, pool, tmp, shard_bytes)
                     stats = mixture.statistics
                 else:
-                    files, stats = _merge_weights(
+                    # an L-LoRA pool with a linear method merges its adapters (exact there)
+                    step = merge_adapters if in_adapter_space(pool, spec) else _merge_weights
+                    files, stats = step(
                         pool, spec, values, seed, vision_only, tmp, shard_bytes, bar, device
                     )
                     _copy_metadata(pool.pretrained, tmp, vision_only)

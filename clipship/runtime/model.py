@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -16,6 +16,9 @@ from clipship.pool import load_model, resolve_folder
 from clipship.requests import Choice, choice
 from clipship.runtime.state import quiet_transformers
 from clipship.runtime.tasks import Task
+
+if TYPE_CHECKING:
+    from clipship.pool import Model
 
 
 class Routing(Choice):
@@ -75,6 +78,10 @@ def load_zero_shot(
     """(model on device, pretrained folder, model_info) for a merged folder, encoder or hub id."""
     from transformers import CLIPVisionModel
 
+    from clipship.lora import is_adapter
+
+    if is_adapter(resolve_folder(model)[0]):
+        return _load_adapter(model, pretrained, device)
     checked = load_model("model", model)  # headers only: refuses folders without a vision tower
     checked.checkpoint.close()
     if pretrained is None:
@@ -96,6 +103,47 @@ def load_zero_shot(
             vision = mixture.vision_model
         else:
             vision = CLIPVisionModel.from_pretrained(checked.folder)
+    return _finish(model, checked, clip, vision, pretrained_folder, device)
+
+
+def _load_adapter(
+    model: str, pretrained: str | None, device: str
+) -> tuple[ZeroShotModel, Path, dict]:
+    """A LoRA or L-LoRA adapter folder over its base: ``pretrained``, else the base its config
+    names (as ``peft`` loads one). The vision tower is the encoder the adapter makes (for an
+    L-LoRA, its linearized forward, exactly: ``clipship.lora``)."""
+    from clipship.lora import adapter_config
+    from clipship.pool import PRETRAINED
+
+    folder = resolve_folder(model)[0]
+    base_source = pretrained or adapter_config(folder, model).get("base_model_name_or_path")
+    if not isinstance(base_source, str) or not base_source:
+        raise PoolMismatchError(
+            f"{model} is an adapter that names no base model: pass `pretrained` with the CLIP "
+            "model it adapts",
+            option="pretrained",
+        )
+    base = load_model(PRETRAINED, base_source)
+    member = load_model("model", model, base=base)
+    try:
+        if not base.has_text_tower:
+            raise PoolMismatchError(
+                f"{base_source} (the adapter's base) is a vision-only model: pass `pretrained` "
+                "with the CLIPModel it was fine-tuned from",
+                option="pretrained",
+            )
+        vision = load_vision(member)
+    finally:
+        member.checkpoint.close()
+        base.checkpoint.close()
+    with quiet_transformers():
+        clip = clip_class(base.folder).from_pretrained(base.folder)
+    return _finish(model, member, clip, vision, base.folder, device)
+
+
+def _finish(
+    model: str, checked: Any, clip: Any, vision: Any, pretrained_folder: Path, device: str
+) -> tuple[ZeroShotModel, Path, dict]:
     zero_shot = ZeroShotModel(vision, clip.visual_projection, clip.logit_scale).to(device).eval()
     own_module(zero_shot)  # out of the files' mappings (clipship.memory)
     for name, parameter in zero_shot.named_parameters():  # NaN in, NaN metrics out: refuse
@@ -111,6 +159,36 @@ def load_zero_shot(
     if merged_from is not None:
         info["task_models"] = merged_from
     return zero_shot, pretrained_folder, info
+
+
+def load_vision(model: Model, device: str = "cpu") -> Any:
+    """The vision tower of a pool member as a float32 ``CLIPVisionModel`` in eval mode, its
+    tensors read one at a time into the model's own (aligned) memory: one copy of the tower,
+    where ``from_pretrained`` also maps the whole file, text tower included."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    with quiet_transformers():  # the member's own config (a LoRA member's is its base's)
+        config = CLIPVisionConfig.from_dict(dict(model.vision_config))
+        vision = CLIPVisionModel._from_config(config).float()
+    params = dict(vision.named_parameters())
+    names = {_canonical(name): name for name in params}
+    absent = sorted(set(names) - set(model.vision_keys))  # extra stored buffers are ignored
+    if absent:
+        raise PoolMismatchError(f"{model.source}: no vision tensor {absent[0]} in its checkpoint")
+    for name, param in params.items():
+        stored = tuple(model.info(_canonical(name)).shape)
+        if stored != tuple(param.shape):
+            raise PoolMismatchError(
+                f"{model.source}: {_canonical(name)} is {list(stored)}, its config makes "
+                f"{list(param.shape)}"
+            )
+        with torch.no_grad():
+            param.copy_(model.read(_canonical(name)))
+    return vision.to(device).eval()
+
+
+def _canonical(name: str) -> str:
+    return name if name.startswith("vision_model.") else f"vision_model.{name}"
 
 
 def task_models(folder: Path) -> list[str] | None:

@@ -22,8 +22,7 @@ from clipship.memory import owned
 from clipship.merge.dataaware.batches import TaskData
 from clipship.merge.matrices import canonical
 from clipship.pool import Model, ModelPool
-from clipship.runtime.model import ZeroShotModel
-from clipship.runtime.state import quiet_transformers
+from clipship.runtime.model import ZeroShotModel, load_vision  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -43,31 +42,6 @@ class DataAwareResult:
 
 
 @torch.no_grad()
-def load_vision(model: Model, device: str = "cpu") -> Any:
-    """The vision tower of a pool member as a float32 ``CLIPVisionModel`` in eval mode, its
-    tensors read one at a time into the model's own (aligned) memory: one copy of the tower,
-    where ``from_pretrained`` also maps the whole file, text tower included."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    with quiet_transformers():  # the member's own config (a LoRA member's is its base's)
-        config = CLIPVisionConfig.from_dict(dict(model.vision_config))
-        vision = CLIPVisionModel._from_config(config).float()
-    params = dict(vision.named_parameters())
-    names = {canonical(name): name for name in params}
-    absent = sorted(set(names) - set(model.vision_keys))  # extra stored buffers are ignored
-    if absent:
-        raise PoolMismatchError(f"{model.source}: no vision tensor {absent[0]} in its checkpoint")
-    for name, param in params.items():
-        stored = tuple(model.info(canonical(name)).shape)
-        if stored != tuple(param.shape):
-            raise PoolMismatchError(
-                f"{model.source}: {canonical(name)} is {list(stored)}, its config makes "
-                f"{list(param.shape)}"
-            )
-        param.copy_(model.read(canonical(name)))
-    return vision.to(device).eval()
-
-
 def tower(vision: Any) -> Any:
     """The module holding ``embeddings``, ``pre_layrnorm``, ``encoder``, ``post_layernorm``."""
     return getattr(vision, "vision_model", vision)
