@@ -205,6 +205,8 @@ def eval_(
     seed: o.Seed = 0,
     skip_bad_images: o.EvalSkipBadImages = False,
     routing: o.EvalRouting = "per_sample",
+    corruption: o.EvalCorruption = None,
+    severity: o.EvalSeverity = None,
     out: o.EvalOut = None,
     force: o.Force = False,
     quiet: o.Quiet = False,
@@ -217,7 +219,8 @@ def eval_(
         "clipship.eval.request:EvalRequest", spec, model=model, pretrained=pretrained,
         pool=sources, heads=heads_dir, device=device, precision=precision, batch_size=batch_size,
         limit=limit, workers=workers, seed=seed, skip_bad_images=skip_bad_images,
-        routing=routing, out=out, force=force, quiet=quiet,
+        routing=routing, corruption=corruption, severity=severity, out=out, force=force,
+        quiet=quiet,
     )  # fmt: skip
     outcome = _run(request.run)
     if not outcome.primary:  # under torchrun, rank 0 reports for everyone
@@ -410,12 +413,16 @@ def minibench_run(
     budget: o.Budget = "full",
     seed: o.Seed = 0,
     out: o.MinibenchRunOut = None,
+    corruptions: o.MinibenchCorruptions = None,
+    severity: o.EvalSeverity = None,
     quiet: o.Quiet = False,
     json_out: o.Json = False,
 ) -> None:
     """Merge the pool with each method, evaluate everything, write results.{md,json,png}."""
     bench = "clipship.minibench.run:benchmark"
-    results, table = _call(bench, methods, pool_dir, budget, seed, out, quiet)
+    results, table = _call(
+        bench, methods, pool_dir, budget, seed, out, quiet, corruptions, severity
+    )
     _dump(results) if json_out else print(table, end="")
 
 

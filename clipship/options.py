@@ -80,6 +80,25 @@ EvalBatchSize = Annotated[int, Opt("--batch-size")]
 EvalLimit = Annotated[int | None, Opt("--limit", help="First N test images per task.")]
 EvalWorkers = Annotated[int | None, Opt("--workers", help="DataLoader workers.")]
 EvalSkipBadImages = Annotated[bool, Opt("--skip-bad-images")]
+EvalCorruption = Annotated[
+    str | None,
+    Opt(
+        "--corruption",
+        help="Also evaluate under corruptions: NAME[,NAME] or 'all' (contrast, gaussian_noise, "
+        "impulse_noise, jpeg_compression, motion_blur, pixelate, spatter).",
+    ),
+]
+MinibenchCorruptions = Annotated[
+    str | None,
+    Opt(
+        "--corruptions",
+        help="Also evaluate the pretrained and merged models under corruptions: NAME[,NAME] or "
+        "'all' (robustness.png: methods × corruptions).",
+    ),
+]
+EvalSeverity = Annotated[
+    int | None, Opt("--severity", help="Corruption severity 1-5 for generated corruptions [3].")
+]
 EvalRouting = Annotated[
     str,
     Opt(

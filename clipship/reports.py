@@ -16,7 +16,7 @@ from typing import Any
 
 from clipship.errors import ClipshipError
 
-META_KEYS = ("average", "average_seen", "average_unseen", "model_info")
+META_KEYS = ("average", "average_seen", "average_unseen", "model_info", "robustness")
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,8 @@ class EvalReport:
     model_info: dict[str, Any] | None = None
     average_seen: dict[str, float] | None = None  # generalization: tasks a task model was
     average_unseen: dict[str, float] | None = None  # tuned on, and the others (rows "unseen")
+    # {"severity": k, "corruptions": {name: {task: row, "average": {...}}}} (eval --corruption)
+    robustness: dict[str, Any] | None = None
 
     def accuracies(self) -> dict[str, float]:
         return {name: score.accuracy for name, score in self.tasks.items()}
@@ -60,6 +62,8 @@ class EvalReport:
         for key in ("average_seen", "average_unseen"):
             if getattr(self, key) is not None:
                 data[key] = getattr(self, key)
+        if self.robustness is not None:
+            data["robustness"] = self.robustness
         if self.model_info is not None:
             data["model_info"] = self.model_info
         return data
@@ -87,6 +91,7 @@ class EvalReport:
             data.get("model_info"),
             data.get("average_seen"),
             data.get("average_unseen"),
+            data.get("robustness"),
         )
 
 

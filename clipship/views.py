@@ -123,6 +123,37 @@ def eval_reports(reports: Any) -> None:
             cells = [f"{100 * accuracy[t]:.1f}" for t in names]
             grid.add_row(model, *cells, f"{100 * (report.average or {})['accuracy']:.1f}")
     _show(grid)
+    robustness_table(reports)
+
+
+def robustness_table(reports: Any) -> None:
+    """Accuracy (%) under each corruption: one model's corruption × task table, or a pool's
+    (or the mini-benchmark's methods') model × corruption averages."""
+    from clipship.eval.robustness import averages
+    from clipship.reports import EvalReport
+
+    single = isinstance(reports, EvalReport)
+    first = reports if single else next(iter(reports.values()))
+    if not first.robustness:
+        return
+    severity = first.robustness["severity"]
+    if single:
+        section = first.robustness["corruptions"]
+        names = list(first.tasks)
+        title = f"accuracy (%) under corruption (generated at severity {severity})"
+        grid = _table("corruption", *names, "average", title=title)
+        clean = [*(first.tasks[t].accuracy for t in names), first.average["accuracy"]]
+        grid.add_row("clean", *(f"{100 * a:.1f}" for a in clean))
+        for name, rows in section.items():
+            grid.add_row(name, *(f"{100 * rows[t]['accuracy']:.1f}" for t in [*names, "average"]))
+    else:
+        columns = list(averages(first.to_json()))
+        title = f"average accuracy (%) under corruption (severity {severity})"
+        grid = _table("model", *columns, title=title)
+        for model, report in reports.items():
+            values = averages(report.to_json())
+            grid.add_row(model, *(f"{100 * values[c]:.1f}" for c in columns))
+    _show(grid)
 
 
 def export_lines(figures: dict[str, dict[str, Any]], prefix: str = "") -> None:

@@ -17,11 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from clipship.errors import ClipshipError, NonFiniteError
+from clipship.eval.robustness import DEFAULT_SEVERITY
 from clipship.machine import pick_device
 from clipship.outputs import first_nonfinite
 from clipship.progress import Bars
 from clipship.reports import EvalReport
 from clipship.requests import choice
+from clipship.runtime.corruptions import HUB_CORRUPTED, Corruption
 from clipship.runtime.data import DataError, ImageSource, Preprocess, TaskImages, collate
 from clipship.runtime.heads import build_heads, check_heads, load_heads
 from clipship.runtime.model import (
@@ -55,9 +57,13 @@ def evaluate(
     skip_bad_images: bool = False,
     quiet: bool = True,
     routing: str = "per_sample",
+    corruptions: list[str] | None = None,
+    severity: int | None = None,
 ) -> EvalReport:
     """Accuracy and loss per task, their average and the model's size (FusionBench's report
-    shape, ``EvalReport.to_json()``).
+    shape, ``EvalReport.to_json()``). With ``corruptions``, also each task's accuracy under
+    each corruption (``robustness``): the hub's corrupted split where the task's test set has
+    one (FusionBench's robustness tasks), otherwise its images corrupted here at ``severity``.
 
     >>> evaluate("merged/", get_tasks("all"), device="cuda")   # doctest: +SKIP
     """
@@ -114,6 +120,22 @@ def evaluate(
         if seen:
             report["average_seen"] = mean_of(rows, seen)
         report["average_unseen"] = mean_of(rows, hidden)
+    if corruptions:
+        level = severity or DEFAULT_SEVERITY
+        section: dict[str, Any] = {}
+        for name in corruptions:
+            corrupted: dict[str, dict[str, Any]] = {}
+            for task in tasks:
+                row = evaluate_task(
+                    zero_shot, task, head_table[task.name], preprocess, device, precision,
+                    batch_size, limit, workers, skip_bad_images, quiet,
+                    corruption=Corruption(name, level, seed, task.name),
+                )  # fmt: skip
+                keep = ("accuracy", "loss", "samples", "skipped", "dataset", "source")
+                corrupted[task.name] = {k: row[k] for k in keep if k in row}
+            corrupted["average"] = mean_of(corrupted, names)
+            section[name] = corrupted
+        report["robustness"] = {"severity": level, "corruptions": section}
     report["model_info"] = info
     bad = first_nonfinite(report)
     if bad is not None:  # a metric that is not a number is never reported, gated or written
@@ -164,8 +186,15 @@ def evaluate_task(
     workers: int | None,
     skip_bad_images: bool,
     quiet: bool,
+    corruption: Corruption | None = None,
 ) -> dict[str, Any]:
-    images = TaskImages(ImageSource(task), preprocess, limit)
+    split, generated = "test", None
+    if corruption is not None:  # the hub's corrupted split if it has one, else made here
+        if hub_dataset(task) in HUB_CORRUPTED:
+            split = corruption.name
+        else:
+            generated = corruption
+    images = TaskImages(ImageSource(task, split), preprocess, limit, generated)
     rank, world = distributed_rank()
     shard = (
         torch.utils.data.Subset(images, range(rank, len(images), world)) if world > 1 else images
@@ -189,7 +218,8 @@ def evaluate_task(
     )
     started = time.perf_counter()
     with Bars(quiet or rank > 0, "rate") as bars:
-        bar = bars.add(task.name, len(shard), rate="")
+        label = task.name if corruption is None else f"{task.name} ({corruption.name})"
+        bar = bars.add(label, len(shard), rate="")
 
         done = 0
 
@@ -233,7 +263,7 @@ def evaluate_task(
     # FusionBench's figure: the mean of per-batch means, batches as one process forms them.
     batch_of = index // batch_size
     batch_means = [float(loss[batch_of == b].mean()) for b in torch.unique(batch_of).tolist()]
-    return {
+    row = {
         "accuracy": int(correct.sum()) / len(index),
         "loss": float(loss.double().sum()) / len(index),
         "loss_batch_mean": sum(batch_means) / len(batch_means),
@@ -244,6 +274,9 @@ def evaluate_task(
         "dataset": hub_dataset(task),
         "images_per_second": round(len(index) / seconds, 1) if seconds > 0 else None,
     }
+    if corruption is not None:
+        row["source"] = "hub split" if generated is None else f"severity {corruption.severity}"
+    return row
 
 
 def _cat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

@@ -10,6 +10,7 @@ from typing import Any
 
 from clipship.errors import SourceNotFoundError
 from clipship.eval.evaluate import check_options, distributed_rank, evaluate, evaluate_pool
+from clipship.eval.robustness import corruptions
 from clipship.outputs import check_target, refuse_link, write_bytes_atomic, write_json_atomic
 from clipship.reports import EvalReport
 from clipship.requests import EVAL_BATCH_SIZE, Sources, TaskSpec, check_seed
@@ -44,6 +45,8 @@ class EvalRequest:
     seed: int = 0
     skip_bad_images: bool = False
     routing: str = "per_sample"
+    corruption: str | None = None  # NAME[,NAME] or "all": also evaluated under corruptions
+    severity: int | None = None
     out: Path | None = None
     force: bool = False
     quiet: bool = True
@@ -51,6 +54,7 @@ class EvalRequest:
     def check_settings(self) -> None:
         check_options(self.precision, self.batch_size, self.limit, self.workers, self.routing)
         check_seed(self.seed)
+        corruptions(self.corruption, self.severity)
 
     def check(self) -> list:
         """The settings, the model or pool, and the tasks (returned)."""
@@ -81,6 +85,8 @@ class EvalRequest:
             skip_bad_images=self.skip_bad_images,
             quiet=self.quiet,
             routing=self.routing,
+            corruptions=corruptions(self.corruption, self.severity),
+            severity=self.severity,
         )
         if self.pool is not None:
             pretrained = self.pool.pretrained or ""
@@ -97,6 +103,14 @@ class EvalRequest:
                 if png is not None:
                     refuse_link(heatmap_path(self.out))
                     write_bytes_atomic(heatmap_path(self.out), png)
+            if self.corruption:  # accuracy per corruption (and task, or pool member)
+                from clipship.eval.robustness import heatmap_path, robustness_heatmap
+
+                reports = outcome.reports
+                single = isinstance(reports, EvalReport)
+                png = robustness_heatmap({"model": reports} if single else reports)
+                refuse_link(heatmap_path(self.out))
+                write_bytes_atomic(heatmap_path(self.out), png)
             write_json_atomic(self.out, report)
         return outcome
 

@@ -191,3 +191,34 @@ def test_a_pool_of_three_tasks_reports_the_fourth_as_unseen(smoke, tmp_path):
     assert result.returncode == 0, result.stderr
     card = (merged / "README.md").read_text()
     assert "textures (unseen)" in card and "seen avg." in card and "unseen avg." in card
+
+
+def test_a_robustness_run_tables_every_method_under_every_corruption(smoke, tmp_path):
+    from clipship.runtime.corruptions import CORRUPTIONS
+
+    from .conftest import run_cli
+
+    folder, cache = smoke
+    result = run_cli(
+        "minibench", "run", "--pool-dir", folder, "--methods", "task_arithmetic,ties",
+        "--corruptions", "all", "--severity", "5", "--out", tmp_path, "--quiet", "--json",
+        env={"CLIPSHIP_CACHE": str(cache)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    robust = json.loads(result.stdout)["robustness"]
+    assert robust["severity"] == 5 and robust["corruptions"] == list(CORRUPTIONS)
+    assert list(robust["average"]) == ["Pretrained", "task_arithmetic", "ties"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    for label, values in robust["average"].items():
+        assert list(values) == ["clean", *CORRUPTIONS]
+        clean = results["pretrained"] if label == "Pretrained" else results["merged"][label]
+        assert values["clean"] == pytest.approx(sum(clean.values()) / len(clean))
+        per_task = robust["tasks"][label]
+        for name in CORRUPTIONS:
+            mean = sum(per_task[name].values()) / len(per_task[name])
+            assert values[name] == pytest.approx(mean)
+    # severity 5 hurts: the noise and contrast corruptions cost every model accuracy
+    for label, values in robust["average"].items():
+        assert values["gaussian_noise"] < values["clean"], label
+    assert "under corruption (severity 5)" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "robustness.png").read_bytes()[:4] == b"\x89PNG"

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from clipship.eval.evaluate import evaluate
+from clipship.eval.robustness import averages, robustness_heatmap
 from clipship.minibench.build import pool_tasks
 from clipship.outputs import (
     refuse_link,
@@ -71,9 +72,16 @@ def merged_tasks(method: str, tasks: list[str]) -> list[str]:
 
 
 def run(
-    pool_dir: Path, methods: list[str], out: Path | None = None, quiet: bool = True
+    pool_dir: Path,
+    methods: list[str],
+    out: Path | None = None,
+    quiet: bool = True,
+    corruptions: list[str] | None = None,
+    severity: int | None = None,
 ) -> dict[str, Any]:
-    """Merge with every method, evaluate everything, write the tables; returns the results."""
+    """Merge with every method, evaluate everything, write the tables; returns the results.
+    With ``corruptions``, the pretrained and every merged model are also evaluated under each
+    (``results["robustness"]``, a methods × corruptions table and heatmap)."""
     from clipship.merge import merge
     from clipship.merge.dataaware.plan import DataOptions
 
@@ -84,8 +92,18 @@ def run(
     names = [t.name for t in tasks]
     budget = json.loads((pool_dir / "build.json").read_text())["budget"]["name"]
 
-    def accuracy(model: str, pretrained_for: str | None = None) -> dict[str, float]:
-        report = evaluate(model, tasks, pretrained=pretrained_for, device="cpu", workers=0)
+    robust: dict[str, Any] = {}
+
+    def accuracy(
+        model: str, pretrained_for: str | None = None, label: str | None = None
+    ) -> dict[str, float]:
+        under = corruptions if label is not None else None
+        report = evaluate(
+            model, tasks, pretrained=pretrained_for, device="cpu", workers=0,
+            corruptions=under, severity=severity,
+        )  # fmt: skip
+        if under:
+            robust[label] = report
         return report.accuracies()
 
     def log(message: str) -> None:
@@ -93,7 +111,10 @@ def run(
             print(message, flush=True)
 
     log("evaluating the pretrained model")
-    results: dict[str, Any] = {"tasks": names, "pretrained": accuracy(pretrained)}
+    results: dict[str, Any] = {
+        "tasks": names,
+        "pretrained": accuracy(pretrained, None, "Pretrained"),
+    }
     results["finetuned"] = {}
     for task, source in models.items():
         log(f"evaluating the {task} encoder on every task")
@@ -114,11 +135,23 @@ def run(
             params["max_steps"] = steps
         data = DataOptions(tuple(t for t in tasks if t.name in pool))
         merge(pretrained, pool, method, folder, params, force=True, data=data)
-        results["merged"][method] = accuracy(str(folder))
+        results["merged"][method] = accuracy(str(folder), None, method)
         if used != list(models):
             results["pools"][method] = used
     results["chance"] = {t.name: 1 / len(t.classnames) for t in tasks}
-    write_tables(out, results)
+    if robust:
+        first = next(iter(robust.values())).robustness
+        results["robustness"] = {
+            "severity": first["severity"],
+            "corruptions": list(first["corruptions"]),
+            "average": {label: averages(r.to_json()) for label, r in robust.items()},
+            "tasks": {
+                label: {c: {t: rows[t]["accuracy"] for t in names}
+                        for c, rows in r.robustness["corruptions"].items()}
+                for label, r in robust.items()
+            },
+        }  # fmt: skip
+    write_tables(out, results, robust)
     return results
 
 
@@ -129,14 +162,18 @@ def benchmark(
     seed: int = 0,
     out: Path | None = None,
     quiet: bool = True,
+    corruptions: str | None = None,
+    severity: int | None = None,
 ) -> tuple[dict[str, Any], str]:
     """``clipship minibench run``: the methods (comma-separated, or ``all``) on a built pool
-    (built first when none is given); (results, markdown table)."""
+    (built first when none is given), optionally under corruptions; (results, markdown)."""
+    from clipship.eval.robustness import corruptions as checked
     from clipship.minibench.build import build, check_budget
 
     chosen = expand_methods([m for m in methods.split(",") if m])
+    names = checked(corruptions, severity)
     folder = pool_dir or build(None, check_budget(budget), seed, quiet=quiet)
-    results = run(folder, chosen, out, quiet=quiet)
+    results = run(folder, chosen, out, quiet=quiet, corruptions=names, severity=severity)
     return results, markdown(results)
 
 
@@ -161,13 +198,28 @@ def markdown(results: dict[str, Any]) -> str:
         values = [100 * acc[t] for t in names]
         cells = " | ".join(f"{v:.1f}" for v in values)
         lines.append(f"| {label} | {cells} | {sum(values) / len(values):.1f} |")
+    robust = results.get("robustness")
+    if robust:
+        columns = ["clean", *robust["corruptions"]]
+        lines += [
+            "",
+            f"Average accuracy (%) under corruption (severity {robust['severity']}):",
+            "",
+            "| Method | " + " | ".join(columns) + " |",
+            "|---" * (len(columns) + 1) + "|",
+        ]
+        for label, values in robust["average"].items():
+            cells = " | ".join(f"{100 * values[c]:.1f}" for c in columns)
+            lines.append(f"| {label} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
-def write_tables(out: Path, results: dict[str, Any]) -> None:
-    for name in ("results.json", "results.md", "results.png"):
-        refuse_link(out / name)  # all three checked before any is written
+def write_tables(out: Path, results: dict[str, Any], robust: dict[str, Any] | None = None) -> None:
+    for name in ("results.json", "results.md", "results.png", "robustness.png"):
+        refuse_link(out / name)  # all checked before any is written
     out.mkdir(parents=True, exist_ok=True)
+    if robust:
+        write_bytes_atomic(out / "robustness.png", robustness_heatmap(robust))
     write_json_atomic(out / "results.json", results)
     write_text_atomic(out / "results.md", markdown(results))
     import io

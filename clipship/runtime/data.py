@@ -23,7 +23,13 @@ from typing import Any
 import torch
 
 from clipship.errors import DataError
-from clipship.imaging import ImagePreprocess, open_lazily, pillow_limits
+from clipship.imaging import (
+    ImagePreprocess,
+    as_rgb,
+    check_image_size,
+    open_lazily,
+    pillow_limits,
+)
 from clipship.runtime.state import quiet_datasets
 from clipship.runtime.tasks import Task
 
@@ -196,8 +202,14 @@ def _image_folder(path: Path, task: Task) -> list[tuple[Path, int]]:
 class TaskImages(torch.utils.data.Dataset):
     """What DataLoader workers produce: (uint8 [3, H, W] or an error, label, index)."""
 
-    def __init__(self, source: ImageSource, preprocess: Preprocess, limit: int | None = None):
-        self.source, self.preprocess = source, preprocess
+    def __init__(
+        self,
+        source: ImageSource,
+        preprocess: Preprocess,
+        limit: int | None = None,
+        corruption: Any = None,  # clipship.runtime.corruptions.Corruption: applied per image
+    ):
+        self.source, self.preprocess, self.corruption = source, preprocess, corruption
         self.length = len(source) if limit is None else min(limit, len(source))
 
     def __len__(self) -> int:
@@ -206,6 +218,11 @@ class TaskImages(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int, int]:
         try:
             image, label = self.source.load(index)
+            if self.corruption is not None:  # on the upright RGB image, once its size is checked
+                where = self.source.name(index)
+                check_image_size(image.size, where)
+                self.preprocess.resized_size(image.size, where)
+                image = self.corruption(as_rgb(image), index)
             array = self.preprocess.to_uint8(image, self.source.name(index))
             return torch.from_numpy(array), label, index
         except (
