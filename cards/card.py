@@ -49,6 +49,11 @@ def _ours(readme: Path) -> bool:
     return "clipship" in (card_metadata(readme).get("tags") or [])
 
 
+def hf_id(repo_id: str | None) -> str | None:
+    """A recipe's repo id if it is a Hugging Face Hub id (not ``modelscope:…``)."""
+    return repo_id if repo_id and not repo_id.startswith("modelscope:") else None
+
+
 def public_source(entry: dict[str, Any]) -> str:
     """How a recipe source is shown in a published card: its hub id, or a local folder's name."""
     return entry.get("repo_id") or f"local folder `{Path(entry['source']).name}`"
@@ -102,11 +107,12 @@ def write_card(
     rows = {label: report.accuracies() for label, report in reports.items()}
     merged = rows.get("merged") or {}
     name = name or run.resolve().name
-    base = recipe["pretrained"].get("repo_id") or base_model  # a hub id, or no base_model field
+    # a Hugging Face id, or no base_model field (a ModelScope id is no Hub model to link)
+    base = hf_id(recipe["pretrained"].get("repo_id")) or base_model
     mixture = _mixture(run)
     bases: Any = base
     if mixture is not None:  # a mixture's bases: the pretrained model and every expert
-        experts = [m["repo_id"] for m in recipe["models"] if m.get("repo_id")]
+        experts = [hf_id(m.get("repo_id")) for m in recipe["models"] if hf_id(m.get("repo_id"))]
         bases = [b for b in [base, *experts] if b] or None
     task_datasets = reports["merged"].datasets() if "merged" in reports else {}
     results, datasets = [], []

@@ -38,6 +38,7 @@ HUB_PATTERNS = [
     "adapter_model.safetensors",  # a LoRA task model (clipship.lora)
     "linearized_adapter_model.safetensors",  # an L-LoRA task model (FusionBench's)
 ]
+MODELSCOPE = "modelscope:"  # a source on ModelScope (``modelscope:owner/name[@revision]``)
 PICKLE_PATTERNS = ["pytorch_model.bin", "pytorch_model-*-of-*.bin"]
 # Vision settings that must agree across a pool (checked before the tensors, for a clear message).
 ARCH_KEYS = (
@@ -234,7 +235,10 @@ def split_revision(source: str) -> tuple[str, str | None]:
 
 
 def resolve_folder(source: str, allow_pickle: bool = False) -> tuple[Path, str | None, str | None]:
-    """Find a source on disk: ``(folder, repo_id, revision)``; hub ids go through the HF cache."""
+    """Find a source on disk: ``(folder, repo_id, revision)``; hub ids go through the HF cache,
+    ``modelscope:owner/name`` through ModelScope's."""
+    if source.startswith(MODELSCOPE):
+        return modelscope_folder(source, allow_pickle)
     path = Path(source).expanduser()
     if path.is_dir():
         return path, None, None
@@ -261,6 +265,35 @@ def resolve_folder(source: str, allow_pickle: bool = False) -> tuple[Path, str |
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SourceNotFoundError(f"{source}: no such folder, and the Hub says: {reason}") from None
     return folder, repo_id, folder.name
+
+
+def modelscope_folder(source: str, allow_pickle: bool = False) -> tuple[Path, str, str]:
+    """A ``modelscope:owner/name[@revision]`` model through ModelScope's own client (the
+    ``modelscope`` extra): the revision (a branch or tag; ``master`` when none is given) is
+    resolved first and recorded, so a recipe replays it; the weight files' sha256 are recorded
+    as for any source, and a replay checks them. The repo id keeps its prefix, so a recipe's
+    source names the platform."""
+    repo_id, revision = split_revision(source.removeprefix(MODELSCOPE))
+    if not _REPO_ID.match(repo_id) or "/" not in repo_id or repo_id.startswith((".", "~")):
+        raise SourceNotFoundError(f"{source}: not a ModelScope model id (modelscope:owner/name)")
+    try:
+        from modelscope.hub.api import HubApi
+        from modelscope.hub.snapshot_download import snapshot_download as download
+    except ImportError:
+        raise SourceNotFoundError(
+            f"{source}: ModelScope sources need its client: pip install 'clipship[modelscope]'"
+        ) from None
+    patterns = HUB_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
+    try:
+        try:
+            pinned, local = str(HubApi().get_valid_revision(repo_id, revision=revision)), False
+        except OSError:  # unreachable (requests' errors are OSErrors): its cached snapshot
+            pinned, local = revision or "master", True
+        folder = download(repo_id, revision=pinned, allow_patterns=patterns, local_files_only=local)
+    except Exception as e:  # the client raises its own types, requests' and OS errors
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SourceNotFoundError(f"{source}: ModelScope says: {reason}") from None
+    return Path(folder), MODELSCOPE + repo_id, str(pinned)
 
 
 def cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
@@ -465,7 +498,11 @@ def read_pool_yaml(path: Path) -> tuple[str, dict[str, str]]:
 
     def located(src: str) -> str:
         local = Path(path).parent / src
-        return str(local) if not Path(src).is_absolute() and local.exists() else src
+        if not Path(src).is_absolute() and local.exists():
+            return str(local)
+        if pool.platform == "modelscope" and not Path(src).expanduser().exists():
+            return src if src.startswith(MODELSCOPE) else MODELSCOPE + src  # FusionBench's key
+        return src
 
     for name, value in pool.models.items():
         src = value.source or ""

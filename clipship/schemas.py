@@ -452,7 +452,11 @@ class PoolModel(Open):
 
 
 class PoolFile(Open):
-    """``CLIPVisionModelPool`` YAML: ``models: {_pretrained_: SRC, task: SRC | {...}}``."""
+    """``CLIPVisionModelPool`` YAML: ``models: {_pretrained_: SRC, task: SRC | {...}}``, and
+    FusionBench's ``platform`` (``hf``, the default, or ``modelscope``: its hub ids are
+    ModelScope's)."""
+
+    platform: Literal["hf", "huggingface", "modelscope"] | None = None
 
     models: dict[Name, PoolModel]
 
