@@ -15,6 +15,9 @@ Reads, without importing ``fusion_bench`` itself (its ``__init__`` pulls in Ligh
 - ``fusion_bench_config/dataset/image_classification/test/<task>.yaml``: the hub test set.
 - ``fusion_bench_config/dataset/image_classification/test/TALL14.yaml`` and ``TALL20.yaml``: the
   suites.
+- ``fusion_bench_config/model/clip-vit/*.yaml``: the model config group its modelpools name in
+  their ``defaults`` (each file one model), written to ``tests/data/fusionbench_model_group.json``
+  for the test of the rule ``clipship.pool.model_group`` reads them by.
 
 Writes ``clipship/runtime/tasks.json`` (the eight tasks keep the sources SPEC §3 fixes and their
 test-set sizes) and ``tests/data/fusionbench_prompts.json``: per task, FusionBench's own prompts
@@ -39,6 +42,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 REGISTRY = ROOT / "clipship" / "runtime" / "tasks.json"
 PROMPTS = ROOT / "tests" / "data" / "fusionbench_prompts.json"
+MODEL_GROUP = ROOT / "tests" / "data" / "fusionbench_model_group.json"
 PLACEHOLDER = "{c}"
 PROBES = ("x", "Abc_1", "two words", "{", "%s")  # class names that would expose non-substitution
 SUITES = {"tall14": "TALL14.yaml", "tall20": "TALL20.yaml"}
@@ -194,6 +198,13 @@ def main() -> None:
         )
         + "\n"
     )
+    group = args.fusionbench / "fusion_bench_config" / "model" / "clip-vit"
+    entries = {}
+    for file in sorted(group.glob("*.yaml")):
+        content = yaml.safe_load(file.read_text())
+        if isinstance(content, dict) and "defaults" not in content:  # one model per file
+            entries[file.stem] = content
+    MODEL_GROUP.write_text(json.dumps(entries, indent=1) + "\n")
     print(f"{len(tasks)} tasks, {len(aliases)} aliases, suites {', '.join(suites)}")
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import PIL.Image
 import pytest
 
-from clipship.errors import TaskError
+from clipship.errors import ClipshipError, TaskError
 from clipship.pool import read_pool_yaml
 from clipship.runtime.tasks import (
     aliases,
@@ -74,6 +74,27 @@ def test_fusionbenchs_task_and_model_pool_files_read_as_they_are():
         pretrained, models = read_pool_yaml(folder / f"clip-vit-base-patch32_TALL{size}.yaml")
         assert pretrained == "openai/clip-vit-base-patch32" and list(models) == names
         assert models["pcam"] == "tanganke/clip-vit-base-patch32_pcam"
+    # the robustness pool names its models through FusionBench's model config group
+    path = folder / "clip-vit-base-patch32_robustness_corrupted.yaml"
+    pretrained, models = read_pool_yaml(path)
+    assert pretrained == "openai/clip-vit-base-patch32"
+    assert models == {
+        t: f"tanganke/clip-vit-base-patch32_{t}"
+        for t in ("stanford-cars", "eurosat", "resisc45", "gtsrb")
+    }
+
+
+def test_the_model_group_rule_is_every_entry_of_fusionbenchs_group(tmp_path):
+    """``tests/data/fusionbench_model_group.json``: each one-model file of FusionBench's
+    ``model/clip-vit`` group (scripts/fusionbench_tasks.py); the rule reproduces every one."""
+    from clipship.pool import model_group
+
+    entries = json.loads((DATA / "fusionbench_model_group.json").read_text())
+    assert len(entries) > 60
+    for name, content in entries.items():
+        assert model_group([{"/model/clip-vit@models": [name]}], tmp_path) == content, name
+    with pytest.raises(ClipshipError, match="not one model of FusionBench's clip-vit group"):
+        model_group([{"/model/clip-vit@models": ["clip-vit-base-patch32_TALL14"]}], tmp_path)
 
 
 @pytest.mark.skipif(
@@ -89,6 +110,7 @@ def test_the_registry_is_what_the_generator_makes_from_fusionbench(tmp_path):
     before = (
         (root / "clipship/runtime/tasks.json").read_bytes(),
         (DATA / "fusionbench_prompts.json").read_bytes(),
+        (DATA / "fusionbench_model_group.json").read_bytes(),
     )
     done = subprocess.run(
         [sys.executable, str(root / "scripts/fusionbench_tasks.py"), "--fusionbench",
@@ -99,6 +121,7 @@ def test_the_registry_is_what_the_generator_makes_from_fusionbench(tmp_path):
     after = (
         (root / "clipship/runtime/tasks.json").read_bytes(),
         (DATA / "fusionbench_prompts.json").read_bytes(),
+        (DATA / "fusionbench_model_group.json").read_bytes(),
     )
     assert after == before
 
