@@ -115,7 +115,10 @@ def merge_adapters(
             state[name] = merged_factors[name].contiguous()
             state[point] = first.adapter.read(point).contiguous()
     save_file(state, str(out / LINEARIZED_WEIGHTS), metadata={"format": "pt"})
-    config = dict(first.config, base_model_name_or_path=pool.pretrained.source)
+    # peft's record of the base: a Hugging Face id; no local path (the folder may be published)
+    base = pool.pretrained.repo_id
+    base = base if base and not base.startswith("modelscope:") else None
+    config = dict(first.config, base_model_name_or_path=base)
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     # The encoder of the merged adapter: every tensor of the pretrained model, the adapted
