@@ -39,6 +39,10 @@ class DataAwareResult:
     merging_weights: torch.Tensor | None = None
     weight_names: list[str] | None = None
     statistics: dict[str, Any] = field(default_factory=dict)
+    # Concrete: the mask logits and the final mask (``mask_logits/<name>``, ``final_mask/<name>``)
+    # saved beside the merging weights; AdaMerging's λ at every merge, in call order.
+    saved: dict[str, torch.Tensor] = field(default_factory=dict)
+    trace: torch.Tensor | None = None
 
 
 @torch.no_grad()
