@@ -526,6 +526,8 @@ class RecipeData(Schema):
     merging_weights: list[Any] | None = None
     given_merging_weights: bool | None = None
     router_init_sha256: Sha256 | None = None  # a mixture's given initial routers
+    mask_noise_sha256: Sha256 | None = None  # a Concrete merge's given noise
+    merging_weights_sha256: Sha256 | None = None  # a Concrete merge's given λ and final mask
 
 
 class Recipe(Schema):

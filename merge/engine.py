@@ -157,8 +157,13 @@ def merge(
                     recipe["device"] = device
                 if data_record is not None:
                     recipe["data"] = data_record
-                if mixture is not None and values.get("router_init"):
-                    files.append(_keep_router_init(values["router_init"], tmp, recipe))
+                if data_record is not None and data_record.get("merging_weights_sha256"):
+                    # a Concrete merge from a saved mask: the file travels with its recipe
+                    shutil.copyfile(data.merging_weights, tmp / MERGING_WEIGHTS)
+                    files.append(MERGING_WEIGHTS)
+                for key, name in KEPT_INPUTS.items():  # given routers or noise travel along
+                    if values.get(key) and spec.data is not None:
+                        files.append(_keep_input(key, name, values[key], tmp, recipe))
                 if expected_hashes is not None:
                     _check_hashes(recipe, expected_hashes)
                 (tmp / RECIPE_NAME).write_text(json_text(recipe, RECIPE_NAME))
@@ -211,7 +216,8 @@ def merge_from_recipe(
     by folder name only, so they come from ``pretrained`` / ``models`` (by task name), which can
     also stand in for hub sources; every weight file must match the recipe's sha256."""
     recipe = read_recipe(Path(recipe_path))
-    _find_router_init(recipe, Path(recipe_path).parent)
+    for key in KEPT_INPUTS:
+        _find_input(key, recipe, Path(recipe_path).parent)
     given = dict(models or {})
     unknown = sorted(set(given) - {m["name"] for m in recipe["models"]})
     if unknown:
@@ -222,7 +228,8 @@ def merge_from_recipe(
     base = pretrained or _pinned(recipe["pretrained"], "pretrained")
     sources = {m["name"]: given.get(m["name"]) or _pinned(m) for m in recipe["models"]}
     if "data" in recipe:
-        kwargs["data"] = _recorded_data(recipe["data"], kwargs.get("data"))
+        folder = Path(recipe_path).parent
+        kwargs["data"] = _recorded_data(recipe["data"], kwargs.get("data"), folder)
     return merge(
         base,
         sources,
@@ -237,38 +244,49 @@ def merge_from_recipe(
     )
 
 
-ROUTER_INIT = "router_init.safetensors"
+MERGING_WEIGHTS = "merging_weights.safetensors"  # a Concrete merge's given λ and final mask
+# A data-aware merge's given inputs (a mixture's initial routers, a Concrete mask's noise), copied
+# beside the recipe under these names.
+KEPT_INPUTS = {"router_init": "router_init.safetensors", "mask_noise": "mask_noise.safetensors"}
+ROUTER_INIT = KEPT_INPUTS["router_init"]
 
 
-def _keep_router_init(source: str, folder: Path, recipe: dict[str, Any]) -> str:
-    """A mixture's given initial routers, copied beside its recipe (which names the copy and its
-    sha256, not this machine's path), so the folder replays on its own."""
-    shutil.copyfile(source, folder / ROUTER_INIT)
-    recipe["parameters"]["router_init"] = ROUTER_INIT
-    recipe["data"]["router_init_sha256"] = file_sha256(folder / ROUTER_INIT)
-    return ROUTER_INIT
+def _keep_input(key: str, name: str, source: str, folder: Path, recipe: dict[str, Any]) -> str:
+    """A given input file, copied beside its recipe (which names the copy and its sha256, not
+    this machine's path), so the folder replays on its own."""
+    shutil.copyfile(source, folder / name)
+    recipe["parameters"][key] = name
+    recipe["data"][f"{key}_sha256"] = file_sha256(folder / name)
+    return name
 
 
-def _find_router_init(recipe: dict[str, Any], folder: Path) -> None:
-    """A replayed mixture's initial routers: the copy beside the recipe, checked by sha256."""
-    name = recipe["parameters"].get("router_init")
+def _find_input(key: str, recipe: dict[str, Any], folder: Path) -> None:
+    """A replayed merge's given input: the copy beside the recipe, checked by sha256."""
+    name = recipe["parameters"].get(key)
     if not name:
         return
-    expected = (recipe.get("data") or {}).get("router_init_sha256")
+    expected = (recipe.get("data") or {}).get(f"{key}_sha256")
     path = folder / name
     if Path(name).name != name or not path.is_file():
-        raise RecipeError(f"router_init {name}: not beside the recipe in {folder}")
+        raise RecipeError(f"{key} {name}: not beside the recipe in {folder}")
     if expected is None or file_sha256(path) != expected:
-        raise RecipeError(f"{path}: its sha256 is not the recipe's router_init_sha256")
-    recipe["parameters"]["router_init"] = str(path)
+        raise RecipeError(f"{path}: its sha256 is not the recipe's {key}_sha256")
+    recipe["parameters"][key] = str(path)
 
 
-def _recorded_data(record: dict[str, Any], given: DataOptions | None) -> DataOptions:
+def _recorded_data(record: dict[str, Any], given: DataOptions | None, folder: Path) -> DataOptions:
     """A data-aware recipe's images: the tasks (and their data) from the caller, the rows and
-    the local data's sha256 from the recipe; merging weights that were given come back too."""
+    the local data's sha256 from the recipe; merging weights that were given come back too (a
+    Concrete merge's from the file beside the recipe, checked by sha256)."""
     from clipship.merge.dataaware.plan import DataOptions
 
     given = given or DataOptions()
+    expected = record.get("merging_weights_sha256")
+    if record.get("given_merging_weights") and expected:
+        path = folder / MERGING_WEIGHTS
+        if not path.is_file() or file_sha256(path) != expected:
+            raise RecipeError(f"{path}: missing, or not the recipe's merging_weights_sha256")
+        return dataclasses.replace(given, merging_weights=path)
     if record.get("given_merging_weights"):
         return dataclasses.replace(given, merging_weights=torch.tensor(record["merging_weights"]))
     tasks = record.get("tasks", {})

@@ -94,6 +94,9 @@ class DataUse:
     heads: bool = False
     seeded: bool = False  # the function takes the merge's seed (its own draws: routers)
     mixture: bool = False  # it returns a mixture (``MixtureResult``), written as such
+    # (batches per task, batch size) of an endless loader from the values; default
+    # (max_steps, batch_size)
+    schedule: Callable[[dict[str, Any]], tuple[int, int]] | None = None
 
 
 @dataclass(frozen=True)

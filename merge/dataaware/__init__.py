@@ -21,6 +21,7 @@ from clipship.merge.dataaware.batches import (
     task_generator,
 )
 from clipship.merge.dataaware.common import DataAwareResult
+from clipship.merge.dataaware.concrete import concrete_adamerging, concrete_task_arithmetic
 from clipship.merge.dataaware.fisher import fisher_merging
 from clipship.merge.dataaware.regmean import regmean, regmean_plusplus
 from clipship.merge.dataaware.wemoe import mixture_of_experts
@@ -29,6 +30,8 @@ __all__ = [
     "DataAwareResult",
     "TaskData",
     "adamerging",
+    "concrete_adamerging",
+    "concrete_task_arithmetic",
     "endless_data",
     "entropy_loss",
     "fisher_merging",

@@ -148,7 +148,7 @@ def check_noise_tags(noise: Noise, tags: list[str]) -> None:
     for tag in tags:
         if tag not in present:
             raise DataError(f"mask_noise: no {tag}/ tensors (the run draws {len(tags)} masks)")
-    extra = sorted(present - set(tags))
+    extra = sorted(present - set(tags) - {"final"})  # a recorded final draw may go unused
     if extra:
         raise DataError(f"mask_noise: {extra[0]}/ is not a draw of this run")
 
@@ -175,7 +175,7 @@ def masked_merge(
     return merged
 
 
-def final_mask(
+def draw_final(
     logits: dict[str, torch.Tensor],
     noise: Noise,
     mask_type: str,
@@ -214,7 +214,7 @@ def concrete(
     max_adamerging_steps: int = 1000,
     clamp_weights: bool = False,
     reset_before_merge: bool = False,
-    final: str = "sample",
+    final_mask: str = "sample",
     mask_noise: str | None = None,
     seed: int = 0,
     device: str = "cpu",
@@ -230,6 +230,10 @@ def concrete(
         raise MethodError(f"granularity {granularity!r}: choose task or layer")
     if not temperature > 0:
         raise MethodError(f"temperature {temperature}: must be positive")
+    if eval_mask_type not in tuple(MaskType):
+        raise MethodError(f"eval_mask_type {eval_mask_type!r}: choose continuous or discrete")
+    if final_mask not in tuple(FinalMask):
+        raise MethodError(f"final_mask {final_mask!r}: choose sample or expected")
     needed = 2 * max_steps + max_adamerging_steps if adamerging else max_steps
     short = [d.task.name for d in data if len(d.batches()) < needed]
     if short:
@@ -240,7 +244,7 @@ def concrete(
     shapes = {name: p.shape for name, p in pretrained.items()}
     noise = Noise(names, shapes, seed, mask_noise)
     tags = [f"step{s:03d}" for s in range(max_steps)]
-    check_noise_tags(noise, [*tags, *(["final"] if final == FinalMask.SAMPLE else [])])
+    check_noise_tags(noise, [*tags, *(["final"] if final_mask == FinalMask.SAMPLE else [])])
     task_vectors = load_task_vectors(pool, base, device)
     logits = {
         name: torch.nn.Parameter(torch.full(shape, float(initial_logits), device=device))
@@ -302,7 +306,7 @@ def concrete(
             losses.append(float(outer.detach()))
             merged_vision.params = {}
             bars.advance(bar)
-        raw = final_mask(logits, noise, eval_mask_type, final, temperature)
+        raw = draw_final(logits, noise, eval_mask_type, final_mask, temperature)
         chosen = rescaled(raw)
         if adamerging:  # AdaMerging with the final mask, λ from its start
             weights.data.copy_(start)
@@ -339,3 +343,59 @@ def concrete(
         saved=saved,
         trace=torch.stack(trace) if trace else None,
     )
+
+
+def concrete_task_arithmetic(
+    pool: ModelPool, data: list[TaskData], preprocess: Preprocess, heads: dict, **settings: Any
+) -> DataAwareResult:
+    """Concrete Task Arithmetic (``concrete(..., adamerging=False)``)."""
+    return concrete(pool, data, preprocess, heads, adamerging=False, **settings)
+
+
+def concrete_adamerging(
+    pool: ModelPool, data: list[TaskData], preprocess: Preprocess, heads: dict, **settings: Any
+) -> DataAwareResult:
+    """Concrete AdaMerging, task- or layer-wise (``concrete(..., adamerging=True)``)."""
+    return concrete(pool, data, preprocess, heads, adamerging=True, **settings)
+
+
+@torch.no_grad()
+def merge_with_mask(
+    pool: ModelPool,
+    weights: torch.Tensor,
+    weight_names: list[str] | None,
+    mask: dict[str, torch.Tensor],
+    clamp_weights: bool = False,
+) -> dict[str, torch.Tensor]:
+    """θ₀ + Σ_t τ_t · (λ_t · m̂) from a saved λ and final mask (``--merging-weights``), without
+    data, one tensor at a time: ``mask`` is the raw final mask by ``vision_model.*`` name."""
+    weights = weights.detach().float().cpu()
+    names = pool.tensor_names
+    if weights.dim() not in (1, 2) or weights.shape[0] != len(pool.models):
+        raise MethodError(
+            f"merging weights of shape {list(weights.shape)}: expected [{len(pool.models)}] "
+            f"or [{len(pool.models)}, tensors]"
+        )
+    if weights.dim() == 2 and (weight_names is None or len(weight_names) != weights.shape[1]):
+        raise MethodError("layer-wise merging weights need their weight_names, one per column")
+    column = {name: i for i, name in enumerate(weight_names or [])}
+    missing = [n for n in names if n not in mask or (weights.dim() == 2 and n not in column)]
+    if missing:
+        raise MethodError(f"the merging weights file has no final mask or λ for {missing[0]}")
+    if clamp_weights:
+        weights = weights.clamp(0, 1)
+    state = {}
+    for name in names:
+        pretrained = pool.pretrained.read(name).float()
+        if tuple(mask[name].shape) != tuple(pretrained.shape):
+            raise MethodError(
+                f"final mask {name} is {list(mask[name].shape)}, the tensor is "
+                f"{list(pretrained.shape)}"
+            )
+        scaled = mask[name].float() / torch.mean(mask[name].float())
+        merged = pretrained
+        for t, model in enumerate(pool.models):
+            weight = weights[t] if weights.dim() == 1 else weights[t, column[name]]
+            merged = merged + (model.read(name).float() - pretrained) * (weight * scaled)
+        state[name] = merged
+    return state

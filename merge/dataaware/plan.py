@@ -27,6 +27,8 @@ from clipship.runtime.tasks import Task
 from clipship.schemas import loads_json
 
 WEIGHTS_KEY = "merging_weights"
+CONCRETE = ("concrete_task_arithmetic", "concrete_adamerging")
+LEARNS_WEIGHTS = ("adamerging", *CONCRETE)  # their merging weights can be saved and given
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ def compute(
     assert spec.data is not None
     if options.merging_weights is not None:
         return _with_weights(pool, spec, values, options.merging_weights)
-    if options.save_merging_weights is not None and spec.name != "adamerging":
+    if options.save_merging_weights is not None and spec.name not in LEARNS_WEIGHTS:
         raise MethodError(
             f"{spec.name} learns no merging weights to save", option="save_merging_weights"
         )
@@ -96,7 +98,12 @@ def compute(
     if result.merging_weights is not None:
         record["merging_weights"] = result.merging_weights.tolist()
         if options.save_merging_weights is not None:
-            save_weights(options.save_merging_weights, result.merging_weights, result.weight_names)
+            save_weights(
+                options.save_merging_weights,
+                result.merging_weights,
+                result.weight_names,
+                result.saved,
+            )
     return result.state_dict, record
 
 
@@ -108,7 +115,7 @@ def task_data(
     assert use is not None
     examples = values[use.examples] if use.examples else None
     if use.endless:
-        steps, size = values["max_steps"], values["batch_size"]
+        steps, size = (use.schedule or _steps)(values)
         return endless_data(task, use.split, steps, size, seed=seed, rows=rows, examples=examples)
     return one_pass_data(
         task,
@@ -119,6 +126,10 @@ def task_data(
         seed=seed,
         rows=rows,
     )
+
+
+def _steps(values: dict[str, Any]) -> tuple[int, int]:
+    return values["max_steps"], values["batch_size"]
 
 
 def _tasks_of(pool: ModelPool, tasks: tuple[Task, ...]) -> list[Task]:
@@ -164,14 +175,40 @@ def read_router_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise DataError(f"router_init {path}: not a safetensors file ({e})") from None
 
 
-def save_weights(path: Path, weights: torch.Tensor, names: list[str] | None) -> None:
-    """``merging_weights`` as safetensors; a layer-wise file names its columns."""
+def save_weights(
+    path: Path,
+    weights: torch.Tensor,
+    names: list[str] | None,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """``merging_weights`` as safetensors (a Concrete merge's mask logits and final mask
+    beside them, ``mask_logits/<name>``, ``final_mask/<name>``); a layer-wise file names its
+    columns."""
     from safetensors.torch import save
 
     from clipship.outputs import write_bytes_atomic
 
     metadata = {"weight_names": json.dumps(names)} if weights.dim() == 2 and names else None
-    write_bytes_atomic(Path(path), save({WEIGHTS_KEY: weights.contiguous()}, metadata=metadata))
+    tensors = {WEIGHTS_KEY: weights.contiguous(), **(extra or {})}
+    write_bytes_atomic(Path(path), save(tensors, metadata=metadata))
+
+
+def load_final_mask(path: Path) -> dict[str, torch.Tensor]:
+    """The ``final_mask/<name>`` tensors of a Concrete merge's merging-weights file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            mask = {k.removeprefix("final_mask/"): f.get_tensor(k) for k in f.keys()
+                    if k.startswith("final_mask/")}  # fmt: skip
+    except SafetensorError as e:
+        raise DataError(f"{path}: not a safetensors file ({e})") from None
+    if not mask:
+        raise DataError(f"{path}: no final_mask/ tensors (saved by a Concrete merge?)")
+    bad = [k for k, v in mask.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise NonFiniteError(f"{path}: final_mask/{bad[0]} has NaN or Inf values")
+    return mask
 
 
 def load_weights(path: Path) -> tuple[torch.Tensor, list[str] | None]:
@@ -210,9 +247,20 @@ def load_weights(path: Path) -> tuple[torch.Tensor, list[str] | None]:
 def _with_weights(
     pool: ModelPool, spec: Method, values: dict[str, Any], given: Path | torch.Tensor
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """AdaMerging's merge with merging weights from a file (or a recipe), reading no data."""
-    if spec.name != "adamerging":
+    """AdaMerging's merge with merging weights from a file (or a recipe), reading no data; a
+    Concrete merge's file also holds its final mask."""
+    if spec.name not in LEARNS_WEIGHTS:
         raise MethodError(f"{spec.name} takes no merging weights", option="merging_weights")
+    if spec.name in CONCRETE:
+        from clipship.merge.dataaware.concrete import merge_with_mask
+
+        if isinstance(given, torch.Tensor):
+            raise MethodError(f"{spec.name}: give the merging weights as the file it saved")
+        weights, names = load_weights(given)
+        mask = load_final_mask(Path(given))
+        state = merge_with_mask(pool, weights, names, mask, values["clamp_weights"])
+        record = {"merging_weights": weights.tolist(), "given_merging_weights": True}
+        return state, {**record, "merging_weights_sha256": file_sha256(Path(given))}
     from clipship.merge.dataaware.adamerging import merge_with_weights
 
     weights, names = (given, None) if isinstance(given, torch.Tensor) else load_weights(given)
