@@ -144,7 +144,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="clipship's --device (cpu, cuda)")
     parser.add_argument("--fusionbench", default=None, help="python of a fusion-bench venv")
     parser.add_argument("--data-examples", type=int, default=64, help="RegMean/Fisher images")
-    parser.add_argument("--data-steps", type=int, default=10, help="AdaMerging steps")
+    parser.add_argument(
+        "--data-steps", type=int, default=10, help="AdaMerging's (and Concrete's) steps"
+    )
     parser.add_argument("--fusionbench-timeout", type=float, default=900)
     parser.add_argument("--fusionbench-memory", type=float, default=16, help="GiB")
     parser.add_argument("--lora", type=int, default=None, help="also a pool of rank-R adapters")
@@ -219,6 +221,8 @@ def main() -> None:
                 cmd += ["--taskfile", str(work / "tasks.json"), "--batch-size", "16"]
                 if "max_steps" in rows[method]["params"]:
                     cmd += ["--param", f"max_steps={args.data_steps}"]
+                    if "max_adamerging_steps" in rows[method]["params"]:  # Concrete AdaMerging
+                        cmd += ["--param", f"max_adamerging_steps={args.data_steps}"]
                 else:
                     cmd += ["--data-examples", str(args.data_examples)]
             ours = run([*cmd, "--force", "--quiet"])

@@ -109,37 +109,43 @@ def results(pool, tasks, preprocess):
 @pytest.mark.numerics  # run again under other threads/ISA (Makefile)
 @pytest.mark.parametrize("algo", ALGOS)
 def test_the_merge_matches_fusionbench(results, algo):
-    """Given FusionBench's noise and data order. Its runs were made on an AVX-512 CPU with one
-    thread; another CPU's kernels round differently, and Adam, which divides each step by the
-    gradient's own size, moves a logit whose gradient is near zero by up to lr either way: the
-    mask logits (moved ±1e-2) stay within 1e-4, the layer-wise λ (base_lr 1 makes the inner step
-    ±1) within 2e-3, and so the merged weights within 1e-5 (task arithmetic: λ is fixed) and
-    5e-5 (layer-wise: λ's deviation times τ). On AVX2 (Zen 3, one thread) the independent
-    replay of shared/mixing shows the same deviations from FusionBench's files to the last bit
-    (1.3e-5 and 3.9e-5 on the logits, 6.5e-4 on λ, 8.4e-6 on the weights)."""
+    """Given FusionBench's noise and data order: within 1e-5, except where the exact gradient is
+    zero. A key projection's bias shifts every attention score of a query by the same amount,
+    which softmax ignores, so its mask logits (and layer-wise λ) get gradients of pure rounding
+    noise, which differs between CPUs (FusionBench's runs: AVX-512, one thread), and Adam, which
+    divides each step by the gradient's own size, turns that noise into steps of up to lr. Those
+    entries are held to 1e-4 (mask logits, merged weights) and 2e-3 (λ, base_lr 1); they change
+    no output. On AVX2 (Zen 3) the independent replay of shared/mixing deviates from
+    FusionBench's files by exactly as much as clipship does."""
     result = results[algo]
+
+    def split(tensors: dict, prefix: str = "") -> tuple[dict, dict]:
+        named = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+        noisy = {k: v for k, v in named.items() if k.endswith("k_proj.bias")}
+        return {k: v for k, v in named.items() if k not in noisy}, noisy
+
     merged = load_file(str(REFERENCE / algo / "merged.safetensors"))
-    assert max_abs_diff(result.state_dict, merged) <= (5e-5 if ALGOS[algo] else 1e-5)
+    (exact, noisy), (exact_ref, noisy_ref) = split(result.state_dict), split(merged)
+    assert max_abs_diff(exact, exact_ref) <= 1e-5 and max_abs_diff(noisy, noisy_ref) <= 1e-4
     logits = load_file(str(REFERENCE / algo / "mask_logits.safetensors"))
-    ours = {k.removeprefix("mask_logits/"): v for k, v in result.saved.items() if "logits/" in k}
-    assert max_abs_diff(ours, logits) <= 1e-4
+    (exact, noisy), (exact_ref, noisy_ref) = split(result.saved, "mask_logits/"), split(logits)
+    assert max_abs_diff(exact, exact_ref) <= 1e-5 and max_abs_diff(noisy, noisy_ref) <= 1e-4
     assert max(float(v.abs().max()) for v in logits.values()) > 5e-3  # the mask did move
-    final = {f"raw/{k.removeprefix('final_mask/')}": v
-             for k, v in result.saved.items() if k.startswith("final_mask/")}  # fmt: skip
-    assert max_abs_diff(final, load_file(str(REFERENCE / algo / "final_mask.safetensors"))) <= 1e-4
+    final = {f"raw/{k}": v for k, v in split(result.saved, "final_mask/")[0].items()}
+    reference = load_file(str(REFERENCE / algo / "final_mask.safetensors"))
+    assert max_abs_diff(final, {k: reference[k] for k in final}) <= 1e-5
     recorded = info(algo)["backward_losses"]
     assert len(result.statistics["entropy"]) == len(recorded)
-    assert max(abs(a - b) for a, b in zip(result.statistics["entropy"], recorded)) <= 1e-3
+    assert max(abs(a - b) for a, b in zip(result.statistics["entropy"], recorded)) <= 1e-4
     if ALGOS[algo]:
         weights = load_file(str(REFERENCE / algo / "merge_weights.safetensors"))
         assert result.merging_weights.shape == weights["merge_weight"].shape == (3, 71)
-        assert float((result.merging_weights - weights["merge_weight"]).abs().max()) <= 2e-3
+        noisy = torch.tensor([n.endswith("k_proj.bias") for n in result.weight_names])
+        diff = (result.merging_weights - weights["merge_weight"]).abs()
+        assert float(diff[:, ~noisy].max()) <= 1e-5 and float(diff[:, noisy].max()) <= 2e-3
         assert result.trace.shape == weights["trace"].shape  # λ at each of the 31 merges
-        assert torch.equal(result.trace[0], weights["trace"][0])  # the start, 0.3
-        # the inner step moves each λ by base_lr·g/(|g| + eps): ±1 where the gradient is large
-        # (equal here to the bit or nearly), less where it is as small as the rounding
-        first = (result.trace[1] - weights["trace"][1]).abs()
-        assert float((first <= 1e-6).float().mean()) >= 0.9 and float(first.max()) <= 0.05
+        trace = (result.trace - weights["trace"]).abs()  # the inner steps' λ (base_lr 1, ±1
+        assert float(trace[..., ~noisy].max()) <= 1e-4  # a step) carry the logits' deviation
 
 
 @pytest.mark.numerics  # run again under other threads/ISA (Makefile)

@@ -418,3 +418,23 @@ def test_a_mixture_release_exports_cards_and_pushes(hub, hub_env, cache, tmp_pat
     assert record["model_info"]["routing"] == "per_sample"
     files = HfApi(endpoint=hub.url, token=ALICE).list_repo_files("alice/minibench-ewemoe")
     assert "modeling_clipship_wemoe.py" in files and "export/model.onnx" in files
+
+
+def test_a_concrete_adamerging_release_builds(hub_env, cache, tmp_path):
+    """Concrete AdaMerging in a release: the mask and λ learned on the pool's test images (one
+    image per task per batch, FusionBench's D5), the recipe records the rows."""
+    env = {**hub_env, "CLIPSHIP_CACHE": str(cache)}
+    path = tmp_path / "release.yaml"
+    path.write_text(
+        "pool: {minibench: smoke}\nmethod: concrete_adamerging\n"
+        "parameters: {granularity: task, max_steps: 3, max_adamerging_steps: 3}\n"
+        "eval: {baselines: false, limit: 16}\ncard: {license: mit}\n"
+    )
+    result = release(path, tmp_path / "run", env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["status"] == "built"
+    recipe = json.loads((tmp_path / "run/release/clipship_recipe.json").read_text())
+    assert recipe["method"] == "concrete_adamerging"
+    assert all(entry["split"] == "test" and len(entry["rows"]) == 9
+               for entry in recipe["data"]["tasks"].values())  # fmt: skip
+    assert len(recipe["data"]["merging_weights"]) == len(recipe["models"])

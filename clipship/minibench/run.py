@@ -38,14 +38,23 @@ MIXTURE_STEPS = {
     "weight_ensembling_moe": {"smoke": 20, "full": 300},
     "sparse_weight_ensembling_moe": {"smoke": 20, "full": 300},
 }
+# Concrete TA's mask steps and Concrete AdaMerging's meta steps and AdaMerging steps
+# (FusionBench: 2000, and 1000 + 1000), scaled the same way; each step reads one image per task
+# (FusionBench's D5), so a step costs a fraction of AdaMerging's.
+CONCRETE_STEPS = {"smoke": 20, "full": 300}
 
 
-def adaptation_steps(method: str, budget: str) -> int | None:
-    """The ``max_steps`` a test-time-adapted method runs with on ``budget`` (None: not one)."""
+def adaptation_params(method: str, budget: str) -> dict[str, int]:
+    """The step counts a test-time-adapted method runs with on ``budget`` (empty: not one)."""
     if method == "adamerging":
-        return ADAMERGING_STEPS[budget]
+        return {"max_steps": ADAMERGING_STEPS[budget]}
+    if method == "concrete_task_arithmetic":
+        return {"max_steps": CONCRETE_STEPS[budget]}
+    if method == "concrete_adamerging":
+        steps = CONCRETE_STEPS[budget]
+        return {"max_steps": steps, "max_adamerging_steps": steps}
     steps = MIXTURE_STEPS.get(method)
-    return None if steps is None else steps[budget]
+    return {} if steps is None else {"max_steps": steps[budget]}
 
 
 def expand_methods(names: list[str]) -> list[str]:
@@ -130,9 +139,7 @@ def run(
         used = merged_tasks(method, list(models))
         pool = {t: models[t] for t in used}
         params = dict(DEFAULT_PARAMS.get(method, {}))
-        steps = adaptation_steps(method, budget)
-        if steps is not None:
-            params["max_steps"] = steps
+        params.update(adaptation_params(method, budget))
         data = DataOptions(tuple(t for t in tasks if t.name in pool))
         merge(pretrained, pool, method, folder, params, force=True, data=data)
         results["merged"][method] = accuracy(str(folder), None, method)
