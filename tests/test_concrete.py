@@ -399,3 +399,16 @@ def test_bad_concrete_settings_are_one_line(tmp_path, param, message):
     assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
     assert result.stderr.startswith("error: ") and message in result.stderr
     assert not out.exists()
+
+
+def test_skip_training_with_the_expected_mask_is_task_arithmetic(tmp_path):
+    """No mask steps and the expected final mask: σ(0) = ½ everywhere, rescaled to 1, so the
+    merge is task arithmetic with λ = scaling_factor."""
+    concrete_out, ta_out = tmp_path / "concrete", tmp_path / "ta"
+    result = cli("merge", *POOL, "--method", "concrete_task_arithmetic",
+                 "--param", "skip_training=true", "--param", "final_mask=expected",
+                 "--data-dir", FIXTURE / "data", "--out", concrete_out, "-q")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    result = cli("merge", *POOL, "--method", "task_arithmetic", "--out", ta_out, "-q")
+    assert result.exit_code == 0, result.output
+    assert max_abs_diff(vision(concrete_out), vision(ta_out)) <= 1e-6

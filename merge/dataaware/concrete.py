@@ -214,6 +214,7 @@ def concrete(
     max_adamerging_steps: int = 1000,
     clamp_weights: bool = False,
     reset_before_merge: bool = False,
+    skip_training: bool = False,
     final_mask: str = "sample",
     mask_noise: str | None = None,
     seed: int = 0,
@@ -234,6 +235,8 @@ def concrete(
         raise MethodError(f"eval_mask_type {eval_mask_type!r}: choose continuous or discrete")
     if final_mask not in tuple(FinalMask):
         raise MethodError(f"final_mask {final_mask!r}: choose sample or expected")
+    if skip_training:  # Concrete TA's: the final mask from the initial logits, no data read
+        max_steps = 0
     needed = 2 * max_steps + max_adamerging_steps if adamerging else max_steps
     short = [d.task.name for d in data if len(d.batches()) < needed]
     if short:

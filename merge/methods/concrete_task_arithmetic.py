@@ -18,7 +18,7 @@ def _steps(values: dict) -> tuple[int, int]:
     """(batches per task, images per batch): FusionBench's loaders give one image (D5)."""
     size = values["batch_size"] if values["use_batch_size"] else 1
     adamerging = "max_adamerging_steps" in values
-    steps = values["max_steps"]
+    steps = 0 if values.get("skip_training") else values["max_steps"]
     return (2 * steps + values["max_adamerging_steps"] if adamerging else steps), size
 
 
@@ -34,6 +34,7 @@ MASK = (
           "sample: one more random draw (FusionBench, D7); expected: σ(logits), deterministic",
           choices=tuple(FinalMask)),
     Param("clamp_weights", bool, False, "clamp λ to [0, 1] in the merge"),
+    Param("optimizer", str, "adam", "the mask's (and λ's) optimizer", choices=("adam",)),
     Param("batch_size", int, 16,
           "test images per task per step, read only with use_batch_size (FusionBench reads 1)",
           check=positive),
@@ -50,6 +51,7 @@ KEYS = (
     "scaling_factor", "lr", "initial_logits", "temperature", "eval_mask_type", "final_mask",
     "clamp_weights", "mask_noise", "max_steps",
 )  # fmt: skip
+TA_KEYS = (*KEYS, "skip_training")
 
 METHOD = Method(
     name="concrete_task_arithmetic",
@@ -58,12 +60,18 @@ METHOD = Method(
     params=(
         *MASK,
         Param("max_steps", int, 2000, "mask steps (each one batch per task)", check=positive),
+        Param(
+            "skip_training",
+            bool,
+            False,
+            "no mask steps: the final mask is drawn from the initial logits",
+        ),
     ),
     merge=unused,
     data=DataUse(
         "test",
         "concrete_task_arithmetic",
-        KEYS,
+        TA_KEYS,
         examples="max_examples",
         endless=True,
         heads=True,
