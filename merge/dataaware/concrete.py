@@ -100,10 +100,13 @@ class Noise:
         digest = hashlib.sha256(f"clipship-concrete\0{seed}".encode()).digest()
         self.generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
-    def draw(self, tag: str) -> dict[str, torch.Tensor]:
+    def draw(self, tag: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """One draw's uniforms, made on the CPU (the same values on every device)."""
         if self.file is not None:
-            return {own: self.file[f"{tag}/{full}"] for own, full in self.names.items()}
-        return {own: torch.rand(self.shapes[own], generator=self.generator) for own in self.names}
+            drawn = {own: self.file[f"{tag}/{full}"] for own, full in self.names.items()}
+        else:
+            drawn = {o: torch.rand(self.shapes[o], generator=self.generator) for o in self.names}
+        return {own: u.to(device) for own, u in drawn.items()}
 
 
 def read_noise(
@@ -186,7 +189,7 @@ def draw_final(
     with torch.no_grad():
         if how == FinalMask.EXPECTED:  # E[m] of a Bernoulli draw: σ(logit)
             return {n: torch.sigmoid(x) for n, x in logits.items()}
-        uniforms = noise.draw("final")
+        uniforms = noise.draw("final", next(iter(logits.values())).device)
         if mask_type == MaskType.CONTINUOUS:
             return {n: relaxed_mask(x, uniforms[n], temperature) for n, x in logits.items()}
         if noise.file is not None:  # a recorded discrete draw is the 0/1 sample itself
@@ -278,7 +281,7 @@ def concrete(
     with Bars(quiet, "elapsed") as bars, torch.enable_grad():
         bar = bars.add(label, max_steps + (max_adamerging_steps if adamerging else 0))
         for tag in tags:
-            uniforms = noise.draw(tag)
+            uniforms = noise.draw(tag, device)
             mask = rescaled(
                 {n: relaxed_mask(x, uniforms[n], temperature) for n, x in logits.items()}
             )
