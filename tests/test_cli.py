@@ -475,6 +475,8 @@ def test_info_and_methods_and_similarity(tmp_path):
         "regmean_plusplus",
         "fisher_merging",
         "adamerging",
+        "concrete_task_arithmetic",
+        "concrete_adamerging",
         "weight_ensembling_moe",
         "sparse_weight_ensembling_moe",
     }
@@ -485,6 +487,8 @@ def test_info_and_methods_and_similarity(tmp_path):
         "regmean_plusplus": "train",
         "fisher_merging": "train",
         "adamerging": "test",
+        "concrete_task_arithmetic": "test",
+        "concrete_adamerging": "test",
         "weight_ensembling_moe": "test",
         "sparse_weight_ensembling_moe": "test",
     }
