@@ -49,11 +49,6 @@ def _ours(readme: Path) -> bool:
     return "clipship" in (card_metadata(readme).get("tags") or [])
 
 
-def hf_id(repo_id: str | None) -> str | None:
-    """A recipe's repo id if it is a Hugging Face Hub id (not ``modelscope:…``)."""
-    return repo_id if repo_id and not repo_id.startswith("modelscope:") else None
-
-
 def public_source(entry: dict[str, Any]) -> str:
     """How a recipe source is shown in a published card: its hub id, or a local folder's name."""
     return entry.get("repo_id") or f"local folder `{Path(entry['source']).name}`"
@@ -86,6 +81,7 @@ def write_card(
         raise ClipshipError(f"{run}: no {RECIPE} (is this a merged model folder?)")
     if not isinstance(recipe, dict) or not {"method", "parameters", "pretrained"} <= set(recipe):
         raise ClipshipError(f"{run / RECIPE}: not a clipship recipe")
+    from clipship.pool import hf_id
     from clipship.schemas import Recipe, parse
 
     parse(Recipe, recipe, str(run / RECIPE))
@@ -112,7 +108,7 @@ def write_card(
     mixture = _mixture(run)
     bases: Any = base
     if mixture is not None:  # a mixture's bases: the pretrained model and every expert
-        experts = [hf_id(m.get("repo_id")) for m in recipe["models"] if hf_id(m.get("repo_id"))]
+        experts = [e for e in (hf_id(m.get("repo_id")) for m in recipe["models"]) if e]
         bases = [b for b in [base, *experts] if b] or None
     task_datasets = reports["merged"].datasets() if "merged" in reports else {}
     results, datasets = [], []

@@ -267,6 +267,11 @@ def resolve_folder(source: str, allow_pickle: bool = False) -> tuple[Path, str |
     return folder, repo_id, folder.name
 
 
+def hf_id(repo_id: str | None) -> str | None:
+    """A recorded repo id if it is a Hugging Face Hub id (not ``modelscope:…``), else None."""
+    return repo_id if repo_id and not repo_id.startswith(MODELSCOPE) else None
+
+
 def modelscope_folder(source: str, allow_pickle: bool = False) -> tuple[Path, str, str]:
     """A ``modelscope:owner/name[@revision]`` model through ModelScope's own client (the
     ``modelscope`` extra): the revision (a branch or tag; ``master`` when none is given) is

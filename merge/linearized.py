@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from clipship.errors import PoolMismatchError
 from clipship.lora import ADAPTER_CONFIG, LINEARIZED_WEIGHTS, LoraCheckpoint, open_lora
 from clipship.merge.registry import Method
-from clipship.pool import Model, ModelPool, PickleCheckpoint
+from clipship.pool import Model, ModelPool, PickleCheckpoint, hf_id
 from clipship.progress import Bars
 from clipship.safetensors_io import WEIGHTS_NAME
 
@@ -116,9 +116,7 @@ def merge_adapters(
             state[point] = first.adapter.read(point).contiguous()
     save_file(state, str(out / LINEARIZED_WEIGHTS), metadata={"format": "pt"})
     # peft's record of the base: a Hugging Face id; no local path (the folder may be published)
-    base = pool.pretrained.repo_id
-    base = base if base and not base.startswith("modelscope:") else None
-    config = dict(first.config, base_model_name_or_path=base)
+    config = dict(first.config, base_model_name_or_path=hf_id(pool.pretrained.repo_id))
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     # The encoder of the merged adapter: every tensor of the pretrained model, the adapted

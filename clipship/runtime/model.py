@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from clipship.errors import NonFiniteWeightsError, PoolMismatchError
+from clipship.lora import canonical
 from clipship.memory import own_module
 from clipship.pool import load_model, resolve_folder
 from clipship.requests import Choice, choice
@@ -80,8 +81,9 @@ def load_zero_shot(
 
     from clipship.lora import is_adapter
 
-    if is_adapter(resolve_folder(model)[0]):
-        return _load_adapter(model, pretrained, device)
+    folder = resolve_folder(model)[0]
+    if is_adapter(folder):
+        return _load_adapter(model, folder, pretrained, device)
     checked = load_model("model", model)  # headers only: refuses folders without a vision tower
     checked.checkpoint.close()
     if pretrained is None:
@@ -107,7 +109,7 @@ def load_zero_shot(
 
 
 def _load_adapter(
-    model: str, pretrained: str | None, device: str
+    model: str, folder: Path, pretrained: str | None, device: str
 ) -> tuple[ZeroShotModel, Path, dict]:
     """A LoRA or L-LoRA adapter folder over its base: ``pretrained``, else the base its config
     names (as ``peft`` loads one). The vision tower is the encoder the adapter makes (for an
@@ -115,7 +117,6 @@ def _load_adapter(
     from clipship.lora import adapter_config
     from clipship.pool import PRETRAINED
 
-    folder = resolve_folder(model)[0]
     base_source = pretrained or adapter_config(folder, model).get("base_model_name_or_path")
     if not isinstance(base_source, str) or not base_source:
         raise PoolMismatchError(
@@ -171,24 +172,20 @@ def load_vision(model: Model, device: str = "cpu") -> Any:
         config = CLIPVisionConfig.from_dict(dict(model.vision_config))
         vision = CLIPVisionModel._from_config(config).float()
     params = dict(vision.named_parameters())
-    names = {_canonical(name): name for name in params}
+    names = {canonical(name): name for name in params}
     absent = sorted(set(names) - set(model.vision_keys))  # extra stored buffers are ignored
     if absent:
         raise PoolMismatchError(f"{model.source}: no vision tensor {absent[0]} in its checkpoint")
     for name, param in params.items():
-        stored = tuple(model.info(_canonical(name)).shape)
+        stored = tuple(model.info(canonical(name)).shape)
         if stored != tuple(param.shape):
             raise PoolMismatchError(
-                f"{model.source}: {_canonical(name)} is {list(stored)}, its config makes "
+                f"{model.source}: {canonical(name)} is {list(stored)}, its config makes "
                 f"{list(param.shape)}"
             )
         with torch.no_grad():
-            param.copy_(model.read(_canonical(name)))
+            param.copy_(model.read(canonical(name)))
     return vision.to(device).eval()
-
-
-def _canonical(name: str) -> str:
-    return name if name.startswith("vision_model.") else f"vision_model.{name}"
 
 
 def task_models(folder: Path) -> list[str] | None:

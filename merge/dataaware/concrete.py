@@ -273,10 +273,29 @@ def concrete(
             total = loss if total is None else total + loss
         return total
 
-    mask_optimizer = torch.optim.Adam(list(logits.values()), lr=lr)
-    base_optimizer = torch.optim.Adam([weights], lr=base_lr) if adamerging else None
     losses: list[float] = []
-    trace: list[torch.Tensor] = []
+    trace: list[torch.Tensor] = []  # AdaMerging: λ at every merge
+
+    def step(mask: dict, optimizer: torch.optim.Optimizer, after_merge=None) -> None:
+        """Merge with ``mask`` and the current λ, then one step of ``optimizer`` on the summed
+        entropy of one batch per task (``after_merge`` runs between the two: D6's reset)."""
+        if adamerging:
+            trace.append(weights.detach().cpu().clone())
+        merged_vision.params = masked_merge(pretrained, task_vectors, weights, mask, clamp_weights)
+        if after_merge is not None:
+            after_merge()
+        loss = total_entropy()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        merged_vision.params = {}  # the graph
+
+    def reset() -> None:
+        weights.data.copy_(start)
+
+    mask_optimizer = torch.optim.Adam(list(logits.values()), lr=lr)
+    base_optimizer = torch.optim.Adam([weights], lr=base_lr)  # AdaMerging's inner steps
     label = f"Concrete {'AdaMerging (' + granularity + '-wise)' if adamerging else 'TA'}"
     with Bars(quiet, "elapsed") as bars, torch.enable_grad():
         bar = bars.add(label, max_steps + (max_adamerging_steps if adamerging else 0))
@@ -288,46 +307,18 @@ def concrete(
             if adamerging:  # the inner step: λ adapted on the detached mask
                 detached = {n: m.detach() for n, m in mask.items()}
                 if reset_before_merge:
-                    weights.data.copy_(start)
-                trace.append(weights.detach().cpu().clone())
-                merged_vision.params = masked_merge(
-                    pretrained, task_vectors, weights, detached, clamp_weights
-                )
-                if not reset_before_merge:  # FusionBench (D6): reset after the merge
-                    weights.data.copy_(start)
-                inner = total_entropy()
-                base_optimizer.zero_grad()
-                inner.backward()
-                base_optimizer.step()
-                losses.append(float(inner.detach()))
-            if adamerging:
-                trace.append(weights.detach().cpu().clone())
-            merged_vision.params = masked_merge(
-                pretrained, task_vectors, weights, mask, clamp_weights
-            )
-            outer = total_entropy()
-            mask_optimizer.zero_grad()
-            outer.backward()
-            mask_optimizer.step()
-            losses.append(float(outer.detach()))
-            merged_vision.params = {}
+                    reset()
+                # FusionBench (D6): the merge uses the previous step's λ, reset after it
+                step(detached, base_optimizer, None if reset_before_merge else reset)
+            step(mask, mask_optimizer)
             bars.advance(bar)
         raw = draw_final(logits, noise, eval_mask_type, final_mask, temperature)
         chosen = rescaled(raw)
         if adamerging:  # AdaMerging with the final mask, λ from its start
-            weights.data.copy_(start)
+            reset()
             optimizer = torch.optim.Adam([weights], lr=adamerging_lr)
             for _ in range(max_adamerging_steps):
-                trace.append(weights.detach().cpu().clone())
-                merged_vision.params = masked_merge(
-                    pretrained, task_vectors, weights, chosen, clamp_weights
-                )
-                loss = total_entropy()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
-                merged_vision.params = {}
+                step(chosen, optimizer)
                 bars.advance(bar)
     with torch.no_grad():
         learned = weights.detach()
