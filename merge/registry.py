@@ -119,6 +119,17 @@ class Method:
     # A data-aware method computes the merged tower from images first; merge() then only hands
     # each tensor of it to the writer (``clipship.merge.dataaware``).
     data: DataUse | None = None
+    # θ_pre + λ·M with M independent of the parameter ``scale`` (λ): ``direction`` gives M (as
+    # ``merge`` would return it, without λ; ``merge`` is ``scaled(direction)``), so a sweep over
+    # λ combines the pool once (``clipship sweep``). ``scalable(values)`` says whether the other
+    # values keep that form (DARE over simple averaging has no λ).
+    scale: str | None = None
+    direction: Callable[..., Any] | None = None
+    scalable: Callable[[dict], bool] | None = None
+
+    def cheap(self, values: dict[str, Any]) -> bool:
+        """Whether every λ comes from one pass over the pool at these other values."""
+        return self.direction is not None and (self.scalable is None or self.scalable(values))
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -137,6 +148,25 @@ class Method:
             if problem:
                 raise MethodError(f"{self.name}: {p.name}={values[p.name]!r} {problem}")
         return values
+
+
+def combine(pretrained: torch.Tensor, direction: torch.Tensor, scale: float) -> torch.Tensor:
+    """θ_pre + M·λ: every scaled method's last step, so a sweep's points carry its bits."""
+    return pretrained + direction * scale
+
+
+def scaled(direction: Callable[..., Any], scale: str = "scaling_factor") -> Callable[..., Any]:
+    """A method's ``merge`` from its ``direction``: θ_pre + λ·M, λ the parameter ``scale``.
+    A direction that also returns a tally (TIES) returns ``(M, tally, depends)``."""
+
+    def merge(inputs: TensorInputs, **values: Any) -> Any:
+        factor = values.pop(scale)
+        out = direction(inputs, **values)
+        if isinstance(out, tuple):
+            return (combine(inputs.pretrained, out[0], factor), *out[1:])
+        return combine(inputs.pretrained, out, factor)
+
+    return merge
 
 
 # Merges compute in float32: a parameter beyond its range becomes Inf there, and every merged
@@ -299,6 +329,8 @@ def method_rows() -> list[dict[str, Any]]:
             "summary": m.summary,
             "paper": m.paper,
             "reads": m.data.split if m.data else None,  # the split a data-aware method reads
+            # swept from one pass over the pool (``clipship sweep``)
+            "cheap_to_sweep": [m.scale] if m.direction is not None else [],
             "params": {
                 p.name: {
                     "default": p.default,

@@ -14,9 +14,9 @@ from dataclasses import replace
 
 import torch
 
-from clipship.merge.methods.task_arithmetic import SCALING_FACTOR, sum_task_vectors, task_arithmetic
-from clipship.merge.methods.ties import TIES_PARAMS, settle_majority, ties, ties_prepass
-from clipship.merge.registry import Method, Param, Stream, TensorInputs
+from clipship.merge.methods.task_arithmetic import SCALING_FACTOR, sum_task_vectors
+from clipship.merge.methods.ties import TIES_PARAMS, settle_majority, ties_direction, ties_prepass
+from clipship.merge.registry import Method, Param, Stream, TensorInputs, scaled
 
 # Masks are drawn per block of the flattened tensor, so a piece of any size and position gets
 # the same entries as the whole tensor would (the engine streams pieces of this size).
@@ -72,24 +72,30 @@ def dropped(
     return replace(inputs, vectors=vectors)
 
 
-def dare(
+def dare_direction(
     inputs: TensorInputs,
     base: str,
     sparsity_ratio: float,
     rescale: bool,
     only_on_linear_weights: bool,
-    scaling_factor: float,
     merge_func: str,
     **stats: object,
 ) -> tuple[torch.Tensor, int, bool]:
+    """The base merge's task vector (before λ) of the dropped task vectors (task arithmetic or
+    TIES; the masks depend on the seed, not on λ)."""
     x = dropped(inputs, sparsity_ratio, rescale, only_on_linear_weights)
     if base == "ties":
-        return ties(x, scaling_factor, merge_func, **stats)  # type: ignore[arg-type]
-    if base == "task_arithmetic":
-        merged = task_arithmetic(x, scaling_factor)
-    else:
-        merged = x.pretrained + sum_task_vectors(x.task_vectors) / len(x.task_vectors)
-    return merged, 0, False
+        return ties_direction(x, merge_func, **stats)  # type: ignore[arg-type]
+    return sum_task_vectors(x.task_vectors), 0, False
+
+
+def dare(inputs: TensorInputs, base: str, **values: object) -> tuple[torch.Tensor, int, bool]:
+    if base != "simple_average":
+        return scaled(dare_direction)(inputs, base=base, **values)
+    x = dropped(
+        inputs, values["sparsity_ratio"], values["rescale"], values["only_on_linear_weights"]
+    )  # type: ignore[arg-type]
+    return x.pretrained + sum_task_vectors(x.task_vectors) / len(x.task_vectors), 0, False
 
 
 def dare_prepass(
@@ -140,4 +146,7 @@ METHOD = Method(
     merge=dare,
     prepass=dare_prepass,
     settle=settle_majority,
+    scale="scaling_factor",
+    direction=dare_direction,
+    scalable=lambda values: values["base"] != "simple_average",
 )

@@ -13,7 +13,7 @@ import torch
 
 from clipship.merge.matrices import EXCLUDE_KEYS, is_matrix, sequential_sum, svd, task_matrices
 from clipship.merge.methods import task_arithmetic
-from clipship.merge.registry import Method, TensorInputs
+from clipship.merge.registry import Method, TensorInputs, scaled
 
 
 def iso_c_matrix(total: torch.Tensor) -> torch.Tensor:
@@ -23,15 +23,13 @@ def iso_c_matrix(total: torch.Tensor) -> torch.Tensor:
     return torch.linalg.multi_dot((u, torch.diag(flat), vh))
 
 
-def iso_c(
-    inputs: TensorInputs, scaling_factor: float, exclude_keys: list[str] | None
-) -> torch.Tensor:
+def iso_c_direction(inputs: TensorInputs, exclude_keys: list[str] | None) -> torch.Tensor:
     taus = task_matrices(inputs)
     merged = sequential_sum(taus) / len(taus)
     if is_matrix(inputs, exclude_keys):
         merged *= len(taus)
         merged = iso_c_matrix(merged)
-    return inputs.pretrained + scaling_factor * merged.reshape(-1).cpu()
+    return merged.reshape(-1).cpu()
 
 
 SCALING_FACTOR = replace(task_arithmetic.SCALING_FACTOR, default=1.0)
@@ -41,6 +39,8 @@ METHOD = Method(
     summary="Iso-C: the summed task matrices with a flat (isotropic) spectrum.",
     paper="https://arxiv.org/abs/2502.04959",
     params=(SCALING_FACTOR, EXCLUDE_KEYS),
-    merge=iso_c,
+    merge=scaled(iso_c_direction),
     per_tensor=True,
+    scale="scaling_factor",
+    direction=iso_c_direction,
 )

@@ -28,7 +28,7 @@ from clipship.merge.matrices import (
     task_matrices,
 )
 from clipship.merge.methods.iso_c import SCALING_FACTOR
-from clipship.merge.registry import Method, Param, TensorInputs, unit_interval
+from clipship.merge.registry import Method, Param, TensorInputs, scaled, unit_interval
 
 
 def subspace_sizes(rank: int, n_tasks: int, fraction: float) -> tuple[int, int]:
@@ -71,9 +71,8 @@ def iso_cts_matrix(task_vectors: list[torch.Tensor], fraction: float, name: str)
     return torch.linalg.multi_dot((polar(space_u), torch.diag(flat), polar(space_vh)))
 
 
-def iso_cts(
+def iso_cts_direction(
     inputs: TensorInputs,
-    scaling_factor: float,
     common_space_fraction: float,
     exclude_keys: list[str] | None,
 ) -> torch.Tensor:
@@ -82,7 +81,7 @@ def iso_cts(
         merged = iso_cts_matrix(taus, common_space_fraction, inputs.name)
     else:
         merged = running_mean(taus)
-    return inputs.pretrained + scaling_factor * merged.reshape(-1).cpu()
+    return merged.reshape(-1).cpu()
 
 
 METHOD = Method(
@@ -100,6 +99,8 @@ METHOD = Method(
         ),
         EXCLUDE_KEYS,
     ),
-    merge=iso_cts,
+    merge=scaled(iso_cts_direction),
     per_tensor=True,
+    scale="scaling_factor",
+    direction=iso_cts_direction,
 )

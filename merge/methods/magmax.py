@@ -10,7 +10,7 @@ from dataclasses import replace
 import torch
 
 from clipship.merge.methods.task_arithmetic import SCALING_FACTOR
-from clipship.merge.registry import Method, TensorInputs
+from clipship.merge.registry import Method, TensorInputs, scaled
 
 
 def max_magnitude(task_vectors: list[torch.Tensor]) -> torch.Tensor:
@@ -20,8 +20,8 @@ def max_magnitude(task_vectors: list[torch.Tensor]) -> torch.Tensor:
     return best
 
 
-def magmax(inputs: TensorInputs, scaling_factor: float) -> torch.Tensor:
-    return inputs.pretrained + max_magnitude(inputs.task_vectors) * scaling_factor
+def largest(inputs: TensorInputs) -> torch.Tensor:
+    return max_magnitude(inputs.task_vectors)
 
 
 METHOD = Method(
@@ -29,5 +29,7 @@ METHOD = Method(
     summary="Keep, per entry, the task-vector value of largest magnitude.",
     paper="https://arxiv.org/abs/2407.06322",
     params=(replace(SCALING_FACTOR, default=1.0),),
-    merge=magmax,
+    merge=scaled(largest),
+    scale="scaling_factor",
+    direction=largest,
 )

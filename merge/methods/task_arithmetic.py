@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from clipship.merge.registry import Method, Param, TensorInputs, finite
+from clipship.merge.registry import Method, Param, TensorInputs, finite, scaled
 
 
 def sum_task_vectors(task_vectors: list[torch.Tensor]) -> torch.Tensor:
@@ -15,8 +15,12 @@ def sum_task_vectors(task_vectors: list[torch.Tensor]) -> torch.Tensor:
     return total
 
 
-def task_arithmetic(inputs: TensorInputs, scaling_factor: float) -> torch.Tensor:
-    return inputs.pretrained + sum_task_vectors(inputs.task_vectors) * scaling_factor
+def summed(inputs: TensorInputs) -> torch.Tensor:
+    """M = Σ_t τ_t: θ = θ_pre + M·λ."""
+    return sum_task_vectors(inputs.task_vectors)
+
+
+task_arithmetic = scaled(summed)
 
 
 SCALING_FACTOR = Param("scaling_factor", float, 0.3, "λ, the task-vector scale", check=finite)
@@ -27,4 +31,6 @@ METHOD = Method(
     paper="https://arxiv.org/abs/2212.04089",
     params=(SCALING_FACTOR,),
     merge=task_arithmetic,
+    scale="scaling_factor",
+    direction=summed,
 )

@@ -15,7 +15,13 @@ from __future__ import annotations
 import torch
 
 from clipship.merge.matrices import EXCLUDE_KEYS, is_matrix, running_mean, svd, task_matrices
-from clipship.merge.registry import Method, Param, TensorInputs, parse_number_or_list
+from clipship.merge.registry import (
+    Method,
+    Param,
+    TensorInputs,
+    combine,
+    parse_number_or_list,
+)
 
 
 def tsv_matrix(task_vectors: list[torch.Tensor]) -> torch.Tensor:
@@ -36,16 +42,23 @@ def tsv_matrix(task_vectors: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.multi_dot((u_u, vh_u, torch.diag(sum_s), u_vh, vh_vh))
 
 
+def tsv_direction(
+    inputs: TensorInputs, exclude_keys: list[str] | None, alphas: list[float] | None = None
+) -> torch.Tensor:
+    """Δ before one scalar ``alpha`` (``alphas``, one per task, scale each τ before the SVD)."""
+    taus = task_matrices(inputs)
+    if alphas is not None:
+        taus = [a * tau for a, tau in zip(alphas, taus)]
+    merged = tsv_matrix(taus) if is_matrix(inputs, exclude_keys) else running_mean(taus)
+    return merged.reshape(-1).cpu()
+
+
 def task_singular_vector(
     inputs: TensorInputs, alpha: float | list[float], exclude_keys: list[str] | None
 ) -> torch.Tensor:
-    taus = task_matrices(inputs)
     if isinstance(alpha, list):
-        taus = [a * tau for a, tau in zip(alpha, taus)]
-    merged = tsv_matrix(taus) if is_matrix(inputs, exclude_keys) else running_mean(taus)
-    if not isinstance(alpha, list):
-        merged = alpha * merged
-    return merged.reshape(-1).cpu() + inputs.pretrained
+        return tsv_direction(inputs, exclude_keys, alpha) + inputs.pretrained
+    return combine(inputs.pretrained, tsv_direction(inputs, exclude_keys), alpha)
 
 
 def _check_pool(values: dict, n_models: int) -> str | None:
@@ -72,4 +85,7 @@ METHOD = Method(
     merge=task_singular_vector,
     check_pool=_check_pool,
     per_tensor=True,
+    scale="alpha",
+    direction=tsv_direction,
+    scalable=lambda values: not isinstance(values["alpha"], list),
 )

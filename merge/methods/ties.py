@@ -21,7 +21,7 @@ import torch
 
 from clipship.merge.kth import kth_smallest_many
 from clipship.merge.methods.task_arithmetic import SCALING_FACTOR
-from clipship.merge.registry import Method, Param, Stream, TensorInputs
+from clipship.merge.registry import Method, Param, Stream, TensorInputs, scaled
 from clipship.requests import Choice
 
 
@@ -98,15 +98,15 @@ def ties_prepass(
     return {"thresholds": thresholds, "majority_sign": 1.0}
 
 
-def ties(
+def ties_direction(
     inputs: TensorInputs,
-    scaling_factor: float,
     merge_func: str,
     thresholds: list[float],
     majority_sign: float,
     **_: object,
 ) -> tuple[torch.Tensor, int, bool]:
-    """Merge one piece; also returns its elected-sign total and whether it used the majority."""
+    """One piece's merged task vector (before λ); also its elected-sign total and whether it
+    used the majority sign."""
     trimmed = trim(inputs.task_vector_matrix(), thresholds)
     sign = elected_sign(trimmed)
     unsettled = sign == 0
@@ -118,7 +118,10 @@ def ties(
         # With a ±1 majority, an exactly-zero sum merges to non-zero only if it had entries
         # of both signs: exactly the entries whose value depends on the majority sign.
         depends = bool((unsettled & (merged != 0)).any())
-    return inputs.pretrained + scaling_factor * merged, tally, depends
+    return merged, tally, depends
+
+
+ties = scaled(ties_direction)
 
 
 def settle_majority(tallies: list[int]) -> dict:
@@ -151,4 +154,6 @@ METHOD = Method(
     merge=ties,
     prepass=ties_prepass,
     settle=settle_majority,
+    scale="scaling_factor",
+    direction=ties_direction,
 )
