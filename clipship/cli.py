@@ -232,6 +232,61 @@ def eval_(
 
 
 @app.command()
+def sweep(
+    out: o.SweepOut,
+    grid: o.SweepGrid = None,
+    method: o.MergeMethod = None,
+    pool: o.Pool = None,
+    pretrained: o.Pretrained = None,
+    model: o.Model = None,
+    lambda_: o.MergeLambda = None,
+    threshold: o.MergeThreshold = None,
+    param: o.MergeParam = None,
+    select_on: o.SweepSelectOn = "validation",
+    allow_test_selection: o.SweepAllowTest = False,
+    val_fraction: o.SweepValFraction = None,
+    report_test: o.SweepReportTest = False,
+    tasks: o.Tasks = None,
+    taskpool: o.Taskpool = None,
+    task: o.Custom = None,
+    classnames: o.Classnames = None,
+    templates: o.Templates = None,
+    data_dir: o.DataDir = None,
+    taskfile: o.Taskfile = None,
+    seed: o.MergeSeed = 0,
+    vision_only: o.MergeVisionOnly = False,
+    device: o.Device = "auto",
+    precision: o.EvalPrecision = "fp32",
+    batch_size: o.EvalBatchSize = 128,
+    limit: o.SweepLimit = None,
+    workers: o.EvalWorkers = None,
+    allow_pickle: o.Pickle = False,
+    force: o.Force = False,
+    quiet: o.Quiet = False,
+    json_out: o.Json = False,
+) -> None:
+    """Choose merge parameters on validation data: every grid point merged and evaluated."""
+    sources = _run(lambda: resolve_sources(pool, pretrained, model))
+    params = _run(lambda: parse_params(lambda_, threshold, param))
+    spec = TaskSpec(tasks, taskpool, tuple(task or ()), classnames, templates, data_dir, taskfile)
+    request = _call(
+        "clipship.eval.request:SweepRequest", sources, out, spec, method=method,
+        grid=tuple(grid or ()), params=params, select_on=select_on,
+        allow_test_selection=allow_test_selection, val_fraction=val_fraction,
+        report_test=report_test, seed=seed, vision_only=vision_only, device=device,
+        precision=precision, batch_size=batch_size, limit=limit, workers=workers,
+        allow_pickle=allow_pickle, force=force, quiet=quiet,
+    )  # fmt: skip
+    result = _run(request.run)
+    if not result.primary:  # under torchrun, rank 0 reports for everyone
+        return
+    if json_out:
+        _dump(result.summary())
+    elif not quiet:
+        views.swept(result)
+
+
+@app.command()
 def finetune(
     pretrained: o.HeadsModel,
     out: o.FinetuneOut,

@@ -94,6 +94,10 @@ class MethodError(ClipshipError):
     """An unknown merge method, an unknown or invalid parameter, or a pool it cannot merge."""
 
 
+class SweepError(ClipshipError):
+    """A grid, selection split or sweep folder that cannot be swept."""
+
+
 class ReleaseConfigError(ClipshipError):
     """A release YAML that cannot be run."""
 

@@ -208,3 +208,34 @@ MergeMergingWeights = Annotated[
 MergeSaveMergingWeights = Annotated[
     Path | None, Opt("--save-merging-weights", help="AdaMerging: write the learned weights.")
 ]
+SweepOut = Annotated[
+    Path, Opt("--out", help="Folder for sweep.md/json/png and best/ (written atomically).")
+]
+SweepGrid = Annotated[
+    list[str] | None,
+    Opt("--grid", help="Swept parameter NAME=a,b,c or NAME=start:stop:step; repeat."),
+]
+SweepSelectOn = Annotated[
+    str, Opt("--select-on", help="Split the best point is chosen on: validation (or test).")
+]
+SweepAllowTest = Annotated[
+    bool,
+    Opt(
+        "--allow-test-selection",
+        help="Allow --select-on test: choose on test data (labelled as such everywhere).",
+    ),
+]
+SweepValFraction = Annotated[
+    float | None,
+    Opt(
+        "--val-fraction",
+        help="Stratified hold-out of each task's train split for validation, in (0, 1) "
+        "[FusionBench's validation split where it has one, else 0.1].",
+    ),
+]
+SweepReportTest = Annotated[
+    bool, Opt("--report-test", help="Also evaluate every point on the test split (not to choose).")
+]
+SweepLimit = Annotated[
+    int | None, Opt("--limit", help="First N selection (and test) images per task.")
+]

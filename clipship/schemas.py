@@ -543,6 +543,7 @@ class Recipe(Schema):
     versions: dict[str, str] = Field(default_factory=dict)
     device: Text | None = None
     data: RecipeData | None = None
+    sweep: dict[str, Any] | None = None  # how ``clipship sweep`` chose the parameters
 
     @model_validator(mode="after")
     def _distinct(self) -> Recipe:

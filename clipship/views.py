@@ -63,10 +63,10 @@ def _show(table: Any) -> None:
 
 
 def methods(rows: list[dict[str, Any]]) -> None:
-    grid = _table("method", "parameters (default)", "paper")
+    grid = _table("method", "parameters (default)", "cheap to sweep", "paper")
     for row in rows:
         params = ", ".join(f"{k}={v['default']}" for k, v in row["params"].items()) or "—"
-        grid.add_row(row["name"], params, row["paper"])
+        grid.add_row(row["name"], params, ", ".join(row["cheap_to_sweep"]) or "—", row["paper"])
     _show(grid)
 
 
@@ -213,6 +213,27 @@ def merged(result: Any, vision_only: bool) -> None:
     kind = "CLIPVisionModel" if vision_only else "CLIPModel"
     print(f"merged with {result.method} in {result.seconds:.1f}s → {result.out}/")
     print(f"load it with: transformers.{kind}.from_pretrained({str(result.out)!r})")
+
+
+def swept(result: Any) -> None:
+    report = result.report
+    chosen = report["selection"]["split"]
+    swept_names = list(report["grid"])
+    test = "test" in report
+    grid = _table(*swept_names, f"average ({chosen})", *(["average (test)"] if test else []))
+    for i, point in enumerate(report["points"]):
+        cells = [str(point["parameters"][k]) for k in swept_names]
+        cells.append(f"{100 * point[chosen]['average']['accuracy']:.2f}")
+        if test:
+            cells.append(f"{100 * point['test']['average']['accuracy']:.2f}")
+        if i == report["best"]["index"]:
+            cells = [f"[bold]{c}[/bold]" for c in cells]
+        grid.add_row(*cells)
+    _show(grid)
+    best = ", ".join(f"{k}={v}" for k, v in result.best.items())
+    print(f"chosen on {chosen}: {best}; best/ and sweep.md, sweep.json, sweep.png in {result.out}")
+    if report["selection"]["on_test_data"]:
+        print(f"warning: {report['selection']['warning']}")
 
 
 def heads(shapes: dict[str, list[int]], out: Any) -> None:

@@ -4,7 +4,7 @@ settings and resolves its tasks before any model loads, then makes one library c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -153,3 +153,91 @@ class FinetuneRequest:
         from clipship.eval.finetune import finetune
 
         return finetune(self.pretrained, self.tasks.single(), self.out, **self.options)
+
+
+@dataclass(frozen=True)
+class SweepRequest:
+    """``clipship sweep``: a grid over a merge method's parameters, each point merged and
+    evaluated, the best on the selection split merged into ``out/best``
+    (``clipship.eval.sweep``). ``check()`` refuses bad input before any model loads."""
+
+    sources: Sources
+    out: Path
+    tasks: TaskSpec
+    method: str | None = None
+    grid: tuple[str, ...] = ()
+    params: dict[str, Any] = field(default_factory=dict)
+    select_on: str = "validation"
+    allow_test_selection: bool = False
+    val_fraction: float | None = None
+    report_test: bool = False
+    seed: int = 0
+    vision_only: bool = False
+    device: str = "auto"
+    precision: str = "fp32"
+    batch_size: int = EVAL_BATCH_SIZE
+    limit: int | None = None
+    workers: int | None = None
+    allow_pickle: bool = False
+    force: bool = False
+    quiet: bool = True
+
+    def check(self) -> Any:
+        """The sweep, every point resolved and every setting checked."""
+        from clipship.errors import MethodError, SweepError
+        from clipship.eval.sweep import (
+            TEST,
+            VALIDATION,
+            Sweep,
+            check_fraction,
+            grid_points,
+            parse_grid,
+        )
+        from clipship.merge.registry import get_method
+
+        check_options(self.precision, self.batch_size, self.limit, self.workers)
+        check_seed(self.seed)
+        if self.select_on not in (VALIDATION, TEST):
+            raise SweepError(
+                f"`select_on` {self.select_on!r}: choose validation or test", option="select_on"
+            )
+        if self.select_on == TEST and not self.allow_test_selection:
+            raise SweepError(
+                "`select_on` test chooses the parameters on the test data, which makes the "
+                "reported accuracy optimistic: pass `allow_test_selection` to do it anyway "
+                "(every output says so)",
+                option="allow_test_selection",
+            )
+        check_fraction(self.val_fraction)
+        if self.val_fraction is not None and self.select_on == TEST:
+            raise SweepError("`val_fraction` needs `select_on` validation", option="val_fraction")
+        if not self.method:
+            raise MethodError(
+                "no merge method: pass `method` NAME (see `clipship methods`)", option="method"
+            )
+        spec = get_method(self.method)
+        grid = parse_grid(list(self.grid), spec)
+        both = sorted(set(grid) & set(self.params))
+        if both:
+            raise SweepError(f"{both[0]} is both swept (`grid`) and fixed", option="grid")
+        for point in grid_points(grid):
+            spec.resolve({**self.params, **point})
+        if not self.sources.pretrained:
+            raise MethodError(
+                "no pretrained model to merge onto: give `pretrained`", option="pretrained"
+            )
+        inputs = (self.sources.pretrained, *self.sources.models.values(), self.tasks.taskfile)
+        check_target(self.out, self.force, inputs=inputs)
+        tasks = self.tasks
+        if not (tasks.names or tasks.taskpool or tasks.custom):  # each task model's own task
+            tasks = replace(tasks, names=",".join(self.sources.models))
+        tasks = tasks.select()
+        return Sweep(
+            self.sources.pretrained, self.sources.models, spec.name, grid, dict(self.params),
+            tasks, self.out, self.select_on, self.val_fraction, self.report_test, self.seed,
+            self.vision_only, self.device, self.precision, self.batch_size, self.limit,
+            self.workers, self.allow_pickle, self.force, self.quiet,
+        )  # fmt: skip
+
+    def run(self) -> Any:
+        return self.check().run()

@@ -13,7 +13,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -401,7 +401,6 @@ def _merge_weights(
 ) -> tuple[list[str], dict[str, Any]]:
     pre = pool.pretrained
     vision = pool.tensor_names
-    floats = pool.float_names()
     layout = {n: (pre.info(n).dtype, pre.info(n).shape) for n in vision}
     extra: list[str] = []
     if not vision_only:
@@ -410,6 +409,40 @@ def _merge_weights(
         for n in extra:
             info = pre.checkpoint.tensors[n]
             layout[n] = (info.dtype, info.shape)
+    writer = ShardedWriter(folder, layout, shard_bytes)
+
+    def write(x: TensorInputs, merged: torch.Tensor) -> None:
+        merged = merged.reshape(-1).to("cpu", pre.info(x.name).dtype_torch)
+        check_finite(merged, f"merged tensor {x.name}", spec.name)
+        writer.write(x.name, merged, x.offset)
+
+    try:
+        stats = run_method(pool, spec, values, seed, bar, device, write)
+        floats = set(pool.float_names())
+        for name in vision:
+            if name not in floats:
+                writer.write(name, _same_everywhere(pool, name))
+        copy_extra(writer, pre, extra)
+        files = writer.close()
+    finally:
+        writer.abort()
+    return files, stats
+
+
+def run_method(
+    pool: ModelPool,
+    spec: Method,
+    values: dict[str, Any],
+    seed: int,
+    bar: Bars,
+    device: str,
+    write: Callable[[TensorInputs, torch.Tensor], None],
+) -> dict[str, Any]:
+    """Stream the pool through ``spec``: its pre-pass, then every float tensor merged and handed
+    to ``write`` (a piece merged again if the settled statistics change it, written again at
+    the same place). Returns the statistics the recipe records."""
+    pre = pool.pretrained
+    floats = pool.float_names()
     passes = 0
 
     def stream(label: str) -> Iterator[TensorInputs]:
@@ -425,35 +458,53 @@ def _merge_weights(
     if spec.prepass:
         numel = sum(pre.info(n).numel for n in floats)
         stats = spec.prepass(stream, numel=numel, tasks=pool.names, **values)
-    writer = ShardedWriter(folder, layout, shard_bytes)
 
-    def write(x: TensorInputs) -> tuple[object, bool]:
-        merged = spec.merge(x, **values, **stats)
+    def merged(x: TensorInputs) -> tuple[object, bool]:
+        out = spec.merge(x, **values, **stats)
         tally, depends = None, False
         if spec.settle:
-            merged, tally, depends = merged
-        merged = merged.reshape(-1).to("cpu", pre.info(x.name).dtype_torch)
-        check_finite(merged, f"merged tensor {x.name}", spec.name)
-        writer.write(x.name, merged, x.offset)
+            out, tally, depends = out
+        write(x, out)
         return tally, depends
 
+    tallies, revisit = [], []
+    for x in stream(f"merging ({spec.name})"):
+        tally, depends = merged(x)
+        tallies.append(tally)
+        if depends:
+            revisit.append((x.name, x.offset))
+    if spec.settle:
+        final = spec.settle(tallies)
+        changed = any(stats.get(k) != v for k, v in final.items())
+        stats.update(final)
+        for name, offset in revisit if changed else []:
+            merged(next(iter_inputs(pool, [name], seed, False, offset, spec.per_tensor, device)))
+    return stats
+
+
+def write_direction(
+    pool: ModelPool,
+    spec: Method,
+    values: dict[str, Any],
+    seed: int,
+    folder: Path,
+    bar: Bars,
+    device: str = "cpu",
+) -> tuple[list[str], dict[str, Any]]:
+    """One pass over the pool for a scaled method (``Method.scale``): M, its merge before λ, for
+    every float vision tensor, in float32 to ``folder``; θ_pre + M·λ (``registry.combine``)
+    then is the merge at any λ, with its bits (``clipship sweep``). Returns (files, statistics)."""
+    assert spec.direction is not None and spec.scale is not None
+    rest = {k: v for k, v in values.items() if k != spec.scale}
+    direction = dataclasses.replace(spec, merge=lambda x, **v: spec.direction(x, **v))
+    layout = {n: ("F32", pool.pretrained.info(n).shape) for n in pool.float_names()}
+    writer = ShardedWriter(folder, layout, 1 << 62)
+
+    def write(x: TensorInputs, merged: torch.Tensor) -> None:
+        writer.write(x.name, merged.reshape(-1).to("cpu", torch.float32), x.offset)
+
     try:
-        tallies, revisit = [], []
-        for x in stream(f"merging ({spec.name})"):
-            tally, depends = write(x)
-            tallies.append(tally)
-            if depends:
-                revisit.append((x.name, x.offset))
-        if spec.settle:
-            final = spec.settle(tallies)
-            changed = any(stats.get(k) != v for k, v in final.items())
-            stats.update(final)
-            for name, offset in revisit if changed else []:
-                write(next(iter_inputs(pool, [name], seed, False, offset, spec.per_tensor, device)))
-        for name in vision:
-            if name not in floats:
-                writer.write(name, _same_everywhere(pool, name))
-        copy_extra(writer, pre, extra)
+        stats = run_method(pool, direction, rest, seed, bar, device, write)
         files = writer.close()
     finally:
         writer.abort()

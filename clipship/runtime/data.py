@@ -57,6 +57,9 @@ class ImageSource:
         self.where = task.data or (task.dataset or {}).get("path") or task.name
         self._rows: Any = None
         self._files: list[tuple[Path, int]] | None = None
+        # whether the data names its splits (a hub dataset, a DatasetDict, parquet files named
+        # after the split); else every split reads the same images
+        self.named_split = task.data is None
         self.image_column, self.label_column = "image", "label"
         if task.dataset:
             self.image_column = task.dataset.get("image_column", "image")
@@ -78,9 +81,12 @@ class ImageSource:
                     if self.split not in rows:
                         raise DataError(f"task {task.name}: {path} has no {self.split!r} split")
                     rows = rows[self.split]
+                    self.named_split = True
                 self._rows = rows
             elif path.suffix == ".parquet" or (path.is_dir() and any(path.rglob("*.parquet"))):
-                self._rows = _readable(task, path, lambda: _read_parquet(path, self.split))
+                self._rows, self.named_split = _readable(
+                    task, path, lambda: _read_parquet(path, self.split)
+                )
             elif path.is_dir():
                 self._files = _image_folder(path, task)
                 return
@@ -116,6 +122,12 @@ class ImageSource:
 
     def __len__(self) -> int:
         return len(self._files) if self._files is not None else len(self._rows)
+
+    def labels(self) -> list[int]:
+        """Every image's label, in row order (no image is opened)."""
+        if self._files is not None:
+            return [label for _, label in self._files]
+        return [int(label) for label in self._rows[self.label_column]]
 
     def name(self, index: int) -> str:
         """How errors name one image: its file, or its row."""
@@ -171,14 +183,14 @@ def _readable(task: Task, path: Path, read):
         raise DataError(f"task {task.name}: {path}: cannot read the data ({first})") from None
 
 
-def _read_parquet(path: Path, split: str) -> Any:
+def _read_parquet(path: Path, split: str) -> tuple[Any, bool]:
     """One split of parquet data: the files named after it (``test-00000-of-00001.parquet``),
-    or every file when none is."""
+    or every file when none is; and whether some were."""
     files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
     named = [f for f in files if f.name.startswith(f"{split}-") or f.parent.name == split]
     chosen = named or files
     with quiet_datasets() as datasets:
-        return datasets.Dataset.from_parquet([str(f) for f in chosen])
+        return datasets.Dataset.from_parquet([str(f) for f in chosen]), bool(named)
 
 
 def _image_folder(path: Path, task: Task) -> list[tuple[Path, int]]:

@@ -29,6 +29,7 @@ class Task:
     templates: tuple[str, ...]
     dataset: dict[str, Any] | None = None  # hub source: path, name, split, columns, size
     data: str | None = None  # a local copy (folder or file), when given
+    # ``validation``: the split FusionBench's ``val/<task>.yaml`` carves from the training set
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def prompts(self, classname: str) -> list[str]:
@@ -44,7 +45,13 @@ def _builtin() -> dict[str, Any]:
 def builtin_tasks() -> dict[str, Task]:
     """Every built-in task by FusionBench's name (``sun397``, ``stanford-cars``, ...)."""
     return {
-        name: Task(name, tuple(t["classnames"]), tuple(t["templates"]), t.get("dataset"))
+        name: Task(
+            name,
+            tuple(t["classnames"]),
+            tuple(t["templates"]),
+            t.get("dataset"),
+            extra={"validation": t["validation"]} if "validation" in t else {},
+        )
         for name, t in _builtin()["tasks"].items()
     }
 
