@@ -199,6 +199,8 @@ def _body(
         "same bytes.",
         "",
     ]
+    if recipe.get("sweep"):
+        lines += _sweep_section(recipe["sweep"])
     if rows:
         tasks = list(next(iter(rows.values())))
         groups = {"avg.": tasks}
@@ -323,6 +325,29 @@ def _mixture_section(body: str, mixture: dict[str, Any], report: dict, heatmap: 
     return body.replace(
         '-classification", model=', '-classification", trust_remote_code=True, model='
     )
+
+
+def _sweep_section(sweep: dict[str, Any]) -> list[str]:
+    """How ``clipship sweep`` chose the parameters: the grid, the split, the rule, the choice."""
+    grid = "; ".join(f"`{k}` ∈ {{{', '.join(map(str, v))}}}" for k, v in sweep["grid"].items())
+    chosen = ", ".join(f"`{k}={v}`" for k, v in sweep["chosen"].items())
+    sources = sorted({t["source"] for t in sweep.get("tasks", {}).values()})
+    split = sweep["select_on"]
+    where = f"the **{split}** split" + (f" ({'; '.join(sources)})" if sources else "")
+    lines = [
+        "## How the parameters were chosen",
+        "",
+        f"`clipship sweep` merged and evaluated every point of the grid {grid} and chose "
+        f"{chosen} on {where}: {sweep['rule']}. The accuracy below is measured on the test "
+        "sets, which took no part in the choice."
+        if split != "test"
+        else f"`clipship sweep` merged and evaluated every point of the grid {grid} and chose "
+        f"{chosen} on {where}: {sweep['rule']}.",
+        "",
+    ]
+    if sweep.get("warning"):
+        lines += [f"**Warning: {sweep['warning']}.**", ""]
+    return lines
 
 
 def _link(base: str) -> str:

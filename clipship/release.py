@@ -68,6 +68,12 @@ def fingerprint(source: str) -> Any:
     return tree_sha256(folder, skip_hidden=True)
 
 
+def pool_fingerprint(sources: Sources) -> dict[str, Any]:
+    return {
+        n: fingerprint(s) for n, s in {"pretrained": sources.pretrained, **sources.models}.items()
+    }
+
+
 def data_fingerprint(path: str | Path | None) -> Any:
     """Local data (test sets, validation images) by name, size and modification time: cheap for
     thousands of images, and any edit changes it."""
@@ -392,7 +398,15 @@ def release(
     stages = Stages(run, log)
     summary: dict[str, Any] = {"name": name, "run_dir": str(run), "stages": stages.record}
 
-    merged, merge_key = _merge_stage(config, stages, sources, tasks, selected)
+    swept = None
+    if config.swept():
+        swept = _sweep_stage(config, stages, sources, tasks, selected, quiet)
+        report = read_json(swept[0] / "sweep" / "sweep.json", ClipshipError, "sweep report")
+        summary["sweep"] = {
+            "chosen": report["best"]["parameters"],
+            "select_on": report["selection"]["split"],
+        }
+    merged, merge_key = _merge_stage(config, stages, sources, tasks, selected, swept)
     spec = config.eval.model_dump(mode="json", exclude_none=True)
     eval_key = key_of(
         "eval/3",
@@ -455,13 +469,61 @@ def release(
     return summary
 
 
+def _sweep_stage(
+    config: ReleaseFile,
+    stages: Stages,
+    sources: Sources,
+    tasks: TaskSpec,
+    selected: list,
+    quiet: bool,
+) -> tuple[Path, str]:
+    """``clipship sweep`` over the swept parameters, on the tasks the eval section names: its
+    report and ``best/``, which the merge stage takes as the merged model."""
+    from clipship.eval.request import SweepRequest
+
+    grid = tuple(f"{k}={','.join(map(str, v))}" for k, v in config.swept().items())
+    settings = {k: getattr(config.eval, k) for k in ("device", "batch_size", "limit")}
+    request = SweepRequest(
+        sources, Path("sweep"), tasks, method=config.method, grid=grid, params=config.fixed(),
+        select_on=config.select_on, allow_test_selection=config.allow_test_selection,
+        val_fraction=config.val_fraction, seed=config.seed, workers=0, quiet=quiet,
+        **{k: v for k, v in settings.items() if v is not None},
+    )  # fmt: skip
+    request.check()
+    key = key_of(
+        "sweep/1",
+        pool_fingerprint(sources), list(sources.models), config.method, config.parameters,
+        config.select_on, config.val_fraction, config.seed, settings,
+        [dataclasses.asdict(t) for t in selected], [data_fingerprint(t.data) for t in selected],
+    )  # fmt: skip
+
+    def build(tmp: Path) -> None:
+        dataclasses.replace(request, out=tmp / "sweep").run()
+
+    return stages.run_stage("sweep", key, build), key
+
+
 def _merge_stage(
-    config: ReleaseFile, stages: Stages, sources: Sources, tasks: TaskSpec, selected: list
+    config: ReleaseFile,
+    stages: Stages,
+    sources: Sources,
+    tasks: TaskSpec,
+    selected: list,
+    swept: tuple[Path, str] | None = None,
 ) -> tuple[Path, str]:
     """The merge, as ``clipship merge`` runs it, cached under its inputs' key. A data-aware
-    method reads each task model's images from the tasks the eval section names."""
+    method reads each task model's images from the tasks the eval section names. After a
+    sweep, the merged model is the sweep's ``best/`` (``clipship merge``'s bytes, its recipe
+    saying how the parameters were chosen)."""
     from clipship.merge.registry import get_method
 
+    if swept is not None:
+        key = key_of("merge/1", swept[1])
+
+        def copy(tmp: Path) -> None:
+            shutil.copytree(swept[0] / "sweep" / "best", tmp / "model")
+
+        return stages.run_stage("merge", key, copy), key
     data_aware = get_method(config.method).data is not None
     request = MergeRequest(
         sources,
@@ -475,10 +537,7 @@ def _merge_stage(
     images = [data_fingerprint(t.data) for t in selected] if data_aware else []
     key = key_of(
         "merge/1",
-        {
-            n: fingerprint(s)
-            for n, s in {"pretrained": sources.pretrained, **sources.models}.items()
-        },
+        pool_fingerprint(sources),
         list(sources.models),
         request.method,
         request.params,

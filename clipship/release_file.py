@@ -158,7 +158,12 @@ class ReleaseFile(Schema):
     name: Annotated[str, AfterValidator(_release_name)] | None = None
     pool: Pool
     method: Text
+    # a value ``{sweep: [a, b, ...]}`` sweeps the parameter (``clipship sweep``), chosen on
+    # ``select_on``
     parameters: dict[Text, Any] = Field(default_factory=dict)
+    select_on: Literal["validation", "test"] = "validation"
+    allow_test_selection: bool = False
+    val_fraction: float | None = Field(default=None, gt=0, lt=1)
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
     eval: Eval = Field(default_factory=Eval)
     gates: Gates = Field(default_factory=Gates)
@@ -171,8 +176,34 @@ class ReleaseFile(Schema):
     def _null_parameters(cls, value: Any) -> Any:
         return {} if value is None else value
 
+    def swept(self) -> dict[str, list[Any]]:
+        """The swept parameters and their values."""
+        return {k: v["sweep"] for k, v in self.parameters.items() if isinstance(v, dict)}
+
+    def fixed(self) -> dict[str, Any]:
+        return {k: v for k, v in self.parameters.items() if not isinstance(v, dict)}
+
     @model_validator(mode="after")
     def _references(self) -> ReleaseFile:
+        for key, value in self.parameters.items():
+            if isinstance(value, dict) and (
+                set(value) != {"sweep"}
+                or not isinstance(value["sweep"], list)
+                or not value["sweep"]
+            ):
+                raise ValueError(
+                    f"parameters.{key}: a value, or {{sweep: [values]}} to choose one by a sweep"
+                )
+        if not self.swept():
+            given = [k for k in ("val_fraction", "allow_test_selection") if getattr(self, k)]
+            given += ["select_on"] if self.select_on != "validation" else []
+            if given:
+                raise ValueError(f"{given[0]} needs a swept parameter ({{sweep: [values]}})")
+        if self.select_on == "test" and not self.allow_test_selection:
+            raise ValueError(
+                "select_on: test chooses on the test data (an optimistic accuracy): add "
+                "allow_test_selection: true to do it anyway"
+            )
         if self.gates.export is not None and self.export is None:
             raise ValueError("gates.export needs an export: section to gate")
         if self.gates.max_drop is not None and not self.eval.baselines:
@@ -199,7 +230,11 @@ def read_release_file(path: Path) -> ReleaseFile:
         raise ReleaseConfigError(f"{path}: a release file is a mapping (pool:, method:, ...)")
     release = parse(ReleaseFile, data, str(path), ReleaseConfigError)
     try:
-        get_method(release.method).resolve(release.parameters)
+        spec = get_method(release.method)
+        for name, values in release.swept().items():
+            for value in values:
+                spec.resolve({**release.fixed(), name: value})
+        spec.resolve(release.fixed())
     except ClipshipError as e:
         raise ReleaseConfigError(f"{path}: parameters: {e}") from None
     return release

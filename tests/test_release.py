@@ -438,3 +438,35 @@ def test_a_concrete_adamerging_release_builds(hub_env, cache, tmp_path):
     assert all(entry["split"] == "test" and len(entry["rows"]) == 9
                for entry in recipe["data"]["tasks"].values())  # fmt: skip
     assert len(recipe["data"]["merging_weights"]) == len(recipe["models"])
+
+
+def test_release_sweeps_a_parameter_on_validation_and_the_card_says_so(cache, tmp_path):
+    data = yaml.safe_load((ROOT / "examples/release.yaml").read_text())
+    data.update(pool={"minibench": "smoke"}, gates={"min_average_accuracy": 0.2})
+    data["parameters"] = {"scaling_factor": {"sweep": [0.2, 0.5]}, "threshold": 20}
+    data["eval"].update(limit=40, baselines=False)
+    for key in ("export", "hub"):
+        data.pop(key)
+    path, run = tmp_path / "release.yaml", tmp_path / "run"
+    path.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "CLIPSHIP_CACHE": str(cache)}
+    done = release(path, run, env)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    chosen = summary["sweep"]["chosen"]
+    assert summary["sweep"]["select_on"] == "validation" and chosen["scaling_factor"] in (0.2, 0.5)
+    report = json.loads((run / "stages/sweep/sweep/sweep.json").read_text())
+    averages = [p["validation"]["average"]["accuracy"] for p in report["points"]]
+    assert averages[report["best"]["index"]] == max(averages)
+    recipe = json.loads((run / "release/clipship_recipe.json").read_text())
+    assert recipe["parameters"]["scaling_factor"] == chosen["scaling_factor"]
+    assert recipe["sweep"]["grid"] == {"scaling_factor": [0.2, 0.5]}
+    card = (run / "release/README.md").read_text()
+    assert "## How the parameters were chosen" in card and "**validation** split" in card
+    assert f"`scaling_factor={chosen['scaling_factor']}`" in card
+    # choosing on test data takes its own key
+    data["select_on"] = "test"
+    path.write_text(yaml.safe_dump(data))
+    refused = release(path, tmp_path / "run2", env)
+    assert refused.returncode == 1 and "allow_test_selection" in refused.stderr
+    assert refused.stderr.count("\n") == 1
