@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from clipship.errors import DataError, MethodError, SweepError
 from clipship.eval.evaluate import distributed_rank, init_distributed
 from clipship.machine import pick_device
-from clipship.merge.engine import RECIPE_NAME, check_finite, merge, write_direction
+from clipship.merge.engine import RECIPE_NAME, check_finite, merge, merge_direction
 from clipship.merge.registry import Method, combine, get_method, parse_value
 from clipship.outputs import (
     atomic_folder,
@@ -322,7 +322,8 @@ class PointModels:
     def __init__(self, pool: ModelPool, spec: Method, fixed: dict[str, Any], sweep: Sweep):
         self.pool, self.spec, self.fixed, self.sweep = pool, spec, fixed, sweep
         self.group: tuple | None = None
-        self.direction: Any = None
+        self.direction: dict[str, torch.Tensor] | None = None  # M, flat, on the device
+        self.theta: dict[str, torch.Tensor] | None = None  # θ_pre, flat float32, on the device
         self.zero_shot: Any = None
         self.passes = 0  # reads of the whole pool (direction passes, or merges)
         self.merge_seconds = 0.0
@@ -341,21 +342,25 @@ class PointModels:
             model = self._merged(point, work)
         else:
             if group != self.group:
-                self._direction(values, group, work)
+                self._direction(values, group)
             model = self._scaled(values[self.spec.scale])
         self.merge_seconds += time.perf_counter() - started
         return model
 
-    def _direction(self, values: dict[str, Any], group: tuple, work: Path) -> None:
-        from safetensors import safe_open
-
-        folder = work / f"direction-{distributed_rank()[0]}"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
+    def _direction(self, values: dict[str, Any], group: tuple) -> None:
+        """M of this group, and θ_pre, on the device (a point is then two operations per
+        tensor there)."""
+        self.direction = None  # the last group's M goes before this one is made
         with Bars(True) as bar:
-            write_direction(self.pool, self.spec, values, self.sweep.seed, folder, bar)
+            tensors, _ = merge_direction(self.pool, self.spec, values, self.sweep.seed, bar)
         self.passes += 1
-        self.direction = safe_open(str(folder / "model.safetensors"), framework="pt")
+        device = self.sweep.device
+        self.direction = {k: v.to(device) for k, v in tensors.items()}
+        if self.theta is None:
+            pre = self.pool.pretrained
+            self.theta = {
+                k: pre.read(k).to(device, torch.float32).reshape(-1) for k in self.direction
+            }
         self.group = group
 
     def _scaled(self, scale: float) -> Any:
@@ -370,17 +375,17 @@ class PointModels:
             vision = load_vision(pre)
             self.zero_shot = ZeroShotModel(vision, clip.visual_projection, clip.logit_scale)
             self.zero_shot = self.zero_shot.to(self.sweep.device).eval()
-        floats = set(self.pool.float_names())
         with torch.no_grad():
             for name, param in self.zero_shot.vision.named_parameters():
                 key = canonical(name)
-                if key not in floats:
+                if key not in self.direction:
                     continue
-                theta = pre.read(key).to(torch.float32).reshape(-1)
-                value = combine(theta, self.direction.get_tensor(key).reshape(-1), scale)
-                value = value.to(pre.info(key).dtype_torch)
-                check_finite(value, f"merged tensor {key}", self.spec.name)
-                param.copy_(value.reshape(param.shape))
+                flat = param.view(-1)  # float32, filled in place
+                combine(self.theta[key], self.direction[key], scale, out=flat)
+                stored = pre.info(key).dtype_torch
+                if stored != torch.float32:  # as merge writes it, read back as float32
+                    flat.copy_(flat.to(stored))
+                check_finite(flat, f"merged tensor {key}", self.spec.name)
         return self.zero_shot
 
     def _merged(self, point: dict[str, Any], work: Path) -> Any:

@@ -482,33 +482,28 @@ def run_method(
     return stats
 
 
-def write_direction(
+def merge_direction(
     pool: ModelPool,
     spec: Method,
     values: dict[str, Any],
     seed: int,
-    folder: Path,
     bar: Bars,
     device: str = "cpu",
-) -> tuple[list[str], dict[str, Any]]:
-    """One pass over the pool for a scaled method (``Method.scale``): M, its merge before λ, for
-    every float vision tensor, in float32 to ``folder``; θ_pre + M·λ (``registry.combine``)
-    then is the merge at any λ, with its bits (``clipship sweep``). Returns (files, statistics)."""
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """One pass over the pool for a scaled method (``Method.scale``): M, its merge before λ, as
+    one flat float32 tensor per float vision tensor; θ_pre + M·λ (``registry.combine``) then is
+    the merge at any λ, with its bits (``clipship sweep``). Returns (M by name, statistics)."""
     assert spec.direction is not None and spec.scale is not None
     rest = {k: v for k, v in values.items() if k != spec.scale}
     direction = dataclasses.replace(spec, merge=lambda x, **v: spec.direction(x, **v))
-    layout = {n: ("F32", pool.pretrained.info(n).shape) for n in pool.float_names()}
-    writer = ShardedWriter(folder, layout, 1 << 62)
+    tensors = {n: torch.empty(pool.pretrained.info(n).numel) for n in pool.float_names()}
 
     def write(x: TensorInputs, merged: torch.Tensor) -> None:
-        writer.write(x.name, merged.reshape(-1).to("cpu", torch.float32), x.offset)
+        piece = merged.reshape(-1)
+        tensors[x.name][x.offset : x.offset + piece.numel()].copy_(piece)
 
-    try:
-        stats = run_method(pool, direction, rest, seed, bar, device, write)
-        files = writer.close()
-    finally:
-        writer.abort()
-    return files, stats
+    stats = run_method(pool, direction, rest, seed, bar, device, write)
+    return tensors, stats
 
 
 def copy_extra(writer: ShardedWriter, pretrained: Model, names: list[str]) -> None:

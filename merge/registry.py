@@ -150,9 +150,16 @@ class Method:
         return values
 
 
-def combine(pretrained: torch.Tensor, direction: torch.Tensor, scale: float) -> torch.Tensor:
-    """θ_pre + M·λ: every scaled method's last step, so a sweep's points carry its bits."""
-    return pretrained + direction * scale
+def combine(
+    pretrained: torch.Tensor,
+    direction: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """θ_pre + M·λ: every scaled method's last step, so a sweep's points carry its bits. M·λ is
+    rounded first, then θ_pre added (into ``out`` when given: the same bits, no allocation)."""
+    scaled = direction * scale if out is None else torch.mul(direction, scale, out=out)
+    return scaled.add_(pretrained)
 
 
 def scaled(direction: Callable[..., Any], scale: str = "scaling_factor") -> Callable[..., Any]:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from clipship.eval import sweep as sweeping
 from clipship.eval.evaluate import evaluate
-from clipship.merge.engine import merge, merge_from_recipe, write_direction
+from clipship.merge.engine import merge, merge_direction, merge_from_recipe
 from clipship.merge.registry import combine, get_method
 from clipship.pool import open_pool
 from clipship.progress import Bars
@@ -103,9 +103,7 @@ def test_one_direction_gives_every_scale_with_merges_bits(tmp_path, method, valu
     pool = open_pool(str(PRETRAINED), MODELS)
     try:
         resolved = spec.resolve(values)
-        (tmp_path / "m").mkdir()
-        write_direction(pool, spec, resolved, 7, tmp_path / "m", Bars(True))
-        direction = load_file(tmp_path / "m" / "model.safetensors")
+        direction, _ = merge_direction(pool, spec, resolved, 7, Bars(True))
         for scale in (0.35, 1.7):
             out = merge(str(PRETRAINED), MODELS, method, tmp_path / f"{scale}",
                         {**values, spec.scale: scale}, seed=7, vision_only=True)  # fmt: skip

@@ -168,7 +168,7 @@ def load_vision(model: Model, device: str = "cpu") -> Any:
     where ``from_pretrained`` also maps the whole file, text tower included."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    with quiet_transformers():  # the member's own config (a LoRA member's is its base's)
+    with quiet_transformers(), _no_init():  # every parameter is read below
         config = CLIPVisionConfig.from_dict(dict(model.vision_config))
         vision = CLIPVisionModel._from_config(config).float()
     params = dict(vision.named_parameters())
@@ -186,6 +186,18 @@ def load_vision(model: Model, device: str = "cpu") -> Any:
         with torch.no_grad():
             param.copy_(model.read(canonical(name)))
     return vision.to(device).eval()
+
+
+def _no_init() -> Any:
+    """transformers' switch that skips the random initialisation of a model whose parameters
+    are all loaded next (seconds of a B/32's; buffers such as position ids are still made)."""
+    import contextlib
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # a transformers without it: initialise, then overwrite
+        return contextlib.nullcontext()
+    return no_init_weights()
 
 
 def task_models(folder: Path) -> list[str] | None:
