@@ -145,16 +145,18 @@ class Split:
 
 
 def fusionbench_rows(size: int, fraction: float | None, count: int | None, seed: int) -> list[int]:
-    """The rows FusionBench's ``train_validation_split`` returns as its validation set:
-    ``random_split`` of ``randperm(size)`` (seed ``seed``), the last ``int(size · fraction)``."""
+    """The rows FusionBench's ``train_validation_split`` returns as its validation set, in its
+    order: ``random_split`` of ``randperm(size)`` (seed ``seed``), the last
+    ``int(size · fraction)``."""
     held = count if count is not None else int(size * fraction)
     order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(order[size - held :])
+    return order[size - held :]
 
 
 def stratified_rows(labels: list[int], fraction: float, seed: int, task: str) -> list[int]:
     """``fraction`` of each class (rounded; at least one image of a class with two or more, and
-    never all of them), drawn from a generator seeded by (seed, task)."""
+    never all of them), drawn from a generator seeded by (seed, task), in a shuffled order (so
+    the first N are a random subset of every class, not the first classes)."""
     from clipship.merge.dataaware.batches import task_generator
 
     generator = task_generator(seed, f"validation\0{task}")
@@ -167,7 +169,7 @@ def stratified_rows(labels: list[int], fraction: float, seed: int, task: str) ->
         take = min(max(round(len(rows) * fraction), 1), len(rows) - 1) if len(rows) > 1 else 0
         order = torch.randperm(len(rows), generator=generator).tolist()
         held += [rows[i] for i in order[:take]]
-    return sorted(held)
+    return [held[i] for i in torch.randperm(len(held), generator=generator).tolist()]
 
 
 def check_fraction(fraction: float | None) -> None:
@@ -215,7 +217,7 @@ def selection_split(
             "images",
             option="val_fraction",
         )
-    rows = rows[:limit] if limit is not None else rows
+    rows = sorted(rows[:limit] if limit is not None else rows)  # read in file order
     record.update({"from": "train", "images": len(rows), "of": size})
     return Split(task, VALIDATION, "train", tuple(rows), record)
 

@@ -42,13 +42,18 @@ def tasks():
     return with_local_data(get_tasks(NAMES), HERE / "data")
 
 
-def test_points_report_their_merge_and_best_is_merges_bytes(tmp_path):
+def test_points_report_their_merge_and_best_is_merges_bytes(tmp_path, monkeypatch):
+    real, decoded = sweeping.decode, []
+    monkeypatch.setattr(sweeping, "decode", lambda split, *a: decoded.append(1) or real(split, *a))
     ran = sweep_cli(
         tmp_path / "s",
         "--method", "ties", "--grid", "scaling_factor=0.2:1.0:0.4", "--grid", "threshold=20,60",
         "--report-test", "--json",
     )  # fmt: skip
     assert ran.returncode == 0, ran.stderr
+    # one pool pass per threshold (λ made from M), images decoded once per task and split
+    assert json.loads(ran.stdout)["timings"]["pool_passes"] == 2
+    assert len(decoded) == 2 * len(NAMES)
     report = json.loads((tmp_path / "s" / "sweep.json").read_text())
     assert [p["parameters"] for p in report["points"]] == [
         {"scaling_factor": s, "threshold": t} for s in (0.2, 0.6, 1.0) for t in (20.0, 60.0)
@@ -117,17 +122,26 @@ def test_one_direction_gives_every_scale_with_merges_bits(tmp_path, method, valu
         pool.close()
 
 
+def test_methods_say_what_is_cheap_to_sweep():
+    ran = run_cli("methods", "--json")
+    rows = {r["name"]: r["cheap_to_sweep"] for r in json.loads(ran.stdout)}
+    assert rows["task_arithmetic"] == rows["ties"] == rows["dare"] == ["scaling_factor"]
+    assert rows["task_singular_vector"] == ["alpha"]
+    assert rows["regmean"] == rows["slerp"] == rows["weight_ensembling_moe"] == []
+
+
 def test_validation_rows_are_fusionbench_and_stratified_holdouts_of_train():
     # FusionBench's train_validation_split: random_split(train, [n - int(0.1 n), int(0.1 n)])
     for size in (64, 1000, 73257):
         generator = torch.Generator().manual_seed(0)
         held = int(size * 0.1)
         _, theirs = torch.utils.data.random_split(range(size), [size - held, held], generator)
-        assert sweeping.fusionbench_rows(size, 0.1, None, 0) == sorted(theirs.indices)
+        assert sweeping.fusionbench_rows(size, 0.1, None, 0) == theirs.indices
     labels = [i % 5 for i in range(103)] + [7]  # a class of one image keeps it in train
     rows = sweeping.stratified_rows(labels, 0.2, 3, "t")
     assert rows == sweeping.stratified_rows(labels, 0.2, 3, "t")
     assert rows != sweeping.stratified_rows(labels, 0.2, 4, "t")
+    assert rows != sorted(rows)  # shuffled: a --limit takes from every class
     counts = [sum(1 for r in rows if labels[r] == c) for c in (0, 1, 2, 3, 4, 7)]
     assert counts == [4, 4, 4, 4, 4, 0]  # round(21 · 0.2) or round(20 · 0.2) per class
     task = tasks()[0]
