@@ -226,8 +226,6 @@ class SweepRequest:
             raise MethodError(
                 "no pretrained model to merge onto: give `pretrained`", option="pretrained"
             )
-        inputs = (self.sources.pretrained, *self.sources.models.values(), self.tasks.taskfile)
-        check_target(self.out, self.force, inputs=inputs)
         tasks = self.tasks
         if not (tasks.names or tasks.taskpool or tasks.custom):  # each task model's own task
             tasks = replace(tasks, names=",".join(self.sources.models))

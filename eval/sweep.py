@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipship.errors import DataError, MethodError, SweepError
+from clipship.errors import ClipshipError, DataError, MethodError, SweepError
 from clipship.eval.evaluate import distributed_rank, init_distributed
 from clipship.machine import pick_device
 from clipship.merge.engine import RECIPE_NAME, check_finite, merge, merge_direction
@@ -52,6 +52,7 @@ from clipship.outputs import (
     check_target,
     json_text,
     library_versions,
+    refuse_link,
     write_json_atomic,
 )
 from clipship.pool import ModelPool, open_pool
@@ -266,7 +267,9 @@ def decode(split: Split, preprocess: Any, workers: int | None, folder: Path) -> 
             raise DataError(f"task {split.task.name}: no {split.name} images")
         array.flush()
         del array
-        np.save(labels_path, labels)
+        labels_tmp = labels_path.with_name(f".{labels_path.name}.{os.getpid()}.tmp.npy")
+        np.save(labels_tmp, labels)
+        os.replace(labels_tmp, labels_path)  # torchrun's ranks may decode the same split
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -492,6 +495,7 @@ class Sweep:
             "fixed": self.fixed,
             "seed": self.seed,
             "precision": self.precision,
+            "device": self.device.split(":")[0],  # cuda:0 and cuda:1 compute alike
             "batch_size": self.batch_size,
             "files": files,
             "splits": [[s.task.name, s.name, s.source, s.rows] for row in splits for s in row],
@@ -504,6 +508,10 @@ class Sweep:
         spec = get_method(self.method)
         check_target(self.out, self.force, inputs=(self.pretrained, *self.models.values()))
         self.device = init_distributed(pick_device(self.device))
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ClipshipError(
+                "`precision` fp16 needs a GPU (use bf16 or fp32 on CPU)", option="precision"
+            )
         rank, world = distributed_rank()
         points = grid_points(self.grid)
         pool = open_pool(self.pretrained, self.models, allow_pickle=self.allow_pickle)
@@ -521,9 +529,6 @@ class Sweep:
         world: int,
         started: float,
     ) -> SweepResult:
-        from clipship.runtime.data import Preprocess
-        from clipship.runtime.heads import build_heads
-
         splits = [[selection_split(t, self.select_on, self.val_fraction, self.seed, self.limit)]
                   for t in self.tasks]  # fmt: skip
         if self.report_test and self.select_on != TEST:
@@ -531,20 +536,63 @@ class Sweep:
                 row.append(test_split(task, self.limit))
         work = self.out.with_name(f".{self.out.name}.sweep")
         identity = self.identity(pool, splits)
+        for path in (work, work / "points", work / "images"):
+            refuse_link(path)  # the work folder's writes stay beside the output
         state = work / "sweep.json"
-        if state.is_file() and json.loads(state.read_text()).get("identity") != identity:
+        if state.is_file() and _recorded(state, "identity") != identity:
             if not self.force:
                 raise SweepError(
                     f"{work} holds an unfinished sweep with other settings or models: pass "
                     "`force` to start over",
                     option="force",
                 )
-            shutil.rmtree(work) if rank == 0 else None
+            if rank == 0:
+                shutil.rmtree(work)
         _barrier(world)
         (work / "points").mkdir(parents=True, exist_ok=True)
         (work / "images").mkdir(exist_ok=True)
         if rank == 0:
             write_json_atomic(state, {"identity": identity})
+        try:
+            done, timings = self._points(spec, pool, points, splits, work, rank, world)
+        except ClipshipError:
+            if rank == 0 and not any((work / "points").iterdir()):
+                shutil.rmtree(work, ignore_errors=True)  # nothing to resume: leave nothing
+            raise
+        if rank > 0:
+            return SweepResult(self.out, {}, {}, time.perf_counter() - started, timings, False)
+        report = self._report(spec, points, done, splits)
+        best = report["best"]["parameters"]
+        with atomic_folder(self.out, self.force) as tmp:
+            (tmp / "sweep.json").write_text(json_text(report, "sweep.json"))
+            (tmp / "sweep.md").write_text(sweep_markdown(report))
+            (tmp / "sweep.png").write_bytes(sweep_plot(report))
+            merge(
+                self.pretrained, self.models, spec.name, tmp / "best", {**self.fixed, **best},
+                seed=self.seed, vision_only=self.vision_only, device=self.device,
+                allow_pickle=self.allow_pickle, data=self.merge_data(),
+            )  # fmt: skip
+            recipe = json.loads((tmp / "best" / RECIPE_NAME).read_text())
+            recipe["sweep"] = sweep_record(report)
+            (tmp / "best" / RECIPE_NAME).write_text(json_text(recipe, RECIPE_NAME))
+        shutil.rmtree(work, ignore_errors=True)
+        return SweepResult(self.out, best, report, time.perf_counter() - started, timings)
+
+    def _points(
+        self,
+        spec: Method,
+        pool: ModelPool,
+        points: list[dict[str, Any]],
+        splits: list[list[Split]],
+        work: Path,
+        rank: int,
+        world: int,
+    ) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:
+        """Every point's scores (this rank's evaluated here, each written to the work folder as
+        it finishes; the others' read back or gathered), and the timings."""
+        from clipship.runtime.data import Preprocess
+        from clipship.runtime.heads import build_heads
+
         head_table, _ = build_heads(pool.pretrained.folder, self.tasks, device=self.device)
         preprocess = Preprocess.from_pretrained(pool.pretrained.folder)
         done = {i: r for i in range(len(points)) if (r := _read_point(work, i, points[i]))}
@@ -585,24 +633,7 @@ class Sweep:
             "pool_passes": models.passes,
             "world_size": world,
         }
-        if rank > 0:
-            return SweepResult(self.out, {}, {}, time.perf_counter() - started, timings, False)
-        report = self._report(spec, points, done, splits)
-        best = report["best"]["parameters"]
-        with atomic_folder(self.out, self.force) as tmp:
-            (tmp / "sweep.json").write_text(json_text(report, "sweep.json"))
-            (tmp / "sweep.md").write_text(sweep_markdown(report))
-            (tmp / "sweep.png").write_bytes(sweep_plot(report))
-            merge(
-                self.pretrained, self.models, spec.name, tmp / "best", {**self.fixed, **best},
-                seed=self.seed, vision_only=self.vision_only, device=self.device,
-                allow_pickle=self.allow_pickle, data=self.merge_data(),
-            )  # fmt: skip
-            recipe = json.loads((tmp / "best" / RECIPE_NAME).read_text())
-            recipe["sweep"] = sweep_record(report)
-            (tmp / "best" / RECIPE_NAME).write_text(json_text(recipe, RECIPE_NAME))
-        shutil.rmtree(work, ignore_errors=True)
-        return SweepResult(self.out, best, report, time.perf_counter() - started, timings)
+        return done, timings
 
     def _report(
         self,
@@ -668,12 +699,26 @@ def _average(rows: dict[str, dict[str, Any]], names: list[str]) -> dict[str, flo
     return {key: sum(rows[n][key] for n in names) / len(names) for key in ("accuracy", "loss")}
 
 
-def _read_point(work: Path, index: int, point: dict[str, Any]) -> dict[str, Any] | None:
-    path = work / "points" / f"{index:05d}.json"
-    if not path.is_file():
+def _recorded(path: Path, key: str) -> Any:
+    """``key`` of a work-folder JSON file; None when the file cannot be read as one (it is then
+    not resumed from)."""
+    from clipship.schemas import read_json
+
+    try:
+        data = read_json(path, SweepError, "sweep work file")
+    except SweepError:
         return None
-    result = json.loads(path.read_text())
-    return result if result.get("parameters") == point else None
+    return data.get(key) if isinstance(data, dict) else None
+
+
+def _read_point(work: Path, index: int, point: dict[str, Any]) -> dict[str, Any] | None:
+    """A finished point's result, if the work folder holds it for these parameters."""
+    path = work / "points" / f"{index:05d}.json"
+    if not path.is_file() or _recorded(path, "parameters") != point:
+        return None
+    from clipship.schemas import read_json
+
+    return read_json(path, SweepError, "sweep work file")
 
 
 def _barrier(world: int) -> None:
