@@ -154,6 +154,19 @@ def test_validation_rows_are_fusionbench_and_stratified_holdouts_of_train():
         )
 
 
+def test_hub_sources_hold_out_fusionbench_rows_through_load_dataset():
+    """A built-in task read from its hub source (``datasets.load_dataset``; here a local repo
+    folder in its place) gets FusionBench's validation rows of its train split."""
+    from dataclasses import replace
+
+    task = get_tasks(["mnist"])[0]
+    local = replace(task, dataset={**task.dataset, "path": str(HERE / "data" / "mnist")})
+    split = sweeping.selection_split(local, "validation", None, 5, None)
+    assert split.source == "train" and split.record["source"] == "FusionBench's validation split"
+    assert list(split.rows) == sorted(sweeping.fusionbench_rows(64, 0.1, None, 0))
+    assert split.record["rule"] == "train_validation_split of train: 0.1, random_split seed 0"
+
+
 def test_validation_needs_a_train_split(tmp_path):
     folder = HERE / "imagefolder" / "mnist" / "train"
     ran = sweep_cli(tmp_path / "s", "--method", "task_arithmetic", "--grid",
