@@ -194,6 +194,15 @@ class ReleaseFile(Schema):
                 raise ValueError(
                     f"parameters.{key}: a value, or {{sweep: [values]}} to choose one by a sweep"
                 )
+            for item in value["sweep"] if isinstance(value, dict) else ():
+                scalar = isinstance(item, (int, float, bool)) or (
+                    isinstance(item, str) and not set(item) & {",", ":"}
+                )
+                if not scalar:
+                    raise ValueError(
+                        f"parameters.{key}.sweep: {item!r} is not a number, boolean or name "
+                        "(a swept value is one of those)"
+                    )
         if not self.swept():
             given = [k for k in ("val_fraction", "allow_test_selection") if getattr(self, k)]
             given += ["select_on"] if self.select_on != "validation" else []

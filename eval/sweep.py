@@ -13,7 +13,7 @@ out that stratified share for every task.
 
 Cost: a scaled method (θ_pre + λ·M, ``Method.scale``: task arithmetic, TIES at a fixed threshold,
 DARE over them, MagMax, Iso-C/CTS, TSV-M) reads the pool once per setting of its other
-parameters (``merge.engine.write_direction``) and makes each λ from M and θ_pre alone, with the
+parameters (``merge.engine.merge_direction``) and makes each λ from M and θ_pre alone, with the
 bits ``clipship merge`` writes; other methods merge once per point. Each task's images are decoded
 once into the work folder and reused by every point, as are the text heads.
 
@@ -26,6 +26,7 @@ stopped; it is removed when the sweep is done.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import itertools
@@ -197,7 +198,12 @@ def selection_split(
         )
     size = len(source)
     given = task.extra.get("validation")
-    if fraction is None and given:
+    if (
+        fraction is None
+        and given
+        and given.get("from", "train") == "train"
+        and given["seed"] is not None
+    ):
         rows = fusionbench_rows(size, given.get("fraction"), given.get("size"), given["seed"])
         record = {
             "source": "FusionBench's validation split",
@@ -232,12 +238,32 @@ def test_split(task: Task, limit: int | None) -> Split:
     return Split(task, TEST, "test", tuple(range(count)), record)
 
 
+def task_identity(task: Task) -> dict[str, Any]:
+    """A task as a resumed sweep must find it again: its definition (classes, templates,
+    source) and, for local data, every file's name, size and modification time."""
+    identity = dataclasses.asdict(task)
+    if task.data is not None:
+        root = Path(task.data)
+        files = sorted(root.rglob("*")) if root.is_dir() else [root]
+        identity["files"] = [
+            [str(f.relative_to(root)) if root.is_dir() else f.name, *_stamp(f)]
+            for f in files
+            if f.is_file()
+        ]
+    return identity
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
 def decode(split: Split, preprocess: Any, workers: int | None, folder: Path) -> tuple[Any, Any]:
     """(uint8 images [n, 3, H, W], labels [n]) of ``split``, decoded once into ``folder``
     (memory-mapped; reused by every point, and by a resumed sweep)."""
     from clipship.runtime.data import ImageSource, TaskImages, collate
 
-    key = hashlib.sha256(json.dumps([split.task.name, split.source, split.rows]).encode())
+    key = hashlib.sha256(json.dumps([task_identity(split.task), split.source, split.rows]).encode())
     path = folder / f"{split.task.name}-{split.name}-{key.hexdigest()[:16]}.npy"
     labels_path = path.with_suffix(".labels.npy")
     if path.is_file() and labels_path.is_file():
@@ -334,8 +360,13 @@ class PointModels:
         self.merge_seconds = 0.0
 
     def group_of(self, point: dict[str, Any]) -> tuple | None:
+        """The point's group (the values besides λ), or None when it is merged on its own: a
+        method not of the scaled form at these values, or an L-LoRA pool, which ``merge``
+        merges in adapter space."""
+        from clipship.merge.linearized import in_adapter_space
+
         values = self.spec.resolve({**self.fixed, **point})
-        if not self.spec.cheap(values):
+        if not self.spec.cheap(values) or in_adapter_space(self.pool, self.spec):
             return None
         return tuple((k, json.dumps(v)) for k, v in sorted(values.items()) if k != self.spec.scale)
 
@@ -357,7 +388,9 @@ class PointModels:
         tensor there)."""
         self.direction = None  # the last group's M goes before this one is made
         with Bars(True) as bar:
-            tensors, _ = merge_direction(self.pool, self.spec, values, self.sweep.seed, bar)
+            tensors, _ = merge_direction(
+                self.pool, self.spec, values, self.sweep.seed, bar, self.sweep.device
+            )
         self.passes += 1
         device = self.sweep.device
         self.direction = {k: v.to(device) for k, v in tensors.items()}
@@ -481,11 +514,7 @@ class Sweep:
         """What a resumed sweep must share with the one it continues: every setting, the
         pool's weight files (name, size, modification time) and the evaluated rows."""
         files = {
-            m.name: [
-                [p.name, p.stat().st_size, p.stat().st_mtime_ns]
-                for p in sorted(m.folder.iterdir())
-                if p.is_file()
-            ]
+            m.name: [[p.name, *_stamp(p)] for p in sorted(m.folder.iterdir()) if p.is_file()]
             for m in pool.all
         }
         settings = {
@@ -498,13 +527,16 @@ class Sweep:
             "device": self.device.split(":")[0],  # cuda:0 and cuda:1 compute alike
             "batch_size": self.batch_size,
             "files": files,
-            "splits": [[s.task.name, s.name, s.source, s.rows] for row in splits for s in row],
+            "splits": [
+                [task_identity(s.task), s.name, s.source, s.rows] for row in splits for s in row
+            ],
         }
         text = json.dumps(settings, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()
 
     def run(self) -> SweepResult:
         started = time.perf_counter()
+        self.out = Path(os.path.abspath(self.out))  # "." has a name, and a parent for the work
         spec = get_method(self.method)
         check_target(self.out, self.force, inputs=(self.pretrained, *self.models.values()))
         self.device = init_distributed(pick_device(self.device))
@@ -556,7 +588,7 @@ class Sweep:
         try:
             done, timings = self._points(spec, pool, points, splits, work, rank, world)
         except ClipshipError:
-            if rank == 0 and not any((work / "points").iterdir()):
+            if world == 1 and not any((work / "points").iterdir()):
                 shutil.rmtree(work, ignore_errors=True)  # nothing to resume: leave nothing
             raise
         if rank > 0:
@@ -569,7 +601,7 @@ class Sweep:
             (tmp / "sweep.png").write_bytes(sweep_plot(report))
             merge(
                 self.pretrained, self.models, spec.name, tmp / "best", {**self.fixed, **best},
-                seed=self.seed, vision_only=self.vision_only, device=self.device,
+                seed=self.seed, vision_only=self.vision_only, device=self.device.split(":")[0],
                 allow_pickle=self.allow_pickle, data=self.merge_data(),
             )  # fmt: skip
             recipe = json.loads((tmp / "best" / RECIPE_NAME).read_text())
@@ -793,20 +825,20 @@ def sweep_plot(report: dict[str, Any]) -> bytes:
     for ax, name in zip(axes, swept):
         others = [k for k in report["grid"] if k != name]
         lines: dict[tuple, list[dict[str, Any]]] = {}
-        for point in report["points"]:
-            key = tuple(point["parameters"][k] for k in others)
+        for point in report["points"]:  # values may be lists: grouped by their JSON
+            key = json.dumps([point["parameters"][k] for k in others])
             lines.setdefault(key, []).append(point)
         for key, members in lines.items():
             xs = [p["parameters"][name] for p in members]
-            xs = xs if _numeric(xs) else [str(x) for x in xs]
-            label = ", ".join(f"{k}={v}" for k, v in zip(others, key)) or None
+            xs = xs if _numeric(xs) else [json.dumps(x) for x in xs]
+            label = ", ".join(f"{k}={v}" for k, v in zip(others, json.loads(key))) or None
             ys = [100 * p[chosen]["average"]["accuracy"] for p in members]
             (line,) = ax.plot(xs, ys, marker="o", label=f"{label or chosen}")
             if "test" in report:
                 ys = [100 * p["test"]["average"]["accuracy"] for p in members]
                 ax.plot(xs, ys, "--", marker="x", color=line.get_color(), label="test")
-        best = report["points"][report["best"]["index"]]
-        ax.axvline(best["parameters"][name], color="grey", lw=0.8, ls=":")
+        best = report["points"][report["best"]["index"]]["parameters"][name]
+        ax.axvline(best if _numeric([best]) else json.dumps(best), color="grey", lw=0.8, ls=":")
         ax.set_xlabel(name)
         ax.set_ylabel("average accuracy (%)")
         ax.legend(fontsize=6)

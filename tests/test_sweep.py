@@ -264,3 +264,36 @@ def test_two_processes_under_torchrun_write_the_one_process_report(tmp_path):
     one = (tmp_path / "p1" / "sweep.json").read_text()
     assert (tmp_path / "p2" / "sweep.json").read_text() == one
     assert json.loads(one)["selection"]["tasks"]["mnist"]["source"] == "stratified hold-out"
+
+
+def test_an_l_lora_pool_sweeps_through_merges_adapter_space(tmp_path):
+    """An L-LoRA pool merges in adapter space (``merge/linearized.py``): its points are merged
+    one by one (no direction in weight space), and score what `merge` writes."""
+    from .conftest import FIXTURE
+
+    lora, pretrained = DATA / "l_lora", FIXTURE / "pretrained"
+    data = HERE / "data" / "mnist"
+    taskfile = tmp_path / "tasks.json"
+    taskfile.write_text(json.dumps({"tasks": {
+        t: {"classnames": [str(i) for i in range(10)], "templates": ["{c}"], "data": str(data)}
+        for t in ("task_a", "task_b", "task_c")
+    }}))  # fmt: skip
+    models = {t: str(lora / t) for t in ("task_a", "task_b", "task_c")}
+    ran = run_cli(
+        "sweep", "--pretrained", pretrained, *[f"--model={t}={p}" for t, p in models.items()],
+        "--taskfile", taskfile, "--method", "ties", "--grid", "scaling_factor=0.5,1.0",
+        "--report-test", "--limit", "16", "--device", "cpu", "--workers", "0", "-q", "--json",
+        "--out", tmp_path / "s",
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert json.loads(ran.stdout)["timings"]["pool_passes"] == 2
+    report = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    point = report["points"][0]
+    merge(str(pretrained), models, "ties", tmp_path / "m", point["parameters"])
+    assert (tmp_path / "m" / "l_lora").is_dir()  # merged in adapter space
+    from clipship.runtime.tasks import read_taskfile
+
+    evaluated = evaluate(str(tmp_path / "m"), read_taskfile(taskfile), device="cpu", limit=16,
+                         workers=0).to_json()  # fmt: skip
+    for task in models:
+        assert point["test"][task]["accuracy"] == evaluated[task]["accuracy"]
