@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -297,3 +298,29 @@ def test_an_l_lora_pool_sweeps_through_merges_adapter_space(tmp_path):
                          workers=0).to_json()  # fmt: skip
     for task in models:
         assert point["test"][task]["accuracy"] == evaluated[task]["accuracy"]
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"parameters": {"alpha": {"sweep": [[0.5, 1.0]]}}}, "not a number, boolean or name"),
+        ({"parameters": {"alpha": {"sweep": []}}}, "{sweep: [values]}"),
+        ({"parameters": {"alpha": {"sweep": [1], "step": 2}}}, "{sweep: [values]}"),
+        ({"parameters": {"alpha": 1.0}, "select_on": "test"}, "needs a swept parameter"),
+        ({"parameters": {"alpha": {"sweep": [1, 2]}}, "select_on": "test"},
+         "allow_test_selection"),
+        ({"parameters": {"alpha": {"sweep": [1, 2]}}, "val_fraction": 1.5}, "val_fraction"),
+        ({"parameters": {"alpha": {"sweep": [1, -2e39]}}}, "alpha=-2e+39 is not a valid"),
+    ],
+)  # fmt: skip
+def test_release_files_refuse_bad_sweeps(tmp_path, changes, message):
+    import yaml
+
+    from clipship.errors import ReleaseConfigError
+    from clipship.release_file import read_release_file
+
+    data = {"pool": {"minibench": "smoke"}, "method": "task_singular_vector", **changes}
+    path = tmp_path / "release.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ReleaseConfigError, match=re.escape(message)):
+        read_release_file(path)
