@@ -340,7 +340,7 @@ def export(
     data_dir: o.ExportDataDir = None,
     validation_data: o.ExportValidationData = None,
     validation_size: o.ExportValidationSize = 500,
-    int8_scheme: o.ExportInt8Scheme = "u8u8",
+    int8_scheme: o.ExportInt8Scheme = "auto",
     max_logit_diff: o.ExportMaxLogitDiff = 1e-3,
     min_agreement_fp16: o.ExportMinAgreementFp16 = 0.995,
     min_agreement_int8: o.ExportMinAgreementInt8 = 0.98,

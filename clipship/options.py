@@ -132,7 +132,12 @@ ExportDataDir = Annotated[Path | None, Opt("--data-dir", help="DIR/<task> data."
 ExportValidationData = Annotated[Path | None, Opt("--validation-data", help="Images or a dataset.")]
 ExportValidationSize = Annotated[int, Opt("--validation-size", help="Validation images per task.")]
 ExportInt8Scheme = Annotated[
-    str, Opt("--int8-scheme", help="u8u8 or reduce_range (both exact on any CPU).")
+    str,
+    Opt(
+        "--int8-scheme",
+        help="auto (the fastest that passes the agreement gate: reduce_range, else u8u8), "
+        "u8u8 or reduce_range (both exact on any CPU).",
+    ),
 ]
 ExportMaxLogitDiff = Annotated[float, Opt("--max-logit-diff", help="fp32 gate.")]
 ExportMinAgreementFp16 = Annotated[float, Opt("--min-agreement-fp16")]

@@ -109,7 +109,7 @@ class Export(Schema):
     validation_data: Text | None = None
     tensorrt: bool = False
     max_batch: int | None = Field(default=None, ge=32, le=1 << 16)
-    int8_scheme: Literal["u8u8", "reduce_range"] | None = None
+    int8_scheme: Literal["auto", "u8u8", "reduce_range"] | None = None
 
     @field_validator("precisions")
     @classmethod

@@ -27,6 +27,8 @@ import torch
 from clipship import machine
 from clipship.errors import ClipshipError, ExportValidationError
 from clipship.exporter.quantize import (
+    AUTO,
+    AUTO_ORDER,
     DEFAULT_SCHEME,
     SCHEMES,
     Scheme,
@@ -445,9 +447,12 @@ def export(
         _gate(gate, result, names, gates)
 
     with atomic_folder(out, force) as tmp:
-        _write_variants(tmp, graph, images, record, variants, int8_scheme)
+        _write_variants(tmp, graph, images, record, variants)
         for variant in variants:
-            validate(_session(tmp / FILES[variant]), str(variant), variant)
+            if variant == Variant.INT8:  # written here: auto keeps the first scheme that passes
+                record["int8"] = _chosen_int8(tmp, int8_scheme, validate, report, names, gates)
+            else:
+                validate(_session(tmp / FILES[variant]), str(variant), variant)
         if tensorrt:
             _write_engine(tmp, images, record, variants, max_batch)
             from clipship.exporter.tensorrt import ENGINE_FILE, EngineSession
@@ -481,9 +486,10 @@ def check_settings(
             f"`precision`: name at least one of {', '.join(map(str, Variant))}", option="precision"
         )
     variants = [choice(Variant, p, "precision") for p in precisions]
-    if int8_scheme not in SCHEMES:
+    if int8_scheme not in (AUTO, *SCHEMES):
         raise ClipshipError(
-            f"`int8_scheme` {int8_scheme}: choose among {', '.join(SCHEMES)}", option="int8_scheme"
+            f"`int8_scheme` {int8_scheme}: choose among {', '.join((AUTO, *SCHEMES))}",
+            option="int8_scheme",
         )
     if tensorrt:
         from clipship.exporter.tensorrt import require_tensorrt
@@ -541,16 +547,74 @@ def _write_variants(
     images: _Validation,
     record: dict[str, Any],
     variants: list[Variant],
-    int8_scheme: str,
 ) -> None:
-    """The fp32 graph (always: the others derive from it), then fp16 and int8 when asked."""
+    """The fp32 graph (always: the others derive from it), then fp16 when asked (int8 is made
+    where it is validated, :func:`_chosen_int8`)."""
     fp32 = tmp / FILES[Variant.FP32]
     _onnx_export(deploy, images.pixels(0, 2), fp32, record["outputs"])
     _check_graph(fp32)
     if Variant.FP16 in variants:
         _to_fp16(fp32, tmp / FILES[Variant.FP16])
-    if Variant.INT8 in variants:
-        record["int8"] = _to_int8(fp32, tmp / FILES[Variant.INT8], SCHEMES[int8_scheme])
+
+
+def _chosen_int8(
+    tmp: Path,
+    scheme: str,
+    validate: Any,
+    report: dict[str, Any],
+    names: list[str],
+    gates: Gates,
+) -> dict[str, Any]:
+    """The int8 file: the given scheme, or with ``auto`` the first of ``AUTO_ORDER`` (fastest
+    first) whose file passes the agreement gates, each candidate built from the fp32 graph and
+    validated in turn. Returns ``export.json``'s int8 record: the scheme kept, why, and each
+    validated candidate's agreement with PyTorch (``report`` keeps the last one's full rows)."""
+    candidates = AUTO_ORDER if scheme == AUTO else (scheme,)
+    tried: dict[str, dict[str, Any]] = {}
+    target = tmp / FILES[Variant.INT8]
+    for name in candidates:
+        record = _to_int8(tmp / FILES[Variant.FP32], target, SCHEMES[name])
+        try:
+            validate(_session(target), str(Variant.INT8), Variant.INT8)
+        except ExportValidationError as failure:
+            tried[name] = {**_agreement(report["variants"]["int8"], names), "passed": False}
+            if name != candidates[-1]:
+                continue
+            if len(candidates) == 1:
+                raise
+            need = gates.min_agreement_int8
+            both = "; ".join(
+                f"{n} {t['top1_agreement']:.4f} (lowest: {t['lowest_task']} "
+                f"{t['lowest_agreement']:.4f})"
+                for n, t in tried.items()
+            )
+            raise ExportValidationError(
+                f"int8 export disagrees with PyTorch under every portable scheme (min agreement "
+                f"{need}): {both}"
+            ) from failure
+        tried[name] = {**_agreement(report["variants"]["int8"], names), "passed": True}
+        why = (
+            "given (int8_scheme)"
+            if scheme != AUTO
+            else "auto: the fastest portable scheme that passes the agreement gates"
+            + (f" ({', '.join(n for n in tried if n != name)} did not)" if len(tried) > 1 else "")
+        )
+        return {**record, "chosen": {"by": why, "candidates": tried}}
+    raise AssertionError("unreachable")
+
+
+def _agreement(result: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """A validated int8 candidate in brief: agreement over every image, and its lowest task."""
+    images = sum(result[n]["images"] for n in names)
+    disagree = sum(result[n]["disagreements"] for n in names)
+    lowest = min(names, key=lambda n: result[n]["top1_agreement"])
+    return {
+        "top1_agreement": (images - disagree) / images,
+        "disagreements": disagree,
+        "images": images,
+        "lowest_task": lowest,
+        "lowest_agreement": result[lowest]["top1_agreement"],
+    }
 
 
 def _write_engine(

@@ -1,6 +1,8 @@
 """The int8 file is exact on every CPU: checked on the file, and with a model of the saturating
 kernel (x86-64 without VNNI) on real images; whatever CPU runs these tests."""
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -186,3 +188,53 @@ def test_each_scheme_runs_close_to_fp32(graphs):
         # 1.8–2.6 % of the largest logit; 5 % would catch a scheme that quantized wrongly.
         assert np.abs(logits(graphs[name]) - reference).max() < 0.05 * scale
     assert torch.tensor(reference).isfinite().all()
+
+
+def _int8_export(tmp_path, name, heads, images, **options):
+    from clipship.exporter.onnx_export import export
+
+    return export(str(MNIST), heads, tmp_path / name, pretrained=str(PRETRAINED),
+                  precisions=["int8"], validation_data=images, **options)  # fmt: skip
+
+
+def test_auto_keeps_the_first_scheme_that_passes_and_falls_back(monkeypatch, tmp_path):
+    """``auto`` tries the faster scheme first and keeps u8u8 when that one fails the gate. The
+    first candidate here is a deliberately coarse one (7-bit, one scale per tensor), so its
+    agreement is below u8u8's on any CPU; the gate is set between the two as measured here."""
+    from clipship.exporter import onnx_export
+    from clipship.exporter.onnx_export import Gates, agreement_bounds
+    from clipship.exporter.quantize import Scheme
+
+    from .test_export import heads_and_images
+
+    heads, images = heads_and_images(tmp_path)
+    coarse = Scheme("reduce_range", "int8", reduce_range=True, per_channel=False)
+    monkeypatch.setitem(onnx_export.SCHEMES, "reduce_range", coarse)
+    upper = {}
+    for name in ("reduce_range", "u8u8"):
+        done = _int8_export(tmp_path, name, heads, images, int8_scheme=name,
+                            gates=Gates(min_agreement_int8=0.0))  # fmt: skip
+        row = done["report"]["variants"]["int8"]["mnist"]
+        upper[name] = agreement_bounds(row["images"] - row["disagreements"], row["images"])[1]
+    assert upper["reduce_range"] < upper["u8u8"]
+    gates = Gates(min_agreement_int8=(upper["reduce_range"] + upper["u8u8"]) / 2)
+    done = _int8_export(tmp_path, "auto", heads, images, int8_scheme="auto", gates=gates)
+    record = done["record"]["int8"]
+    assert record["name"] == "u8u8" and "reduce_range did not" in record["chosen"]["by"]
+    assert [n for n, c in record["chosen"]["candidates"].items() if c["passed"]] == ["u8u8"]
+    assert check_integer_products(onnx.load(str(tmp_path / "auto" / "model_int8.onnx"))) == []
+    saved = json.loads((tmp_path / "auto" / "export.json").read_text())["int8"]
+    assert saved["chosen"] == record["chosen"]
+    # with a gate both pass, auto keeps the faster one and validates nothing else
+    done = _int8_export(tmp_path, "fast", heads, images, int8_scheme="auto",
+                        gates=Gates(min_agreement_int8=0.5))  # fmt: skip
+    assert done["record"]["int8"]["name"] == "reduce_range"
+    assert list(done["record"]["int8"]["chosen"]["candidates"]) == ["reduce_range"]
+    # both fail: one line naming both agreements, nothing written
+    monkeypatch.setitem(onnx_export.SCHEMES, "u8u8", coarse)
+    from clipship.errors import ExportValidationError
+
+    with pytest.raises(ExportValidationError, match="every portable scheme") as failed:
+        _int8_export(tmp_path, "none", heads, images, int8_scheme="auto", gates=gates)
+    assert "reduce_range 0." in str(failed.value) and "u8u8 0." in str(failed.value)
+    assert "\n" not in str(failed.value) and not (tmp_path / "none").exists()

@@ -182,7 +182,10 @@ def test_a_bad_release_file_is_one_error_line(tmp_path, hub_env):
         ("hub: {repo_id: 'not a repo'}", "hub.repo_id: not a repo id (owner/name"),
         ("export: {precisions: []}", "export.precisions: must not be empty"),
         ("export: {validation_size: 0}", "export.validation_size: must be ≥ 1 (got 0)"),
-        ("export: {int8_scheme: s8}", "export.int8_scheme: choose 'u8u8' or 'reduce_range'"),
+        (
+            "export: {int8_scheme: s8}",
+            "export.int8_scheme: choose 'auto', 'u8u8' or 'reduce_range'",
+        ),
         ("eval: {batch_size: -1}", "eval.batch_size: must be ≥ 1 (got -1)"),
         ("name: ../../escape", "name: a release name is letters"),
         ("name: /tmp/abs", "name: a release name is letters"),
