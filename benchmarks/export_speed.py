@@ -9,7 +9,8 @@ replace) at batch 1 and 32, all with the same thread count, timed in turns in on
 Part 2 (validation): the mini-benchmark's trained models (a task arithmetic or TIES merge of its
 task encoders, its heads), exported in fp32/fp16 and each int8 scheme the way `clipship export` does
 and compared with PyTorch on its real test images: max |Δlogit| and top-1 agreement per task,
-whether each int8 file passes the portability check, and what saturation would change.
+whether each int8 file passes the portability check, what saturation would change, and which
+scheme `--int8-scheme auto` keeps there (the first of reduce_range, u8u8 that passes the gate).
 
 The first line names the CPU and its relevant instruction sets (clipship.machine).
 
@@ -280,8 +281,11 @@ def validation(budget: str, per_task: int, method: str) -> None:
             + " ".join(f"{n:>18s}" for n in names)
             + f"{'all':>15s} {'portable':>9s} {'saturated':>10s}"
         )
+        passed: dict[str, bool] = {}
         for variant, path in paths.items():
             rows = _compare(_session(path), deploy, images, names)
+            if variant.startswith("int8"):  # the export's int8 gate, as `auto` applies it
+                passed[variant.split()[1]] = _passes_int8_gate(rows, names)
             cells = [
                 f"{rows[n]['max_abs_logit_diff']:.1e} / {100 * rows[n]['top1_agreement']:6.2f}%"
                 for n in names
@@ -305,6 +309,28 @@ def validation(budget: str, per_task: int, method: str) -> None:
         "product exact on every CPU; saturated: the largest share of one integer product's "
         "outputs that a non-VNNI kernel changes, first 64 images)"
     )
+    from clipship.exporter.onnx_export import Gates
+    from clipship.exporter.quantize import AUTO_ORDER
+
+    kept = next((name for name in AUTO_ORDER if passed.get(name)), None)
+    print(
+        f"int8_scheme auto (gate min_agreement_int8 {Gates().min_agreement_int8}) keeps: "
+        + (kept or "none: the export would fail")
+        + "; candidates in order: "
+        + ", ".join(f"{n} {'passes' if passed.get(n) else 'fails'}" for n in AUTO_ORDER)
+    )
+
+
+def _passes_int8_gate(rows: dict, names: list[str]) -> bool:
+    """Whether the export's default int8 gate passes these validation rows."""
+    from clipship.errors import ExportValidationError
+    from clipship.exporter.onnx_export import Gates, Variant, _gate
+
+    try:
+        _gate(Variant.INT8, rows, names, Gates())
+    except ExportValidationError:
+        return False
+    return True
 
 
 def main() -> None:

@@ -451,6 +451,7 @@ def export(
         for variant in variants:
             if variant == Variant.INT8:  # written here: auto keeps the first scheme that passes
                 record["int8"] = _chosen_int8(tmp, int8_scheme, validate, report, names, gates)
+                report["int8_scheme"] = {"name": record["int8"]["name"], **record["int8"]["chosen"]}
             else:
                 validate(_session(tmp / FILES[variant]), str(variant), variant)
         if tensorrt:
