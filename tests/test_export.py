@@ -157,8 +157,11 @@ def test_export_all_variants_validated_and_reloadable(setup):
     assert "DynamicQuantizeLinear" in int8_ops or "DynamicQuantizeMatMul" in int8_ops
     # Attention fused, the patch embedding a (quantized) MatMul: see exporter/cpu_graph.py.
     assert record["int8"]["rewrites"] == {"fused_attention": 4, "patch_embedding_matmul": 1}
-    # The default scheme: uint8 weights, exact on every CPU (exporter/quantize.py).
-    assert record["int8"]["name"] == "u8u8" and record["int8"]["weight_type"] == "uint8"
+    # The default scheme, auto: reduce_range first, kept when it passes the gate; both are exact
+    # on every CPU (exporter/quantize.py).
+    tried = record["int8"]["chosen"]["candidates"]
+    assert list(tried)[0] == "reduce_range"
+    assert record["int8"]["name"] == next(n for n, c in tried.items() if c["passed"])
     assert record["int8"]["integer_ops"] == {"MatMulInteger": 25}
     from clipship.exporter.quantize import check_integer_products
 
@@ -321,7 +324,7 @@ def test_refusals(setup, tmp_path):
     assert "--precision: name at least one" in error(
         *export_args(setup, tmp_path / "e", "--precision", ",")
     )
-    assert "--int8-scheme s8: choose among u8u8, reduce_range" in error(
+    assert "--int8-scheme s8: choose among auto, u8u8, reduce_range" in error(
         *export_args(setup, tmp_path / "f", "--precision", "int8", "--int8-scheme", "s8")
     )
     assert not [p for p in tmp_path.iterdir() if p.name in "def" or p.name.startswith(".")]
