@@ -479,6 +479,10 @@ def minibench_run(
         bench, methods, pool_dir, budget, seed, out, quiet, corruptions, severity
     )
     _dump(results) if json_out else print(table, end="")
+    if not quiet:  # where the tables and merged models went (stderr: --json stays parseable)
+        where = out or Path("minibench_results")
+        print(f"results: {where}/results.{{md,json,png}}; merged models: {where}/merged/<method>",
+              file=sys.stderr)  # fmt: skip
 
 
 @app.command()

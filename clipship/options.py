@@ -192,7 +192,9 @@ MinibenchRunMethods = Annotated[
 MinibenchRunPoolDir = Annotated[
     Path | None, Opt("--pool-dir", help="A built pool (default: build).")
 ]
-MinibenchRunOut = Annotated[Path | None, Opt("--out", help="Results folder.")]
+MinibenchRunOut = Annotated[
+    Path | None, Opt("--out", help="Results folder [minibench_results in the working directory].")
+]
 DemoOut = Annotated[Path, Opt("--out", help="Folder for the results.")]
 MergeTaskfile = Annotated[
     Path | None, Opt("--taskfile", help="Data-aware methods: the tasks' JSON task file.")

@@ -222,3 +222,19 @@ def test_a_robustness_run_tables_every_method_under_every_corruption(smoke, tmp_
         assert values["gaussian_noise"] < values["clean"], label
     assert "under corruption (severity 5)" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "robustness.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_run_writes_into_the_working_directory_and_says_where(smoke, tmp_path, monkeypatch):
+    from .conftest import run_cli
+
+    folder, cache = smoke
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(
+        "minibench", "run", "--pool-dir", folder, "--methods", "task_arithmetic",
+        env={"CLIPSHIP_CACHE": str(cache)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "results: minibench_results/results.{md,json,png}" in result.stderr
+    assert (tmp_path / "minibench_results" / "results.md").is_file()
+    assert (tmp_path / "minibench_results" / "merged" / "task_arithmetic").is_dir()
+    assert not (folder / "results").exists()  # nothing written into the shared cache

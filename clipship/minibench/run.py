@@ -95,7 +95,7 @@ def run(
     from clipship.merge.dataaware.plan import DataOptions
 
     pool_dir = Path(pool_dir)
-    out = Path(out) if out else pool_dir / "results"
+    out = Path(out) if out else Path(DEFAULT_OUT)  # the working directory, not the cache
     pretrained, models = read_pool_yaml(pool_dir / "pool.yaml")
     tasks = pool_tasks(pool_dir)
     names = [t.name for t in tasks]
@@ -160,6 +160,9 @@ def run(
         }  # fmt: skip
     write_tables(out, results, robust)
     return results
+
+
+DEFAULT_OUT = "minibench_results"
 
 
 def benchmark(
