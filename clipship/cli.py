@@ -227,7 +227,7 @@ def eval_(
         return
     if json_out:
         _dump(outcome.to_json())
-    elif not quiet:
+    elif not quiet or out is None:  # --quiet silences progress; a report must go somewhere
         views.eval_reports(outcome.reports)
 
 

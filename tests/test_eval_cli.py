@@ -327,3 +327,14 @@ def test_two_processes_under_torchrun_give_the_one_process_report(data, tmp_path
     assert ours["samples"] == theirs["samples"] == 64 and ours["accuracy"] == theirs["accuracy"]
     for key in ("loss", "loss_batch_mean"):
         assert ours[key] == pytest.approx(theirs[key], abs=1e-6)
+
+
+def test_quiet_eval_without_out_still_prints_its_table(data, tmp_path):
+    args = ["eval", MNIST, "--pretrained", PRETRAINED, "--tasks", "mnist", "--data-dir",
+            data["data_dir"], "--limit", "8", "--workers", "0", "--quiet"]  # fmt: skip
+    shown = cli(*args)
+    assert shown.exit_code == 0, shown.output
+    assert "mnist" in shown.stdout and "average" in shown.stdout
+    silent = cli(*args, "--out", tmp_path / "report.json")  # the report goes to the file
+    assert silent.exit_code == 0 and silent.stdout == ""
+    assert json.loads((tmp_path / "report.json").read_text())["mnist"]["samples"] == 8
