@@ -4,6 +4,7 @@ settings and resolves its tasks before any model loads, then makes one library c
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -230,11 +231,15 @@ class SweepRequest:
         if not (tasks.names or tasks.taskpool or tasks.custom):  # each task model's own task
             tasks = replace(tasks, names=",".join(self.sources.models))
         tasks = tasks.select()
+        resolved = {"method", "grid", "tasks"}  # the request's as given; the sweep's resolved
+        settings = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(Sweep)
+            if f.name not in resolved and hasattr(self, f.name)
+        }
         return Sweep(
             self.sources.pretrained, self.sources.models, spec.name, grid, dict(self.params),
-            tasks, self.out, self.select_on, self.val_fraction, self.report_test, self.seed,
-            self.vision_only, self.device, self.precision, self.batch_size, self.limit,
-            self.workers, self.allow_pickle, self.force, self.quiet,
+            tasks, **settings,
         )  # fmt: skip
 
     def run(self) -> Any:

@@ -731,26 +731,27 @@ def _average(rows: dict[str, dict[str, Any]], names: list[str]) -> dict[str, flo
     return {key: sum(rows[n][key] for n in names) / len(names) for key in ("accuracy", "loss")}
 
 
-def _recorded(path: Path, key: str) -> Any:
-    """``key`` of a work-folder JSON file; None when the file cannot be read as one (it is then
-    not resumed from)."""
+def _work_file(path: Path) -> dict[str, Any] | None:
+    """A work-folder JSON file; None when it cannot be read as one (it is then not resumed
+    from)."""
     from clipship.schemas import read_json
 
     try:
         data = read_json(path, SweepError, "sweep work file")
     except SweepError:
         return None
-    return data.get(key) if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else None
+
+
+def _recorded(path: Path, key: str) -> Any:
+    return (_work_file(path) or {}).get(key)
 
 
 def _read_point(work: Path, index: int, point: dict[str, Any]) -> dict[str, Any] | None:
     """A finished point's result, if the work folder holds it for these parameters."""
     path = work / "points" / f"{index:05d}.json"
-    if not path.is_file() or _recorded(path, "parameters") != point:
-        return None
-    from clipship.schemas import read_json
-
-    return read_json(path, SweepError, "sweep work file")
+    result = _work_file(path) if path.is_file() else None
+    return result if result is not None and result.get("parameters") == point else None
 
 
 def _barrier(world: int) -> None:
