@@ -250,16 +250,20 @@ def resolve_folder(source: str, allow_pickle: bool = False) -> tuple[Path, str |
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
+    from clipship.runtime.state import hub_offline, hub_reachable, hub_state
+
     patterns = HUB_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
+    online = hub_reachable()  # else the local cache only, without the client's retries
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        with hub_offline(not online):
+            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
         # Older huggingface_hub releases refuse a pinned commit offline even when it is cached.
         folder = cached_snapshot(repo_id, revision)
         if folder is None:
             raise SourceNotFoundError(
-                f"{source}: no such folder, and not in the local Hub cache "
-                "(offline or unreachable Hub)"
+                f"{source}: no such folder, and not in the local Hub cache; the Hub is "
+                + (hub_state() if not online else "unreachable")
             ) from None
     except (HfHubHTTPError, OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

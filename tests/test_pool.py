@@ -119,8 +119,76 @@ def test_hub_ids_resolve_through_snapshot_download_offline(tmp_path):
     )
     assert missing.returncode == 1
     assert missing.stderr.strip().splitlines() == [
-        "error: nobody/absent: no such folder, and not in the local Hub cache (offline or unreachable Hub)"
+        "error: nobody/absent: no such folder, and not in the local Hub cache; the Hub is offline: "
+        "HF_HUB_OFFLINE is set"
     ]
+
+
+def closed_port() -> int:
+    """A local port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_an_unreachable_hub_is_asked_once_and_said_once(tmp_path, fixture_pool):
+    """No network and no HF_HUB_OFFLINE: cached hub ids still resolve, and a missing model or
+    dataset is one error line naming the endpoint that did not answer, without the clients'
+    retry lines."""
+    home = tmp_path / "hf"
+    fake_hub_repo(home / "hub", "openai-test/tiny-clip", FIXTURE / "pretrained", "a" * 40)
+    fake_hub_repo(home / "hub", "tanganke-test/tiny_task_a", FIXTURE / "task_a", "1" * 40)
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    env = {"HF_HOME": str(home), "HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env["HF_HUB_OFFLINE"] = ""
+    cached = run_cli(
+        "merge",
+        "--pretrained",
+        "openai-test/tiny-clip",
+        "--model",
+        "task_a=tanganke-test/tiny_task_a",
+        "--method",
+        "task_arithmetic",
+        "--out",
+        tmp_path / "merged",
+        "--quiet",
+        env=env,
+    )
+    assert cached.returncode == 0, cached.stderr
+    absent = run_cli(
+        "merge",
+        "--pretrained",
+        "openai-test/tiny-clip",
+        "--model",
+        "x=nobody/absent",
+        "--method",
+        "task_arithmetic",
+        "--out",
+        tmp_path / "none",
+        env=env,
+    )
+    assert absent.returncode == 1
+    assert absent.stderr.strip().splitlines() == [
+        "error: nobody/absent: no such folder, and not in the local Hub cache; the Hub is "
+        f"unreachable: {endpoint} did not answer"
+    ]
+    # the fixture's text tower cannot take mnist's prompts, so its data is opened directly
+    opened = "from clipship.runtime.data import ImageSource; from clipship.runtime.tasks import "
+    opened += "get_tasks; ImageSource(get_tasks('mnist')[0])"
+    data = subprocess.run(
+        [sys.executable, "-c", opened],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env, "HF_DATASETS_CACHE": str(tmp_path / "datasets")},
+    )
+    assert data.returncode == 1
+    assert data.stderr.strip().splitlines()[-1] == (
+        "clipship.errors.DataError: task mnist: ylecun/mnist is not in the local cache (give a "
+        f"local copy with `data_dir`); the Hub is unreachable: {endpoint} did not answer"
+    )
+    assert "Retrying" not in data.stderr
 
 
 def test_fusionbench_yaml_is_read_as_it_is(tmp_path):

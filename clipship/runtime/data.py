@@ -30,7 +30,7 @@ from clipship.imaging import (
     open_lazily,
     pillow_limits,
 )
-from clipship.runtime.state import quiet_datasets
+from clipship.runtime.state import hub_offline, hub_reachable, hub_state, quiet_datasets
 from clipship.runtime.tasks import Task
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -101,11 +101,18 @@ class ImageSource:
                     option="data_dir",
                 )
             spec = task.dataset
+            online = hub_reachable()  # else the local cache only, without half a minute of retries
             try:
                 split = spec.get("split", "test") if self.split == "test" else self.split
-                with quiet_datasets() as datasets:
+                with quiet_datasets() as datasets, hub_offline(not online):
                     self._rows = datasets.load_dataset(spec["path"], spec.get("name"), split=split)
             except Exception as e:  # datasets raises many types for missing or unreachable data
+                if not online:
+                    raise DataError(
+                        f"task {task.name}: {spec['path']} is not in the local cache (give a "
+                        f"local copy with `data_dir`); the Hub is {hub_state()}",
+                        option="data_dir",
+                    ) from None
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise DataError(f"task {task.name}: cannot load {spec['path']} ({first})") from None
         columns = set(self._rows.column_names)

@@ -68,3 +68,59 @@ def figure(**kwargs: Any) -> Any:
     from matplotlib.figure import Figure
 
     return Figure(**kwargs)
+
+
+_HUB_ANSWERED: dict[str, bool] = {}
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the Hub endpoint answers at all, asked once per process and endpoint. Without a
+    network the Hub clients retry each request for about half a minute; asking once, with a
+    short timeout, lets a missing network cost seconds and one error line. ``HF_HUB_OFFLINE``
+    (the clients' own switch) answers no without asking. Any HTTP answer, an error status
+    included, means reachable; proxies are honoured as by the clients (the environment's)."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = constants.ENDPOINT.rstrip("/")
+    if endpoint not in _HUB_ANSWERED:
+        request = urllib.request.Request(f"{endpoint}/api/whoami-v2", method="HEAD")
+        try:
+            urllib.request.urlopen(request, timeout=timeout).close()
+            _HUB_ANSWERED[endpoint] = True
+        except urllib.error.HTTPError:
+            _HUB_ANSWERED[endpoint] = True
+        except (OSError, ValueError):  # no route, no name, refused, timed out, a bad URL
+            _HUB_ANSWERED[endpoint] = False
+    return _HUB_ANSWERED[endpoint]
+
+
+def hub_state() -> str:
+    """How the Hub stands, for an error line: offline by choice, or not answering."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "offline: HF_HUB_OFFLINE is set"
+    return f"unreachable: {constants.ENDPOINT.rstrip('/')} did not answer"
+
+
+@contextlib.contextmanager
+def hub_offline(offline: bool = True) -> Iterator[None]:
+    """``huggingface_hub`` and ``datasets`` in offline mode (their local caches only) for the
+    block, as if ``HF_HUB_OFFLINE=1`` had been set before they were imported."""
+    if not offline:
+        yield
+        return
+    import datasets.config
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
