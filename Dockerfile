@@ -4,8 +4,7 @@
 ARG VARIANT=cpu
 
 FROM python:3.11-slim AS base-cpu
-ENV TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" \
-    ORT_GPU="" \
+ENV VARIANT=cpu \
     PYTHON=python3
 
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS base-cuda
@@ -13,8 +12,8 @@ FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS base-cuda
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/*
-ENV TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" \
-    ORT_GPU="onnxruntime-gpu==1.31.1" \
+ENV VARIANT=cuda \
+    TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" \
     PYTHON=python3
 
 # hadolint ignore=DL3006
@@ -36,8 +35,16 @@ COPY merge ./merge
 COPY eval ./eval
 COPY exporter ./exporter
 COPY cards ./cards
-RUN sh scripts/install.sh && useradd --create-home --uid 10001 clipship
+# Caches (the mini-benchmark, text heads, Hub downloads) live in /cache, writable by any user
+# (sticky, like /tmp), so `docker run --user "$(id -u):$(id -g)"` can write both them and a
+# bind-mounted working folder; mount a named volume there to keep them between runs.
+RUN sh scripts/install.sh && useradd --create-home --uid 10001 clipship \
+    && mkdir -m 1777 /cache /work
+ENV CLIPSHIP_CACHE=/cache/clipship \
+    HF_HOME=/cache/huggingface \
+    MPLCONFIGDIR=/cache/matplotlib
+VOLUME /cache
 USER 10001
-WORKDIR /home/clipship
+WORKDIR /work
 ENTRYPOINT ["clipship"]
 CMD ["--help"]

