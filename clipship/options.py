@@ -52,7 +52,14 @@ Templates = Annotated[
 ]
 DataDir = Annotated[Path | None, Opt("--data-dir", help="Local data: DIR/<task>.")]
 Heads = Annotated[Path | None, Opt("--heads", help="Heads from `clipship heads`.")]
-Budget = Annotated[str, Opt("--budget", help="smoke (tests, < 1 min) or full (demo).")]
+Budget = Annotated[
+    str,
+    Opt(
+        "--budget",
+        envvar="CLIPSHIP_MINIBENCH_BUDGET",
+        help="smoke (tests, < 1 min) or full (demo).",
+    ),
+]
 
 MainDebug = Annotated[bool, Opt("--debug", help="Show tracebacks for errors.")]
 MergeMethod = Annotated[str | None, Opt("--method", help="Merge method (see `clipship methods`).")]
