@@ -163,7 +163,7 @@ def info(
 def heads(
     model: o.HeadsModel,
     out: o.Out,
-    tasks: o.Tasks = "all",
+    tasks: o.Tasks = None,
     taskpool: o.Taskpool = None,
     task: o.Custom = None,
     classnames: o.Classnames = None,
@@ -291,6 +291,7 @@ def finetune(
     pretrained: o.HeadsModel,
     out: o.FinetuneOut,
     tasks: o.FinetuneTasks = None,
+    taskpool: o.Taskpool = None,
     task: o.Custom = None,
     classnames: o.Classnames = None,
     templates: o.Templates = None,
@@ -311,7 +312,7 @@ def finetune(
     json_out: o.Json = False,
 ) -> None:
     """Fine-tune a task encoder (vision tower only, frozen zero-shot head as classifier)."""
-    spec = TaskSpec(tasks, None, tuple(task or ()), classnames, templates, data_dir, taskfile)
+    spec = TaskSpec(tasks, taskpool, tuple(task or ()), classnames, templates, data_dir, taskfile)
     options = dict(
         steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
         device=device, precision=precision, workers=workers, checkpoint_every=checkpoint_every,
@@ -336,6 +337,10 @@ def export(
     precision: o.ExportPrecision = "fp32",
     pretrained: o.Pretrained = None,
     tasks: o.Tasks = None,
+    taskpool: o.Taskpool = None,
+    task: o.Custom = None,
+    classnames: o.Classnames = None,
+    templates: o.Templates = None,
     taskfile: o.Taskfile = None,
     data_dir: o.ExportDataDir = None,
     validation_data: o.ExportValidationData = None,
@@ -352,7 +357,7 @@ def export(
         "clipship.exporter.onnx_export:Gates", max_logit_diff,
         min_agreement_fp16=min_agreement_fp16, min_agreement_int8=min_agreement_int8,
     )  # fmt: skip
-    spec = TaskSpec(tasks, data_dir=data_dir, taskfile=taskfile)
+    spec = TaskSpec(tasks, taskpool, tuple(task or ()), classnames, templates, data_dir, taskfile)
     request = _call(
         "clipship.exporter.request:ExportRequest", model, heads_dir, out, tasks=spec,
         pretrained=pretrained, precisions=tuple(p for p in precision.split(",") if p),

@@ -12,7 +12,7 @@ Errors name the parameter (``option=``), not a command-line flag: the CLI turns 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -162,6 +162,12 @@ class TaskSpec:
             self.data_dir,
             self.taskfile,
         )
+
+    def or_all(self) -> TaskSpec:
+        """The eight tasks when nothing names any (heads and export default to them)."""
+        if self.names or self.taskpool or self.custom or self.taskfile:
+            return self
+        return replace(self, names="all")
 
     def single(self) -> Any:
         """The one task of a command that works on one (fine-tuning)."""

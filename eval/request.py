@@ -133,7 +133,7 @@ class HeadsRequest:
         from clipship.runtime.heads import build_heads, save_heads
 
         check_target(self.out, self.force, inputs=(self.model,))
-        chosen = self.tasks.select()
+        chosen = self.tasks.or_all().select()
         table, meta = build_heads(
             self.model, chosen, device=pick_device(self.device), use_cache=self.use_cache
         )

@@ -174,8 +174,9 @@ def validation_images(
             try:
                 source = ImageSource(task)
             except DataError as e:
+                why = str(e).removeprefix(f"task {task.name}: ")
                 raise DataError(
-                    f"task {task.name}: no test images to validate on ({e}); give its data "
+                    f"task {task.name}: no test images to validate on ({why}); give its data "
                     "(`taskfile` / `data_dir`) or pass `validation_data`",
                     option="validation_data",
                 ) from None

@@ -42,13 +42,20 @@ class ExportRequest:
         )
 
     def validation_tasks(self) -> list:
-        """The tasks whose own test images validate the graph (none: ``validation_data``)."""
-        spec = self.tasks
-        if spec.taskfile is None and spec.data_dir is None:
+        """The tasks whose own test images validate the graph, read as ``eval`` reads them (the
+        hub test sets, ``data_dir`` copies, a task file's or a custom task's own data); none
+        when ``validation_data`` serves every task. With no task named, the eight tasks."""
+        if self.validation_data is not None:
             return []
-        if spec.taskfile is None and not spec.names:
-            spec = TaskSpec("all", data_dir=spec.data_dir)
-        return spec.select()
+        return self.tasks.or_all().select()
+
+    def exported(self) -> list[str] | None:
+        """The heads to export: the tasks named (a task pool's, custom tasks included); every
+        head in the folder when none is."""
+        spec = self.tasks
+        if spec.taskpool is not None or spec.custom:
+            return [task.name for task in spec.select()]
+        return spec.names_only()
 
     def run(self) -> dict[str, Any]:
         self.check()
@@ -57,7 +64,7 @@ class ExportRequest:
             self.heads,
             self.out,
             pretrained=self.pretrained,
-            tasks=self.tasks.names_only(),
+            tasks=self.exported(),
             precisions=list(self.precisions),
             validation_tasks=self.validation_tasks(),
             validation_data=self.validation_data,

@@ -143,10 +143,24 @@ def test_custom_imagefolder_task(data, tmp_path):
         == 0
     )
     meta = json.loads((tmp_path / "h/text_heads.json").read_text())
+    assert list(meta["tasks"]) == ["shapes"]  # a custom task alone, as eval takes it
     assert meta["tasks"]["shapes"] == {
         "classnames": ["big circle", "square"],
         "templates": ["a photo of a {c}."],
     }
+    # export takes the same task options: the custom task's own images validate its graph
+    exported = cli(
+        "export", MNIST, "--pretrained", PRETRAINED, "--heads", tmp_path / "h",
+        "--task", f"shapes={folder}", "--out", tmp_path / "export", "--json",
+    )  # fmt: skip
+    assert exported.exit_code == 0, exported.output
+    record = json.loads((tmp_path / "export/export.json").read_text())
+    assert record["tasks"] == ["shapes"] and record["classnames"]["shapes"] == [
+        "big circle",
+        "square",
+    ]
+    report = json.loads(exported.stdout)
+    assert report["validation_images"] == 6
     assert (
         cli(
             "heads",
