@@ -290,7 +290,8 @@ def modelscope_folder(source: str, allow_pickle: bool = False) -> tuple[Path, st
         from modelscope.hub.snapshot_download import snapshot_download as download
     except ImportError:
         raise SourceNotFoundError(
-            f"{source}: ModelScope sources need its client: pip install 'clipship[modelscope]'"
+            f"{source}: ModelScope sources need its client, clipship's `modelscope` extra "
+            "(in a checkout: pip install -e '.[modelscope]')"
         ) from None
     patterns = HUB_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
     try:

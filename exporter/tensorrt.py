@@ -29,8 +29,9 @@ def require_tensorrt() -> None:
     except ImportError:
         raise ClipshipError(
             "`tensorrt` needs the tensorrt package and an NVIDIA GPU "
-            "(pip install clipship[tensorrt]); or serve the ONNX file with onnxruntime-gpu's "
-            "TensorRT provider (`clipship predict --provider tensorrt`)",
+            "(clipship's `tensorrt` extra; in a checkout: pip install -e '.[tensorrt]'); or serve "
+            "the ONNX file with onnxruntime-gpu's TensorRT provider "
+            "(`clipship predict --provider tensorrt`)",
             option="tensorrt",
         ) from None
     import torch

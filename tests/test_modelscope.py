@@ -128,5 +128,5 @@ def test_a_modelscope_source_without_the_extra_is_one_line(monkeypatch, tmp_path
     )  # fmt: skip
     assert result.exit_code != 0
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "pip install 'clipship[modelscope]'" in lines[0]
+    assert len(lines) == 1 and "pip install -e '.[modelscope]'" in lines[0]
     assert not (tmp_path / "out").exists()

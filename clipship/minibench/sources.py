@@ -164,7 +164,8 @@ def sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
         from sklearn.datasets import load_digits
     except ImportError:
         raise DownloadError(
-            "the digits task needs scikit-learn: pip install 'clipship[minibench]'"
+            "the digits task needs scikit-learn, clipship's `minibench` extra (in a checkout: "
+            "pip install -e '.[minibench]')"
         ) from None
 
     data = load_digits()
@@ -177,7 +178,8 @@ def skimage_textures() -> dict[str, np.ndarray]:
         from skimage import data
     except ImportError:
         raise DownloadError(
-            "the textures task needs scikit-image: pip install 'clipship[minibench]'"
+            "the textures task needs scikit-image, clipship's `minibench` extra (in a checkout: "
+            "pip install -e '.[minibench]')"
         ) from None
 
     return {name: getattr(data, name)() for name in ("brick", "grass", "gravel")}
