@@ -190,6 +190,7 @@ def bad_parquet(path, columns):
     return path
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_one_line(data, tmp_path):
     base = ["eval", MNIST, "--pretrained", PRETRAINED]
     one_error_line(cli(*base, "--tasks", "imagenet-r"), "unknown task 'imagenet-r'")
@@ -291,6 +292,7 @@ def names_file(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_two_processes_under_torchrun_give_the_one_process_report(data, tmp_path):
     import os
     import subprocess

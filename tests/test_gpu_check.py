@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
 
 
@@ -24,6 +26,7 @@ def test_the_dry_run_lists_the_parts_and_exits_0():
     assert bad.returncode == 2 and bad.stderr.startswith("error: unknown part 'nope'")
 
 
+@pytest.mark.slow
 def test_every_part_runs_with_the_cpu_in_cudas_place(tmp_path):
     env = {"CLIPSHIP_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
     run = subprocess.run(

@@ -118,6 +118,7 @@ def test_smoke_pipeline_end_to_end(smoke, tmp_path):
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_building_twice_gives_identical_weights(smoke, tmp_path, monkeypatch):
     from clipship.minibench.build import build
 
@@ -193,6 +194,7 @@ def test_a_pool_of_three_tasks_reports_the_fourth_as_unseen(smoke, tmp_path):
     assert "textures (unseen)" in card and "seen avg." in card and "unseen avg." in card
 
 
+@pytest.mark.slow
 def test_a_robustness_run_tables_every_method_under_every_corruption(smoke, tmp_path):
     from clipship.runtime.corruptions import CORRUPTIONS
 

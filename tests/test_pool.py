@@ -43,6 +43,7 @@ def run_cli(*args, env=None):
     )
 
 
+@pytest.mark.slow
 def test_hub_ids_resolve_through_snapshot_download_offline(tmp_path):
     home = tmp_path / "hf"
     cache = home / "hub"
@@ -133,6 +134,7 @@ def closed_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_an_unreachable_hub_is_asked_once_and_said_once(tmp_path, fixture_pool):
     """No network and no HF_HUB_OFFLINE: cached hub ids still resolve, and a missing model or
     dataset is one error line naming the endpoint that did not answer, without the clients'

@@ -197,6 +197,7 @@ def _int8_export(tmp_path, name, heads, images, **options):
                   precisions=["int8"], validation_data=images, **options)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_auto_keeps_the_first_scheme_that_passes_and_falls_back(monkeypatch, tmp_path):
     """``auto`` tries the faster scheme first and keeps u8u8 when that one fails the gate. The
     first candidate here is a deliberately coarse one (7-bit, one scale per tensor), so its

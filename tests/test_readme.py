@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 SKIP = re.compile(r"<!-- not run by the README test: (.+) -->")
 REASONS = {
@@ -48,7 +46,6 @@ def test_every_skipped_block_gives_an_accepted_reason():
     assert sum(1 for b in shell if b[3] is None) >= 4, "the README's offline blocks run"
 
 
-@pytest.mark.slow
 def test_the_readme_shell_blocks_run(tmp_path, smoke_minibench):
     work = tmp_path / "work"
     work.mkdir()

@@ -51,6 +51,7 @@ def release(path: Path, run: Path, env: dict, *extra: str) -> subprocess.Complet
 
 
 @numerics
+@pytest.mark.slow
 def test_release_pushes_a_loadable_model_and_rerun_reuses_everything(hub, hub_env, cache, tmp_path):
     import onnxruntime as ort
     from transformers import CLIPModel
@@ -139,6 +140,7 @@ def test_release_pushes_a_loadable_model_and_rerun_reuses_everything(hub, hub_en
         ({"gates": {"export": {"max_logit_diff": 0.0}}}, "export validation"),
     ],
 )
+@pytest.mark.slow
 def test_a_failed_gate_exits_non_zero_and_pushes_nothing(
     hub, hub_env, cache, tmp_path, changes, failed
 ):
@@ -223,6 +225,7 @@ def test_a_run_dir_with_other_files_needs_force(tmp_path, hub_env):
     assert sorted(p.name for p in mine.iterdir()) == ["keep.txt"]
 
 
+@pytest.mark.slow
 def test_sigterm_mid_export_leaves_no_temporary_folder(hub_env, cache, tmp_path):
     import signal
     import time
@@ -323,6 +326,7 @@ def test_demo_server_wraps_a_command(tmp_path):
     assert endpoint.startswith("http://127.0.0.1:") and token != "hf_users_own_token"
 
 
+@pytest.mark.slow
 def test_a_changed_input_reruns_its_stage_and_the_ones_after(hub_env, cache, tmp_path):
     env = {**hub_env, "CLIPSHIP_CACHE": str(cache)}
     run = tmp_path / "run"
@@ -338,6 +342,7 @@ def test_a_changed_input_reruns_its_stage_and_the_ones_after(hub_env, cache, tmp
 
 
 @numerics
+@pytest.mark.slow
 def test_a_fusionbench_pool_file_and_a_taskfile(cache, tmp_path, monkeypatch, hub_env):
     from clipship.minibench.build import build
 
@@ -381,6 +386,7 @@ def test_tensorrt_without_the_package_fails_before_any_stage(tmp_path, hub_env):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_data_aware_merge_reads_the_eval_sections_tasks(hub_env, cache, tmp_path):
     """RegMean in a release reads each task model's training images from the tasks the eval
     section names (here the mini-benchmark's task file); the recipe records the rows."""
@@ -400,6 +406,7 @@ def test_a_data_aware_merge_reads_the_eval_sections_tasks(hub_env, cache, tmp_pa
     assert all(entry["split"] == "train" and len(entry["rows"]) == 32 for entry in tasks.values())
 
 
+@pytest.mark.slow
 def test_a_mixture_release_exports_cards_and_pushes(hub, hub_env, cache, tmp_path):
     """E-WEMoE through every stage: its routers adapted on the pool's test images, eval per
     sample (with the routing map), the ONNX graph validated, the card and the push."""
@@ -427,6 +434,7 @@ def test_a_mixture_release_exports_cards_and_pushes(hub, hub_env, cache, tmp_pat
     assert "modeling_clipship_wemoe.py" in files and "export/model.onnx" in files
 
 
+@pytest.mark.slow
 def test_a_concrete_adamerging_release_builds(hub_env, cache, tmp_path):
     """Concrete AdaMerging in a release: the mask and λ learned on the pool's test images (one
     image per task per batch, FusionBench's D5), the recipe records the rows."""
@@ -447,6 +455,7 @@ def test_a_concrete_adamerging_release_builds(hub_env, cache, tmp_path):
     assert len(recipe["data"]["merging_weights"]) == len(recipe["models"])
 
 
+@pytest.mark.slow
 def test_release_sweeps_a_parameter_on_validation_and_the_card_says_so(cache, tmp_path):
     data = yaml.safe_load((ROOT / "examples/release.yaml").read_text())
     data.update(pool={"minibench": "smoke"}, gates={"min_average_accuracy": 0.2})

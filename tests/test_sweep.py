@@ -248,6 +248,7 @@ def test_bad_input_is_one_error_line(tmp_path, args, message):
     assert not (tmp_path / "s").exists() and not (tmp_path / ".s.sweep").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_under_torchrun_write_the_one_process_report(tmp_path):
     args = [
         "sweep", *COMMON, "--method", "ties", "--grid", "scaling_factor=0.3,0.6,0.9",
