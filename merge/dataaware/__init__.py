@@ -12,6 +12,9 @@ and, for AdaMerging, the learned merging weights.
 >>> result = regmean(open_pool(pretrained, models), data, Preprocess.from_pretrained(folder))
 """
 
+import importlib
+from typing import Any
+
 from clipship.merge.dataaware.adamerging import adamerging, entropy_loss, merge_with_weights
 from clipship.merge.dataaware.batches import (
     TaskData,
@@ -24,7 +27,15 @@ from clipship.merge.dataaware.common import DataAwareResult
 from clipship.merge.dataaware.concrete import concrete_adamerging, concrete_task_arithmetic
 from clipship.merge.dataaware.fisher import fisher_merging
 from clipship.merge.dataaware.regmean import regmean, regmean_plusplus
-from clipship.merge.dataaware.wemoe import mixture_of_experts
+
+
+def __getattr__(name: str) -> Any:
+    """WEMoE's entry point on first use (PEP 562): its modeling file imports transformers, and a
+    method's parameter table (`clipship methods`) must not wait seconds for it."""
+    if name == "mixture_of_experts":
+        return importlib.import_module(f"{__name__}.wemoe").mixture_of_experts
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DataAwareResult",
