@@ -580,20 +580,10 @@ def _chosen_int8(
             validate(_session(target), str(Variant.INT8), Variant.INT8)
         except ExportValidationError as failure:
             tried[name] = {**_agreement(report["variants"]["int8"], names), "passed": False}
-            if name != candidates[-1]:
-                continue
             if len(candidates) == 1:
                 raise
-            need = gates.min_agreement_int8
-            both = "; ".join(
-                f"{n} {t['top1_agreement']:.4f} (lowest: {t['lowest_task']} "
-                f"{t['lowest_agreement']:.4f})"
-                for n, t in tried.items()
-            )
-            raise ExportValidationError(
-                f"int8 export disagrees with PyTorch under every portable scheme (min agreement "
-                f"{need}): {both}"
-            ) from failure
+            last = failure
+            continue
         tried[name] = {**_agreement(report["variants"]["int8"], names), "passed": True}
         why = (
             "given (int8_scheme)"
@@ -602,7 +592,14 @@ def _chosen_int8(
             + (f" ({', '.join(n for n in tried if n != name)} did not)" if len(tried) > 1 else "")
         )
         return {**record, "chosen": {"by": why, "candidates": tried}}
-    raise AssertionError("unreachable")
+    both = "; ".join(
+        f"{n} {t['top1_agreement']:.4f} (lowest: {t['lowest_task']} {t['lowest_agreement']:.4f})"
+        for n, t in tried.items()
+    )
+    raise ExportValidationError(
+        f"int8 export disagrees with PyTorch under every portable scheme (min agreement "
+        f"{gates.min_agreement_int8}): {both}"
+    ) from last
 
 
 def _agreement(result: dict[str, Any], names: list[str]) -> dict[str, Any]:
