@@ -209,13 +209,8 @@ def evaluate_task(
         collate_fn=collate,
         pin_memory=device.startswith("cuda"),
     )
-    table = preprocess.lookup_table().to(device)
-    head = head.to(device)
-    classes = head.shape[0]
+    scorer = BatchScorer(zero_shot, head, preprocess, device, precision, task.name)
     ids, losses, right, skipped = [], [], [], []
-    autocast = torch.autocast(
-        device.split(":")[0], dtype=PRECISIONS[precision], enabled=precision != "fp32"
-    )
     started = time.perf_counter()
     with Bars(quiet or rank > 0, "rate") as bars:
         label = task.name if corruption is None else f"{task.name} ({corruption.name})"
@@ -239,18 +234,9 @@ def evaluate_task(
                     )
                 skipped.append(position)
             if len(labels):
-                if int(labels.min()) < 0 or int(labels.max()) >= classes:
-                    label = int(labels.max()) if int(labels.max()) >= classes else int(labels.min())
-                    raise DataError(
-                        f"task {task.name}: label {label} is outside the {classes} classes"
-                    )
-                pixels = preprocess.normalize(batch.to(device, non_blocking=True), table)
-                with autocast:
-                    embeds = zero_shot.embed(pixels)
-                logits = zero_shot.logits(embeds.float(), head)
-                labels = labels.to(device)
-                losses.append(F.cross_entropy(logits, labels, reduction="none").cpu())
-                right.append((logits.argmax(dim=1) == labels).cpu())
+                loss, correct = scorer(batch, labels)
+                losses.append(loss)
+                right.append(correct)
                 ids.append(index)
             advance(len(labels) + len(bad))
     seconds = time.perf_counter() - started
@@ -277,6 +263,44 @@ def evaluate_task(
     if corruption is not None:
         row["source"] = "hub split" if generated is None else f"severity {corruption.severity}"
     return row
+
+
+class BatchScorer:
+    """One batch of uint8 crops through the zero-shot model: each image's cross-entropy and
+    whether its top-1 class is right, on the CPU. ``eval`` and ``sweep`` both score with it, so a
+    sweep point scores exactly what evaluating its merged folder would."""
+
+    def __init__(
+        self,
+        zero_shot: Any,
+        head: torch.Tensor,
+        preprocess: Preprocess,
+        device: str,
+        precision: str,
+        task: str,
+    ):
+        self.zero_shot, self.preprocess = zero_shot, preprocess
+        self.device, self.task = device, task
+        self.table = preprocess.lookup_table().to(device)
+        self.head = head.to(device)
+        self.autocast = torch.autocast(
+            device.split(":")[0], dtype=PRECISIONS[precision], enabled=precision != "fp32"
+        )
+
+    def __call__(
+        self, batch: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        classes = self.head.shape[0]
+        if int(labels.min()) < 0 or int(labels.max()) >= classes:
+            label = int(labels.max()) if int(labels.max()) >= classes else int(labels.min())
+            raise DataError(f"task {self.task}: label {label} is outside the {classes} classes")
+        pixels = self.preprocess.normalize(batch.to(self.device, non_blocking=True), self.table)
+        with self.autocast:
+            embeds = self.zero_shot.embed(pixels)
+        logits = self.zero_shot.logits(embeds.float(), self.head)
+        labels = labels.to(self.device)
+        loss = F.cross_entropy(logits, labels, reduction="none").cpu()
+        return loss, (logits.argmax(dim=1) == labels).cpu()
 
 
 def _cat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

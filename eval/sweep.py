@@ -41,10 +41,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from clipship.errors import ClipshipError, DataError, MethodError, SweepError
-from clipship.eval.evaluate import distributed_rank, init_distributed
+from clipship.eval.evaluate import BatchScorer, distributed_rank, init_distributed
 from clipship.machine import pick_device
 from clipship.merge.engine import RECIPE_NAME, check_finite, merge, merge_direction
 from clipship.merge.registry import Method, combine, get_method, parse_value
@@ -315,28 +314,17 @@ def score(
     device: str,
     precision: str,
     batch_size: int,
+    task: str,
 ) -> dict[str, Any]:
-    """Accuracy and per-sample mean loss, as ``clipship eval`` computes them (same batches, same
-    operations: a point scores what evaluating its merged folder would)."""
-    from clipship.runtime.model import PRECISIONS
-
-    table = preprocess.lookup_table().to(device)
-    head = head.to(device)
-    autocast = torch.autocast(
-        device.split(":")[0], dtype=PRECISIONS[precision], enabled=precision != "fp32"
-    )
+    """Accuracy and per-sample mean loss, as ``clipship eval`` computes them (the same batches
+    through the same ``BatchScorer``: a point scores what evaluating its merged folder would)."""
+    scorer = BatchScorer(zero_shot, head, preprocess, device, precision, task)
     losses, right = [], []
     for start in range(0, len(labels), batch_size):
         batch = torch.from_numpy(np.array(images[start : start + batch_size]))
-        target = torch.from_numpy(labels[start : start + batch_size]).to(device)
-        if int(target.min()) < 0 or int(target.max()) >= head.shape[0]:
-            raise DataError(f"a label is outside the task's {head.shape[0]} classes")
-        pixels = preprocess.normalize(batch.to(device), table)
-        with autocast:
-            embeds = zero_shot.embed(pixels)
-        logits = zero_shot.logits(embeds.float(), head)
-        losses.append(F.cross_entropy(logits, target, reduction="none").cpu())
-        right.append((logits.argmax(dim=1) == target).cpu())
+        loss, correct = scorer(batch, torch.from_numpy(labels[start : start + batch_size]))
+        losses.append(loss)
+        right.append(correct)
     loss, correct = torch.cat(losses), torch.cat(right)
     return {
         "accuracy": int(correct.sum()) / len(correct),
@@ -648,7 +636,7 @@ class Sweep:
                         images, labels = decoded[key]
                         scores = score(
                             zero_shot, images, labels, head_table[split.task.name], preprocess,
-                            self.device, self.precision, self.batch_size,
+                            self.device, self.precision, self.batch_size, split.task.name,
                         )  # fmt: skip
                         result.setdefault(split.name, {})[split.task.name] = scores
                 for name, rows in list(result.items()):
