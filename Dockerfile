@@ -35,11 +35,12 @@ COPY merge ./merge
 COPY eval ./eval
 COPY exporter ./exporter
 COPY cards ./cards
-# Caches (the mini-benchmark, text heads, Hub downloads) live in /cache, writable by any user
-# (sticky, like /tmp), so `docker run --user "$(id -u):$(id -g)"` can write both them and a
-# bind-mounted working folder; mount a named volume there to keep them between runs.
+# Caches (the mini-benchmark, text heads, Hub downloads) live in /cache, whose folders any user
+# may create files in (sticky, like /tmp), so `docker run --user "$(id -u):$(id -g)"` can write
+# both them and a bind-mounted working folder; mount a named volume there to keep them between
+# runs. What a run writes inside them belongs to its uid: keep one --user per volume.
 RUN sh scripts/install.sh && useradd --create-home --uid 10001 clipship \
-    && mkdir -m 1777 /cache /work
+    && mkdir -m 1777 /cache /cache/clipship /cache/huggingface /cache/matplotlib /work
 ENV CLIPSHIP_CACHE=/cache/clipship \
     HF_HOME=/cache/huggingface \
     MPLCONFIGDIR=/cache/matplotlib

@@ -5,8 +5,9 @@
 #   VARIANT     cpu, cuda or auto (the default: cuda where `nvidia-smi -L` lists a GPU, else cpu)
 #                 cpu   torch's CPU build from PyTorch's own index (about 190 MB; PyPI's Linux
 #                       x86-64 wheel is the CUDA build, about 2.7 GB with its CUDA libraries).
-#                       Where that index cannot be reached, the configured index's torch, said
-#                       in one line (a mirror may serve the CPU build under the same version).
+#                       With VARIANT=auto, where that index cannot be reached, the configured
+#                       index's torch, said in one line (a mirror may serve the CPU build under
+#                       the same version); an explicit VARIANT=cpu never falls back.
 #                 cuda  PyPI's torch (CUDA 13 on Linux x86-64) and onnxruntime-gpu in place of
 #                       onnxruntime (ORT_GPU), for `--device cuda` and ONNX on CUDA or TensorRT
 #   TORCH_SPEC  overrides the torch requirement and its options (then VARIANT only picks
@@ -28,6 +29,7 @@ ORT_GPU=${ORT_GPU:-onnxruntime-gpu==1.31.1}
 DRY_RUN=${DRY_RUN:-0}
 here=$(cd "$(dirname "$0")/.." && pwd)
 
+ASKED=$VARIANT
 if [ "$VARIANT" = auto ]; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
         VARIANT=cuda
@@ -49,7 +51,7 @@ if [ -z "${TORCH_SPEC:-}" ]; then
     if [ "$VARIANT" = cuda ]; then
         TORCH_SPEC="torch==$TORCH_VERSION"
         echo "install: torch $TORCH_VERSION CUDA build from PyPI (about 2.7 GB with its CUDA libraries)"
-    elif reachable "$CPU_INDEX"; then
+    elif [ "$ASKED" = cpu ] || reachable "$CPU_INDEX"; then  # asked for: pip says if it fails
         TORCH_SPEC="torch==$TORCH_VERSION --index-url $CPU_INDEX"
         echo "install: torch $TORCH_VERSION CPU build from $CPU_INDEX (about 190 MB)"
     else

@@ -102,3 +102,14 @@ def test_an_unreachable_cpu_index_falls_back_in_one_line(tmp_path):
         "(on Linux x86-64, PyPI's is the CUDA build)"
     ]
     assert any(line.endswith("install torch==2.13.0") for line in pip_lines(result))
+
+
+def test_an_explicit_cpu_variant_never_falls_back_to_the_cuda_build(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    result = install(tmp_path, gpus=False, index=closed, VARIANT="cpu")
+    assert result.returncode == 0, result.stderr
+    assert any(
+        line.endswith(f"install torch==2.13.0 --index-url {closed}") for line in pip_lines(result)
+    )

@@ -299,3 +299,47 @@ def test_duplicate_names_are_refused():
 
     with pytest.raises(PoolMismatchError, match="appears twice"):
         parse_model_args(["a=x", "a=y"])
+
+
+def test_the_offline_switch_overlaps_and_comes_back():
+    """Blocks that overlap (threads) or nest leave the flags as the first one found them."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    from clipship.runtime.state import hub_offline
+
+    before = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    first, second = hub_offline(), hub_offline()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # ends before the second: the switch stays on for it
+    assert constants.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE
+    with hub_offline():
+        assert constants.HF_HUB_OFFLINE
+    second.__exit__(None, None, None)
+    assert (constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE) == before
+
+
+def test_any_http_answer_is_a_reachable_hub(monkeypatch):
+    """The probe counts an error status as an answer, a closed port as none."""
+    import functools
+    import http.server
+    import threading
+
+    from huggingface_hub import constants
+
+    from clipship.runtime import state
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(http.server.SimpleHTTPRequestHandler, directory="/")
+    )
+    server.RequestHandlerClass.log_message = lambda *a: None
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+        assert state.hub_reachable()  # a 404 for /api/whoami-v2
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+        assert not state.hub_reachable()
+    finally:
+        server.shutdown()

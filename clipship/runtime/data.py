@@ -107,7 +107,7 @@ class ImageSource:
                 with quiet_datasets() as datasets, hub_offline(not online):
                     self._rows = datasets.load_dataset(spec["path"], spec.get("name"), split=split)
             except Exception as e:  # datasets raises many types for missing or unreachable data
-                if not online:
+                if not online and isinstance(e, ConnectionError):  # its "not cached" offline
                     raise DataError(
                         f"task {task.name}: {spec['path']} is not in the local cache (give a "
                         f"local copy with `data_dir`); the Hub is {hub_state()}",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -70,33 +71,44 @@ def figure(**kwargs: Any) -> Any:
     return Figure(**kwargs)
 
 
-_HUB_ANSWERED: dict[str, bool] = {}
+_HUB_ANSWERED: dict[str, tuple[bool, float]] = {}
+_ASK_AGAIN_AFTER = 60.0  # seconds a "no answer" stands before the next call asks again
 
 
 def hub_reachable(timeout: float = 5.0) -> bool:
-    """Whether the Hub endpoint answers at all, asked once per process and endpoint. Without a
-    network the Hub clients retry each request for about half a minute; asking once, with a
-    short timeout, lets a missing network cost seconds and one error line. ``HF_HUB_OFFLINE``
-    (the clients' own switch) answers no without asking. Any HTTP answer, an error status
-    included, means reachable; proxies are honoured as by the clients (the environment's)."""
-    import urllib.error
-    import urllib.request
+    """Whether the Hub endpoint answers at all. Without a network the Hub clients retry each
+    request for about half a minute; one short question first lets a missing network cost
+    seconds and one error line. It is asked through ``huggingface_hub``'s own HTTP client (its
+    proxies, certificates and any client factory the program set), in a thread given
+    ``timeout`` seconds in all (a name lookup included). Any HTTP answer, an error status
+    included, means reachable; an answer is kept per endpoint, a "no" for a minute only.
+    ``HF_HUB_OFFLINE`` (the clients' own switch) answers no without asking."""
+    import time
 
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return False
     endpoint = constants.ENDPOINT.rstrip("/")
-    if endpoint not in _HUB_ANSWERED:
-        request = urllib.request.Request(f"{endpoint}/api/whoami-v2", method="HEAD")
+    known = _HUB_ANSWERED.get(endpoint)
+    if known and (known[0] or time.monotonic() - known[1] < _ASK_AGAIN_AFTER):
+        return known[0]
+    answered: list[bool] = []
+
+    def ask() -> None:
+        from huggingface_hub.utils import get_session
+
         try:
-            urllib.request.urlopen(request, timeout=timeout).close()
-            _HUB_ANSWERED[endpoint] = True
-        except urllib.error.HTTPError:
-            _HUB_ANSWERED[endpoint] = True
-        except (OSError, ValueError):  # no route, no name, refused, timed out, a bad URL
-            _HUB_ANSWERED[endpoint] = False
-    return _HUB_ANSWERED[endpoint]
+            get_session().head(f"{endpoint}/api/whoami-v2", timeout=timeout)
+            answered.append(True)
+        except Exception:  # the client's connection, timeout, proxy and TLS errors alike
+            answered.append(False)
+
+    asking = threading.Thread(target=ask, daemon=True)
+    asking.start()
+    asking.join(timeout)
+    _HUB_ANSWERED[endpoint] = (bool(answered and answered[0]), time.monotonic())
+    return _HUB_ANSWERED[endpoint][0]
 
 
 def hub_state() -> str:
@@ -108,19 +120,30 @@ def hub_state() -> str:
     return f"unreachable: {constants.ENDPOINT.rstrip('/')} did not answer"
 
 
+_OFFLINE = threading.Lock()
+_OFFLINE_HOLDERS: list[tuple[bool, bool]] = []  # the flags found by the first block in
+
+
 @contextlib.contextmanager
 def hub_offline(offline: bool = True) -> Iterator[None]:
     """``huggingface_hub`` and ``datasets`` in offline mode (their local caches only) for the
-    block, as if ``HF_HUB_OFFLINE=1`` had been set before they were imported."""
+    block, as if ``HF_HUB_OFFLINE=1`` had been set before they were imported. The switch is
+    process-wide: blocks may overlap (threads, nesting), and the flags come back as the first
+    block found them when the last one ends."""
     if not offline:
         yield
         return
     import datasets.config
     from huggingface_hub import constants
 
-    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    with _OFFLINE:
+        saved = (constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE)
+        _OFFLINE_HOLDERS.append(_OFFLINE_HOLDERS[0] if _OFFLINE_HOLDERS else saved)
+        constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
     try:
         yield
     finally:
-        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
+        with _OFFLINE:
+            first = _OFFLINE_HOLDERS.pop()
+            if not _OFFLINE_HOLDERS:
+                constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = first
