@@ -263,7 +263,7 @@ def resolve_folder(source: str, allow_pickle: bool = False) -> tuple[Path, str |
         if folder is None:
             raise SourceNotFoundError(
                 f"{source}: no such folder, and not in the local Hub cache; the Hub is "
-                + (hub_state() if not online else "unreachable")
+                f"{hub_state()}"
             ) from None
     except (HfHubHTTPError, OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -6,13 +6,14 @@ PyTorch index are needed to check the choice."""
 import functools
 import http.server
 import os
-import socket
 import stat
 import subprocess
 import threading
 from pathlib import Path
 
 import pytest
+
+from .test_pool import closed_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,9 +92,7 @@ def test_the_variant_and_torch_spec_override_the_guess(tmp_path, cpu_index):
 
 
 def test_an_unreachable_cpu_index_falls_back_in_one_line(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    closed = f"http://127.0.0.1:{closed_port()}"
     result = install(tmp_path, gpus=False, index=closed)
     assert result.returncode == 0, result.stderr
     said = [line for line in result.stdout.splitlines() if line.startswith("install: http")]
@@ -105,9 +104,7 @@ def test_an_unreachable_cpu_index_falls_back_in_one_line(tmp_path):
 
 
 def test_an_explicit_cpu_variant_never_falls_back_to_the_cuda_build(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    closed = f"http://127.0.0.1:{closed_port()}"
     result = install(tmp_path, gpus=False, index=closed, VARIANT="cpu")
     assert result.returncode == 0, result.stderr
     assert any(

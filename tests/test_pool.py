@@ -106,23 +106,20 @@ def test_hub_ids_resolve_through_snapshot_download_offline(tmp_path):
     assert (tmp_path / "again/model.safetensors").read_bytes() == (
         out / "model.safetensors"
     ).read_bytes()
-    missing = run_cli(
-        "merge",
-        "--pretrained",
-        "openai-test/tiny-clip",
-        "--model",
-        "x=nobody/absent",
-        "--method",
-        "ties",
-        "--out",
-        tmp_path / "none",
-        env=env,
-    )
+    missing = hub_merge(tmp_path / "none", env, "x=nobody/absent")
     assert missing.returncode == 1
     assert missing.stderr.strip().splitlines() == [
         "error: nobody/absent: no such folder, and not in the local Hub cache; the Hub is offline: "
         "HF_HUB_OFFLINE is set"
     ]
+
+
+def hub_merge(out, env, model, *more):
+    """`clipship merge` of one hub-id task model over the fake hub's tiny CLIP."""
+    return run_cli(
+        "merge", "--pretrained", "openai-test/tiny-clip", "--model", model, "--method", "ties",
+        "--out", out, *more, env=env,
+    )  # fmt: skip
 
 
 def closed_port() -> int:
@@ -145,32 +142,9 @@ def test_an_unreachable_hub_is_asked_once_and_said_once(tmp_path, fixture_pool):
     endpoint = f"http://127.0.0.1:{closed_port()}"
     env = {"HF_HOME": str(home), "HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_TELEMETRY": "1"}
     env["HF_HUB_OFFLINE"] = ""
-    cached = run_cli(
-        "merge",
-        "--pretrained",
-        "openai-test/tiny-clip",
-        "--model",
-        "task_a=tanganke-test/tiny_task_a",
-        "--method",
-        "task_arithmetic",
-        "--out",
-        tmp_path / "merged",
-        "--quiet",
-        env=env,
-    )
+    cached = hub_merge(tmp_path / "merged", env, "task_a=tanganke-test/tiny_task_a", "--quiet")
     assert cached.returncode == 0, cached.stderr
-    absent = run_cli(
-        "merge",
-        "--pretrained",
-        "openai-test/tiny-clip",
-        "--model",
-        "x=nobody/absent",
-        "--method",
-        "task_arithmetic",
-        "--out",
-        tmp_path / "none",
-        env=env,
-    )
+    absent = hub_merge(tmp_path / "none", env, "x=nobody/absent")
     assert absent.returncode == 1
     assert absent.stderr.strip().splitlines() == [
         "error: nobody/absent: no such folder, and not in the local Hub cache; the Hub is "

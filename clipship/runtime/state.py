@@ -121,7 +121,7 @@ def hub_state() -> str:
 
 
 _OFFLINE = threading.Lock()
-_OFFLINE_HOLDERS: list[tuple[bool, bool]] = []  # the flags found by the first block in
+_OFFLINE_OPEN: dict[str, Any] = {"blocks": 0, "found": None}  # the flags the first block found
 
 
 @contextlib.contextmanager
@@ -137,13 +137,14 @@ def hub_offline(offline: bool = True) -> Iterator[None]:
     from huggingface_hub import constants
 
     with _OFFLINE:
-        saved = (constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE)
-        _OFFLINE_HOLDERS.append(_OFFLINE_HOLDERS[0] if _OFFLINE_HOLDERS else saved)
+        if _OFFLINE_OPEN["blocks"] == 0:
+            _OFFLINE_OPEN["found"] = (constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE)
+        _OFFLINE_OPEN["blocks"] += 1
         constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
     try:
         yield
     finally:
         with _OFFLINE:
-            first = _OFFLINE_HOLDERS.pop()
-            if not _OFFLINE_HOLDERS:
-                constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = first
+            _OFFLINE_OPEN["blocks"] -= 1
+            if _OFFLINE_OPEN["blocks"] == 0:
+                constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = _OFFLINE_OPEN["found"]
