@@ -16,7 +16,7 @@ The first line names the CPU and its relevant instruction sets (clipship.machine
 
     python benchmarks/export_speed.py [--budget full|smoke] [--per-task 1000]
         [--merge task_arithmetic|ties] [--threads 2] [--repeats 5] [--skip-speed]
-        [--skip-validation] [--gpu]
+        [--skip-validation] [--products] [--gpu]
 """
 
 from __future__ import annotations
@@ -172,6 +172,86 @@ def speed(threads: int, repeats: int) -> None:
                     f"      eager fp32 sustains {sustained:.0f} GFLOP/s per thread "
                     f"({GFLOP_PER_IMAGE:.1f} GFLOP per image){_peak_note(sustained)}"
                 )
+
+
+# The matrix products of one ViT-B/32 layer at batch 32 (1600 token rows; q, k, v and the output
+# projection 768→768, the MLP 768→3072→768) and the patch embedding (1568 patches, 3072→768).
+LAYER_PRODUCTS = [(1600, 768, 768)] * 4 + [(1600, 768, 3072), (1600, 3072, 768)]
+PATCH_PRODUCT = (1568, 3072, 768)
+
+
+def products(threads: int, repeats: int) -> None:
+    """The ceiling no int8 scheme can pass on this CPU: the encoder's matrix products alone
+    (nothing else in the graph) as one PyTorch fp32 ``matmul`` each against onnxruntime's integer
+    products (``DynamicQuantizeLinear`` + ``MatMulInteger``, quantized by each scheme), same
+    threads, timed in turns. The integer products are ~90 % of the int8 model's time
+    (onnxruntime's profiler) and the float ones most of eager's, so the model's int8 / eager
+    ratio stays near the one printed here."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from clipship.exporter.onnx_export import _quiet
+
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(0)
+    shapes = [*LAYER_PRODUCTS, PATCH_PRODUCT]
+    inputs = [torch.randn(m, k, generator=generator) for m, k, _ in shapes]
+    weights = [torch.randn(k, n, generator=generator) / k**0.5 for _, k, n in shapes]
+    nodes, graph_inputs, outputs, initializers = [], [], [], []
+    for i, ((m, k, n), w) in enumerate(zip(shapes, weights, strict=True)):
+        graph_inputs.append(helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, [m, k]))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [m, n]))
+        initializers.append(numpy_helper.from_array(w.numpy(), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [f"x{i}", f"w{i}"], [f"y{i}"], name=f"mm{i}"))
+    graph = helper.make_graph(nodes, "products", graph_inputs, outputs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {f"x{i}": x.numpy() for i, x in enumerate(inputs)}
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        onnx.save(model, str(fp32))
+        paths = {"ORT fp32": fp32}
+        for scheme in int8_schemes():
+            paths[f"int8 {scheme.name}"] = Path(tmp) / f"{scheme.name}.onnx"
+            with _quiet():
+                quantize_dynamic(
+                    fp32,
+                    paths[f"int8 {scheme.name}"],
+                    per_channel=scheme.per_channel,
+                    reduce_range=scheme.reduce_range,
+                    weight_type=QuantType.QUInt8
+                    if scheme.weight_type == "uint8"
+                    else QuantType.QInt8,
+                )
+        sessions = {
+            name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            for name, path in paths.items()
+        }
+
+        def eager():
+            with torch.inference_mode():
+                for x, w in zip(inputs, weights, strict=True):
+                    torch.matmul(x, w)
+
+        contenders = {"eager fp32": eager}
+        for name, session in sessions.items():
+            contenders[name] = lambda s=session: s.run(None, feeds)
+        seconds = interleaved(contenders, repeats)
+    macs = sum(m * k * n for m, k, n in shapes)
+    base = seconds["eager fp32"]
+    print(
+        f"Matrix products alone (one ViT-B/32 layer + patch embedding at batch 32, "
+        f"{macs / 1e9:.2f} GMAC), {threads} threads, median of {repeats} interleaved runs:"
+    )
+    for name, value in seconds.items():
+        print(
+            f"  {name:>17}: {macs / value / threads / 1e9:6.1f} GMAC/s per thread "
+            f"({base / value:.2f}× eager)"
+        )
 
 
 def gpu(repeats: int) -> None:
@@ -342,6 +422,9 @@ def main() -> None:
     parser.add_argument("--merge", default="task_arithmetic", choices=sorted(MERGES))
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-validation", action="store_true")
+    parser.add_argument(
+        "--products", action="store_true", help="Also the matrix products alone (the ceiling)."
+    )
     parser.add_argument("--gpu", action="store_true", help="Also the CUDA / TensorRT table.")
     args = parser.parse_args()
     print(describe())
@@ -349,6 +432,8 @@ def main() -> None:
         gpu(args.repeats)
     if not args.skip_speed:
         speed(args.threads, args.repeats)
+    if args.products:
+        products(args.threads, args.repeats)
     if not args.skip_validation:
         validation(args.budget, args.per_task, args.merge)
 
