@@ -190,7 +190,7 @@ def products(threads: int, repeats: int) -> None:
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import quantize_dynamic
 
     from clipship.exporter.onnx_export import _quiet
 
@@ -218,15 +218,7 @@ def products(threads: int, repeats: int) -> None:
         for scheme in int8_schemes():
             paths[f"int8 {scheme.name}"] = Path(tmp) / f"{scheme.name}.onnx"
             with _quiet():
-                quantize_dynamic(
-                    fp32,
-                    paths[f"int8 {scheme.name}"],
-                    per_channel=scheme.per_channel,
-                    reduce_range=scheme.reduce_range,
-                    weight_type=QuantType.QUInt8
-                    if scheme.weight_type == "uint8"
-                    else QuantType.QInt8,
-                )
+                quantize_dynamic(fp32, paths[f"int8 {scheme.name}"], **scheme.settings())
         sessions = {
             name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             for name, path in paths.items()

@@ -290,9 +290,9 @@ class BatchScorer:
     def __call__(
         self, batch: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        classes = self.head.shape[0]
-        if int(labels.min()) < 0 or int(labels.max()) >= classes:
-            label = int(labels.max()) if int(labels.max()) >= classes else int(labels.min())
+        classes, low, high = self.head.shape[0], int(labels.min()), int(labels.max())
+        if low < 0 or high >= classes:
+            label = high if high >= classes else low
             raise DataError(f"task {self.task}: label {label} is outside the {classes} classes")
         pixels = self.preprocess.normalize(batch.to(self.device, non_blocking=True), self.table)
         with self.autocast:

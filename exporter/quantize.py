@@ -50,6 +50,15 @@ class Scheme:
     def record(self) -> dict[str, Any]:
         return asdict(self)
 
+    def settings(self) -> dict[str, Any]:
+        """This scheme as ``onnxruntime.quantization.quantize_dynamic`` arguments."""
+        from onnxruntime.quantization import QuantType
+
+        weight_type = QuantType.QUInt8 if self.weight_type == "uint8" else QuantType.QInt8
+        return dict(
+            per_channel=self.per_channel, reduce_range=self.reduce_range, weight_type=weight_type
+        )
+
 
 SCHEMES = {
     "u8u8": Scheme("u8u8", "uint8", reduce_range=False),
@@ -75,7 +84,7 @@ def quantize_int8(
     save) and the heads (their weight is MatMul's first input) stay fp32. Returns what was
     rewritten, for ``export.json``."""
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import quantize_dynamic
 
     from clipship.exporter.cpu_graph import fuse_attention, patch_embedding_as_matmul
 
@@ -87,9 +96,7 @@ def quantize_int8(
     quantize_dynamic(
         model,
         str(target),
-        per_channel=scheme.per_channel,
-        reduce_range=scheme.reduce_range,
-        weight_type=QuantType.QUInt8 if scheme.weight_type == "uint8" else QuantType.QInt8,
+        **scheme.settings(),
         op_types_to_quantize=["MatMul"],
         # onnxruntime turns each Gemm into a MatMul named "<gemm>_MatMul" and quantizes it.
         nodes_to_exclude=[f"{n.name}_MatMul" for n in model.graph.node if n.op_type == "Gemm"]
